@@ -1,0 +1,39 @@
+# The single entry point: `make run` (demo) and `make test` each set up what they need.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_DIR := protos
+PROTOS := $(wildcard $(PROTO_DIR)/neurodissect/v1/*.proto)
+BENCH ?=
+
+.PHONY: setup run test lint proto bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -I $(PROTO_DIR) \
+		--python_out=$(PROTO_DIR) --pyi_out=$(PROTO_DIR) --grpc_python_out=$(PROTO_DIR) $(PROTOS)
+
+run: setup
+	$(BIN)/neurodissect demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check services tests bench
+	$(BIN)/mypy services
+
+bench: setup
+	$(BIN)/python -m bench $(if $(BENCH),--only $(BENCH),)
+
+clean:
+	rm -rf var/store var/bench

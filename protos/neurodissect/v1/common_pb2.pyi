@@ -1,0 +1,439 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    QUEUED: _ClassVar[JobState]
+    EXTRACTING: _ClassVar[JobState]
+    EXPLAINING: _ClassVar[JobState]
+    CAPTIONING: _ClassVar[JobState]
+    REPORTING: _ClassVar[JobState]
+    SUCCEEDED: _ClassVar[JobState]
+    FAILED: _ClassVar[JobState]
+    CANCELLED: _ClassVar[JobState]
+JOB_STATE_UNSPECIFIED: JobState
+QUEUED: JobState
+EXTRACTING: JobState
+EXPLAINING: JobState
+CAPTIONING: JobState
+REPORTING: JobState
+SUCCEEDED: JobState
+FAILED: JobState
+CANCELLED: JobState
+
+class ModelSpec(_message.Message):
+    __slots__ = ("source", "name", "weights_uri", "preprocessing", "input_size", "num_classes")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_URI_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    name: str
+    weights_uri: str
+    preprocessing: str
+    input_size: int
+    num_classes: int
+    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., weights_uri: _Optional[str] = ..., preprocessing: _Optional[str] = ..., input_size: _Optional[int] = ..., num_classes: _Optional[int] = ...) -> None: ...
+
+class ToyWorldParams(_message.Message):
+    __slots__ = ("n_images", "image_size", "seed")
+    N_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    n_images: int
+    image_size: int
+    seed: int
+    def __init__(self, n_images: _Optional[int] = ..., image_size: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class DatasetSpec(_message.Message):
+    __slots__ = ("kind", "uri", "split", "limit", "categories", "toyworld", "max_bad_fraction")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    TOYWORLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_BAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    uri: str
+    split: str
+    limit: int
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    toyworld: ToyWorldParams
+    max_bad_fraction: float
+    def __init__(self, kind: _Optional[str] = ..., uri: _Optional[str] = ..., split: _Optional[str] = ..., limit: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., toyworld: _Optional[_Union[ToyWorldParams, _Mapping]] = ..., max_bad_fraction: _Optional[float] = ...) -> None: ...
+
+class ComputeSpec(_message.Message):
+    __slots__ = ("device", "batch_size", "unit_block_size", "image_chunk_size", "activation_dtype")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    UNIT_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    batch_size: int
+    unit_block_size: int
+    image_chunk_size: int
+    activation_dtype: str
+    def __init__(self, device: _Optional[str] = ..., batch_size: _Optional[int] = ..., unit_block_size: _Optional[int] = ..., image_chunk_size: _Optional[int] = ..., activation_dtype: _Optional[str] = ...) -> None: ...
+
+class NetDissectParams(_message.Message):
+    __slots__ = ("top_quantile", "iou_mode", "detector_threshold", "exemplars")
+    TOP_QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    IOU_MODE_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    EXEMPLARS_FIELD_NUMBER: _ClassVar[int]
+    top_quantile: float
+    iou_mode: str
+    detector_threshold: float
+    exemplars: int
+    def __init__(self, top_quantile: _Optional[float] = ..., iou_mode: _Optional[str] = ..., detector_threshold: _Optional[float] = ..., exemplars: _Optional[int] = ...) -> None: ...
+
+class CompositionalParams(_message.Message):
+    __slots__ = ("beam", "max_length", "top_k_primitives", "length_penalty", "top_quantile")
+    BEAM_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_PRIMITIVES_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    TOP_QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    beam: int
+    max_length: int
+    top_k_primitives: int
+    length_penalty: float
+    top_quantile: float
+    def __init__(self, beam: _Optional[int] = ..., max_length: _Optional[int] = ..., top_k_primitives: _Optional[int] = ..., length_penalty: _Optional[float] = ..., top_quantile: _Optional[float] = ...) -> None: ...
+
+class ClipModelSpec(_message.Message):
+    __slots__ = ("arch", "weights_uri")
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_URI_FIELD_NUMBER: _ClassVar[int]
+    arch: str
+    weights_uri: str
+    def __init__(self, arch: _Optional[str] = ..., weights_uri: _Optional[str] = ...) -> None: ...
+
+class ClipDissectParams(_message.Message):
+    __slots__ = ("clip", "concept_set_uri", "similarity", "pooling")
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_SET_URI_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    clip: ClipModelSpec
+    concept_set_uri: str
+    similarity: str
+    pooling: str
+    def __init__(self, clip: _Optional[_Union[ClipModelSpec, _Mapping]] = ..., concept_set_uri: _Optional[str] = ..., similarity: _Optional[str] = ..., pooling: _Optional[str] = ...) -> None: ...
+
+class LinearParams(_message.Message):
+    __slots__ = ("concepts", "clip", "a", "b", "max_concepts", "seed")
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    concepts: str
+    clip: ClipModelSpec
+    a: float
+    b: float
+    max_concepts: int
+    seed: int
+    def __init__(self, concepts: _Optional[str] = ..., clip: _Optional[_Union[ClipModelSpec, _Mapping]] = ..., a: _Optional[float] = ..., b: _Optional[float] = ..., max_concepts: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class MilanParams(_message.Message):
+    __slots__ = ("checkpoint_uri", "beam", "max_tokens", "pmi_lambda", "exemplars", "mask_quantile")
+    CHECKPOINT_URI_FIELD_NUMBER: _ClassVar[int]
+    BEAM_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PMI_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    EXEMPLARS_FIELD_NUMBER: _ClassVar[int]
+    MASK_QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_uri: str
+    beam: int
+    max_tokens: int
+    pmi_lambda: float
+    exemplars: int
+    mask_quantile: float
+    def __init__(self, checkpoint_uri: _Optional[str] = ..., beam: _Optional[int] = ..., max_tokens: _Optional[int] = ..., pmi_lambda: _Optional[float] = ..., exemplars: _Optional[int] = ..., mask_quantile: _Optional[float] = ...) -> None: ...
+
+class SimulationParams(_message.Message):
+    __slots__ = ("simulator",)
+    SIMULATOR_FIELD_NUMBER: _ClassVar[int]
+    simulator: ClipModelSpec
+    def __init__(self, simulator: _Optional[_Union[ClipModelSpec, _Mapping]] = ...) -> None: ...
+
+class DissectionSpec(_message.Message):
+    __slots__ = ("model", "layers", "dataset", "netdissect", "compositional", "clip_dissect", "linear", "milan", "simulation", "compute", "idempotency_key", "name")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    NETDISSECT_FIELD_NUMBER: _ClassVar[int]
+    COMPOSITIONAL_FIELD_NUMBER: _ClassVar[int]
+    CLIP_DISSECT_FIELD_NUMBER: _ClassVar[int]
+    LINEAR_FIELD_NUMBER: _ClassVar[int]
+    MILAN_FIELD_NUMBER: _ClassVar[int]
+    SIMULATION_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSpec
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    dataset: DatasetSpec
+    netdissect: NetDissectParams
+    compositional: CompositionalParams
+    clip_dissect: ClipDissectParams
+    linear: LinearParams
+    milan: MilanParams
+    simulation: SimulationParams
+    compute: ComputeSpec
+    idempotency_key: str
+    name: str
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., dataset: _Optional[_Union[DatasetSpec, _Mapping]] = ..., netdissect: _Optional[_Union[NetDissectParams, _Mapping]] = ..., compositional: _Optional[_Union[CompositionalParams, _Mapping]] = ..., clip_dissect: _Optional[_Union[ClipDissectParams, _Mapping]] = ..., linear: _Optional[_Union[LinearParams, _Mapping]] = ..., milan: _Optional[_Union[MilanParams, _Mapping]] = ..., simulation: _Optional[_Union[SimulationParams, _Mapping]] = ..., compute: _Optional[_Union[ComputeSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class StageProgress(_message.Message):
+    __slots__ = ("stage", "done", "total", "rate", "eta_seconds", "unit", "message")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    done: int
+    total: int
+    rate: float
+    eta_seconds: float
+    unit: str
+    message: str
+    def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., rate: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., unit: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class LayerSummary(_message.Message):
+    __slots__ = ("layer", "units", "detectors", "unique_labels", "detectors_per_category", "simulation_mean", "simulation_sem", "dead_units")
+    class DetectorsPerCategoryEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class SimulationMeanEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class SimulationSemEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    UNIQUE_LABELS_FIELD_NUMBER: _ClassVar[int]
+    DETECTORS_PER_CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    SIMULATION_MEAN_FIELD_NUMBER: _ClassVar[int]
+    SIMULATION_SEM_FIELD_NUMBER: _ClassVar[int]
+    DEAD_UNITS_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    units: int
+    detectors: int
+    unique_labels: int
+    detectors_per_category: _containers.ScalarMap[str, int]
+    simulation_mean: _containers.ScalarMap[str, float]
+    simulation_sem: _containers.ScalarMap[str, float]
+    dead_units: int
+    def __init__(self, layer: _Optional[str] = ..., units: _Optional[int] = ..., detectors: _Optional[int] = ..., unique_labels: _Optional[int] = ..., detectors_per_category: _Optional[_Mapping[str, int]] = ..., simulation_mean: _Optional[_Mapping[str, float]] = ..., simulation_sem: _Optional[_Mapping[str, float]] = ..., dead_units: _Optional[int] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "spec", "state", "created_at", "updated_at", "stages", "error", "bad_images", "bad_image_examples", "summary", "report_key", "dataset_key", "acts_keys")
+    class ActsKeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    BAD_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    BAD_IMAGE_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    REPORT_KEY_FIELD_NUMBER: _ClassVar[int]
+    DATASET_KEY_FIELD_NUMBER: _ClassVar[int]
+    ACTS_KEYS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spec: DissectionSpec
+    state: JobState
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    stages: _containers.RepeatedCompositeFieldContainer[StageProgress]
+    error: str
+    bad_images: int
+    bad_image_examples: _containers.RepeatedScalarFieldContainer[str]
+    summary: _containers.RepeatedCompositeFieldContainer[LayerSummary]
+    report_key: str
+    dataset_key: str
+    acts_keys: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[DissectionSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., error: _Optional[str] = ..., bad_images: _Optional[int] = ..., bad_image_examples: _Optional[_Iterable[str]] = ..., summary: _Optional[_Iterable[_Union[LayerSummary, _Mapping]]] = ..., report_key: _Optional[str] = ..., dataset_key: _Optional[str] = ..., acts_keys: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class LayerInfo(_message.Message):
+    __slots__ = ("name", "shape", "module_type", "raw_shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    MODULE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    RAW_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    module_type: str
+    raw_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., module_type: _Optional[str] = ..., raw_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CategoryBest(_message.Message):
+    __slots__ = ("category", "label", "iou")
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    IOU_FIELD_NUMBER: _ClassVar[int]
+    category: str
+    label: str
+    iou: float
+    def __init__(self, category: _Optional[str] = ..., label: _Optional[str] = ..., iou: _Optional[float] = ...) -> None: ...
+
+class NetDissectResult(_message.Message):
+    __slots__ = ("label", "category", "iou", "per_category", "threshold", "detector", "exemplars")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    IOU_FIELD_NUMBER: _ClassVar[int]
+    PER_CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    EXEMPLARS_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    category: str
+    iou: float
+    per_category: _containers.RepeatedCompositeFieldContainer[CategoryBest]
+    threshold: float
+    detector: bool
+    exemplars: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, label: _Optional[str] = ..., category: _Optional[str] = ..., iou: _Optional[float] = ..., per_category: _Optional[_Iterable[_Union[CategoryBest, _Mapping]]] = ..., threshold: _Optional[float] = ..., detector: _Optional[bool] = ..., exemplars: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CompositionalResult(_message.Message):
+    __slots__ = ("formula", "iou", "length")
+    FORMULA_FIELD_NUMBER: _ClassVar[int]
+    IOU_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    formula: str
+    iou: float
+    length: int
+    def __init__(self, formula: _Optional[str] = ..., iou: _Optional[float] = ..., length: _Optional[int] = ...) -> None: ...
+
+class ConceptScore(_message.Message):
+    __slots__ = ("concept", "score")
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    concept: str
+    score: float
+    def __init__(self, concept: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class ClipDissectResult(_message.Message):
+    __slots__ = ("label", "score", "top5")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TOP5_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    score: float
+    top5: _containers.RepeatedCompositeFieldContainer[ConceptScore]
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., top5: _Optional[_Iterable[_Union[ConceptScore, _Mapping]]] = ...) -> None: ...
+
+class LinearTerm(_message.Message):
+    __slots__ = ("concept", "weight")
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    concept: str
+    weight: float
+    def __init__(self, concept: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class LinearResult(_message.Message):
+    __slots__ = ("explanation", "terms", "bias", "val_corr", "concepts")
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    VAL_CORR_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    explanation: str
+    terms: _containers.RepeatedCompositeFieldContainer[LinearTerm]
+    bias: float
+    val_corr: float
+    concepts: str
+    def __init__(self, explanation: _Optional[str] = ..., terms: _Optional[_Iterable[_Union[LinearTerm, _Mapping]]] = ..., bias: _Optional[float] = ..., val_corr: _Optional[float] = ..., concepts: _Optional[str] = ...) -> None: ...
+
+class MilanResult(_message.Message):
+    __slots__ = ("caption", "logp_caption", "logp_lm")
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    LOGP_CAPTION_FIELD_NUMBER: _ClassVar[int]
+    LOGP_LM_FIELD_NUMBER: _ClassVar[int]
+    caption: str
+    logp_caption: float
+    logp_lm: float
+    def __init__(self, caption: _Optional[str] = ..., logp_caption: _Optional[float] = ..., logp_lm: _Optional[float] = ...) -> None: ...
+
+class UnitResult(_message.Message):
+    __slots__ = ("layer", "unit", "netdissect", "compositional", "clip_dissect", "linear", "milan", "simulation")
+    class SimulationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    NETDISSECT_FIELD_NUMBER: _ClassVar[int]
+    COMPOSITIONAL_FIELD_NUMBER: _ClassVar[int]
+    CLIP_DISSECT_FIELD_NUMBER: _ClassVar[int]
+    LINEAR_FIELD_NUMBER: _ClassVar[int]
+    MILAN_FIELD_NUMBER: _ClassVar[int]
+    SIMULATION_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    unit: int
+    netdissect: NetDissectResult
+    compositional: CompositionalResult
+    clip_dissect: ClipDissectResult
+    linear: LinearResult
+    milan: MilanResult
+    simulation: _containers.ScalarMap[str, float]
+    def __init__(self, layer: _Optional[str] = ..., unit: _Optional[int] = ..., netdissect: _Optional[_Union[NetDissectResult, _Mapping]] = ..., compositional: _Optional[_Union[CompositionalResult, _Mapping]] = ..., clip_dissect: _Optional[_Union[ClipDissectResult, _Mapping]] = ..., linear: _Optional[_Union[LinearResult, _Mapping]] = ..., milan: _Optional[_Union[MilanResult, _Mapping]] = ..., simulation: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class DescribeModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSpec
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
+
+class DescribeModelResponse(_message.Message):
+    __slots__ = ("layers", "input_size")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
+    input_size: int
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., input_size: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,100 @@
+from neurodissect.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExtractRequest(_message.Message):
+    __slots__ = ("job_id", "model", "layers", "dataset", "compute", "clip_models")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_MODELS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    model: _common_pb2.ModelSpec
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    dataset: _common_pb2.DatasetSpec
+    compute: _common_pb2.ComputeSpec
+    clip_models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ClipModelSpec]
+    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSpec, _Mapping]] = ..., compute: _Optional[_Union[_common_pb2.ComputeSpec, _Mapping]] = ..., clip_models: _Optional[_Iterable[_Union[_common_pb2.ClipModelSpec, _Mapping]]] = ...) -> None: ...
+
+class ExtractProgress(_message.Message):
+    __slots__ = ("images_done", "images_total", "message", "finished", "dataset_key", "acts_keys", "image_embedding_keys", "bad_images", "bad_image_examples", "cached")
+    class ActsKeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ImageEmbeddingKeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    IMAGES_DONE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    DATASET_KEY_FIELD_NUMBER: _ClassVar[int]
+    ACTS_KEYS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_EMBEDDING_KEYS_FIELD_NUMBER: _ClassVar[int]
+    BAD_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    BAD_IMAGE_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    images_done: int
+    images_total: int
+    message: str
+    finished: bool
+    dataset_key: str
+    acts_keys: _containers.ScalarMap[str, str]
+    image_embedding_keys: _containers.ScalarMap[str, str]
+    bad_images: int
+    bad_image_examples: _containers.RepeatedScalarFieldContainer[str]
+    cached: bool
+    def __init__(self, images_done: _Optional[int] = ..., images_total: _Optional[int] = ..., message: _Optional[str] = ..., finished: _Optional[bool] = ..., dataset_key: _Optional[str] = ..., acts_keys: _Optional[_Mapping[str, str]] = ..., image_embedding_keys: _Optional[_Mapping[str, str]] = ..., bad_images: _Optional[int] = ..., bad_image_examples: _Optional[_Iterable[str]] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class MaterializeRequest(_message.Message):
+    __slots__ = ("dataset", "dataset_key", "image_ids", "size")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    DATASET_KEY_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    dataset: _common_pb2.DatasetSpec
+    dataset_key: str
+    image_ids: _containers.RepeatedScalarFieldContainer[int]
+    size: int
+    def __init__(self, dataset: _Optional[_Union[_common_pb2.DatasetSpec, _Mapping]] = ..., dataset_key: _Optional[str] = ..., image_ids: _Optional[_Iterable[int]] = ..., size: _Optional[int] = ...) -> None: ...
+
+class MaterializeResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EmbedTextRequest(_message.Message):
+    __slots__ = ("clip", "texts", "concept_set_uri", "dataset_key")
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_SET_URI_FIELD_NUMBER: _ClassVar[int]
+    DATASET_KEY_FIELD_NUMBER: _ClassVar[int]
+    clip: _common_pb2.ClipModelSpec
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    concept_set_uri: str
+    dataset_key: str
+    def __init__(self, clip: _Optional[_Union[_common_pb2.ClipModelSpec, _Mapping]] = ..., texts: _Optional[_Iterable[str]] = ..., concept_set_uri: _Optional[str] = ..., dataset_key: _Optional[str] = ...) -> None: ...
+
+class EmbedTextResponse(_message.Message):
+    __slots__ = ("key", "count")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    count: int
+    def __init__(self, key: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...

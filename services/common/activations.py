@@ -1,0 +1,100 @@
+"""Stored activations of one layer: manifest, chunk reads and pooled summaries.
+
+A layer's activations are (N, U, h, w) (conv maps; ViT tokens reshaped to a √T×√T
+grid; linear outputs as 1×1), stored as chunks of `unit_block` units × `image_chunk`
+images under `keys.acts_chunk`. The manifest is written last, when every chunk and
+the pooled summaries exist, so its presence means the layer is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from services.common import keys
+from services.common.store import ObjectStore
+
+
+@dataclass
+class ActivationManifest:
+    """Shape and chunking of one layer's stored activations."""
+
+    acts_key: str
+    layer: str
+    shape: tuple[int, int, int, int]  # (N, U, h, w)
+    dtype: str  # "float16" | "float32"
+    unit_block: int
+    image_chunk: int
+    dataset_key: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ActivationManifest:
+        """Build from the dict written by `to_json`."""
+        data = dict(data)
+        data["shape"] = tuple(data["shape"])
+        return cls(**data)
+
+    @property
+    def n_images(self) -> int:
+        """N, the number of probe images."""
+        return self.shape[0]
+
+    @property
+    def n_units(self) -> int:
+        """U, the number of units."""
+        return self.shape[1]
+
+    def image_ranges(self) -> list[tuple[int, int]]:
+        """Image ranges [i0, i1) of the stored chunks."""
+        n = self.n_images
+        return [(i0, min(i0 + self.image_chunk, n)) for i0 in range(0, n, self.image_chunk)]
+
+    def unit_ranges(self) -> list[tuple[int, int]]:
+        """Unit ranges [u0, u1) of the stored chunks."""
+        u = self.n_units
+        return [(u0, min(u0 + self.unit_block, u)) for u0 in range(0, u, self.unit_block)]
+
+
+def read_manifest(store: ObjectStore, acts_key: str, layer: str) -> ActivationManifest:
+    """Load the manifest of a completely extracted layer."""
+    return ActivationManifest.from_json(store.get_json(keys.manifest(acts_key, layer)))
+
+
+def read_units(
+    store: ObjectStore, manifest: ActivationManifest, u0: int, u1: int, i0: int, i1: int
+) -> np.ndarray:
+    """Return activations of units [u0, u1) on images [i0, i1): (i1-i0, u1-u0, h, w) float32.
+
+    `i0, i1` must be a stored image range; units may span several stored unit blocks.
+    """
+    parts = []
+    for b0, b1 in manifest.unit_ranges():
+        if b1 <= u0 or b0 >= u1:
+            continue
+        chunk = store.get_array(keys.acts_chunk(manifest.acts_key, manifest.layer, b0, b1, i0, i1))
+        parts.append(chunk[:, max(u0, b0) - b0 : min(u1, b1) - b0])
+    return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+
+
+def iter_units(
+    store: ObjectStore, manifest: ActivationManifest, u0: int, u1: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (i0, activations (n, u1-u0, h, w) float32) over all image chunks, in order.
+
+    Memory is one image chunk of the requested units, whatever the dataset size.
+    """
+    for i0, i1 in manifest.image_ranges():
+        yield i0, read_units(store, manifest, u0, u1, i0, i1)
+
+
+def read_pooled(store: ObjectStore, acts_key: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return the layer's spatial (mean, max) per image and unit: two (N, U) float32 arrays."""
+    arrays = store.get_arrays(keys.pooled(acts_key, layer))
+    return arrays["mean"].astype(np.float32), arrays["max"].astype(np.float32)

@@ -1,0 +1,133 @@
+"""One settings object: packaged defaults, then NEURODISSECT_* environment, then CLI flags.
+
+Every field is read from the environment variable `NEURODISSECT_<FIELD>` (upper
+case), except `ray_address`, which is Ray's own `RAY_ADDRESS`. The Helm chart sets
+exactly these variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from services.common.errors import InvalidArgument
+from services.common.store import ObjectStore, open_store
+
+SERVICES = ("gateway", "extractor", "explainer", "captioner")
+DEFAULT_PORTS = {"gateway": 50051, "extractor": 50052, "explainer": 50053, "captioner": 50054}
+DEFAULT_METRICS_PORTS = {"gateway": 9101, "extractor": 9102, "explainer": 9103, "captioner": 9104}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration shared by every service and the CLI."""
+
+    store_url: str = "file://./var/store"
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_secure: bool = False
+    s3_region: str = ""
+    ray_address: str = ""
+    # Ray CPUs of a locally started Ray (0 = all cores).
+    ray_num_cpus: int = 0
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: the service's default port
+    metrics_port: int = -1  # -1: the service's default metrics port; 0: disabled
+    gateway_addr: str = "127.0.0.1:50051"
+    extractor_addr: str = "127.0.0.1:50052"
+    explainer_addr: str = "127.0.0.1:50053"
+    captioner_addr: str = "127.0.0.1:50054"
+    auth_token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    max_concurrent_jobs: int = 2
+    max_queued_jobs: int = 100
+    device: str = "cpu"
+    cache_dir: str = "./var/cache"
+    # Directories user-supplied model and dataset paths must lie under (empty: anywhere).
+    data_roots: str = ""
+    rpc_timeout_s: float = 30.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def load(
+        cls, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Build settings from defaults, then `env` (default os.environ), then `overrides`.
+
+        `overrides` with value None are ignored, so CLI flags left unset fall through.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            name = env_name(item.name)
+            if name in env:
+                values[item.name] = _parse(item.name, item.type, env[name])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def service_port(self, service: str) -> int:
+        """The gRPC port `service` listens on."""
+        return self.port or DEFAULT_PORTS[service]
+
+    def service_metrics_port(self, service: str) -> int:
+        """The HTTP metrics port of `service` (0 = disabled)."""
+        return DEFAULT_METRICS_PORTS[service] if self.metrics_port < 0 else self.metrics_port
+
+    def address_of(self, service: str) -> str:
+        """The host:port clients use to reach `service`."""
+        return str(getattr(self, f"{service}_addr"))
+
+    def open_store(self) -> ObjectStore:
+        """Open the configured object store."""
+        return open_store(
+            self.store_url,
+            endpoint=self.s3_endpoint,
+            access_key=self.s3_access_key,
+            secret_key=self.s3_secret_key,
+            secure=self.s3_secure,
+            region=self.s3_region,
+        )
+
+    def replace(self, **changes: Any) -> Settings:
+        """Return a copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def environment(self) -> dict[str, str]:
+        """These settings as the environment variables that `load` reads."""
+        out = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            name = env_name(item.name)
+            out[name] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out
+
+
+def env_name(field: str) -> str:
+    """Return the environment variable that sets settings field `field`."""
+    return "RAY_ADDRESS" if field == "ray_address" else f"NEURODISSECT_{field.upper()}"
+
+
+def _parse(name: str, kind: Any, raw: str) -> Any:
+    kind = kind if isinstance(kind, str) else kind.__name__
+    try:
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise InvalidArgument(
+            f"{raw!r} is not a valid {kind}", field=env_name(name)
+        ) from None
+    return raw
