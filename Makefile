@@ -7,9 +7,14 @@ PROTO_DIR := protos
 PROTOS := $(wildcard $(PROTO_DIR)/neurodissect/v1/*.proto)
 BENCH ?=
 
-.PHONY: setup run test lint proto bench clean
+.PHONY: setup system-deps run test lint proto bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) system-deps
+
+# promtool (Debian's prometheus package) checks the shipped scrape config and alert rules.
+system-deps:
+	@command -v promtool >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -204,7 +204,11 @@ class S3Store(ObjectStore):
         self.part_size = part_size
         self.url = f"s3://{bucket}/{self.prefix}"
         self.client = Minio(
-            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region or "us-east-1",
         )
         self._retry(self._ensure_bucket)
 
@@ -316,7 +320,7 @@ def open_store(
             access_key,
             secret_key,
             secure=secure,
-            region=region or None,
+            region=region or "us-east-1",
             prefix=parsed.path,
         )
     raise InvalidArgument(

@@ -1,0 +1,207 @@
+"""MILAN decoding: batched beam search under p(d|E), then PMI reranking with p(d).
+
+Beam search keeps `beam_size` hypotheses per unit, scored by summed log p(d|E) (no
+length normalisation), for at most `max_tokens` steps (a stop token counts as one).
+A hypothesis that has emitted stop stays in the beam with its score frozen (it is
+extended only by padding, at no cost), so the final beam holds finished and
+unfinished hypotheses ranked together. Every final hypothesis is then rescored by
+
+    log p(d|E) − λ · log p(d)
+
+and the best one is the unit's caption; λ = 0 returns the top beam.
+
+The beams of all units of a request advance together as one batch: each step is a
+single decoder call over (units still searching) × (slots that can still grow).
+Units whose hypotheses have all finished drop out of the batch, and trailing slots
+holding finished hypotheses are carried along without running the decoder on them.
+Decoding is deterministic given the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from services.captioner.decoder import CaptionDecoder, LSTMState
+from services.captioner.language_model import LanguageModel
+from services.captioner.vocabulary import detokenize
+from services.common.errors import InvalidArgument
+
+DEFAULT_BEAM_SIZE = 50
+DEFAULT_MAX_TOKENS = 15
+DEFAULT_PMI_LAMBDA = 0.2
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """One unit's caption and the two log-probabilities it was chosen by."""
+
+    caption: str
+    tokens: tuple[str, ...]  # the caption's tokens, without start and stop
+    logp_caption: float  # log p(d|E), summed through the stop token if emitted
+    logp_lm: float  # log p(d), same tokens
+
+
+@dataclass(frozen=True)
+class Beams:
+    """Final beam of every unit.
+
+    tokens: (U, B, T) int64, each hypothesis padded with pad after its stop token;
+    logp: (U, B) float summed log p(d|E), sorted descending per unit; -inf marks an
+    empty slot (possible only when the vocabulary has fewer tokens than the beam).
+    """
+
+    tokens: Tensor
+    logp: Tensor
+
+
+@contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Run `modules` in eval mode (no dropout) under inference mode; restore their modes."""
+    modes = [module.training for module in modules]
+    try:
+        for module in modules:
+            module.eval()
+        with torch.inference_mode():
+            yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+
+
+def check_decoding_parameters(beam_size: int, max_tokens: int, pmi_lambda: float) -> None:
+    """Raise `InvalidArgument` naming the field when a decoding parameter is out of range."""
+    if beam_size < 1:
+        raise InvalidArgument(f"is {beam_size}; must be at least 1", field="beam")
+    if max_tokens < 1:
+        raise InvalidArgument(f"is {max_tokens}; must be at least 1", field="max_tokens")
+    if not 0.0 <= pmi_lambda < float("inf"):
+        raise InvalidArgument(f"is {pmi_lambda}; must be finite and ≥ 0", field="pmi_lambda")
+
+
+def beam_search(
+    decoder: CaptionDecoder,
+    features: Tensor,
+    beam_size: int = DEFAULT_BEAM_SIZE,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> Beams:
+    """Beam search under log p(d|E) for all units at once.
+
+    features: (U, k, D) exemplar matrices on the decoder's device. Call inside
+    `evaluating(decoder)`. Start and pad are never generated.
+    """
+    vocabulary = decoder.vocabulary
+    vocab_size = len(vocabulary)
+    units, device = features.shape[0], features.device
+    memory = decoder.memory(features)
+    state = decoder.initial_state(features)
+    h = state.h.expand(units, beam_size, -1).contiguous()
+    c = state.c.expand(units, beam_size, -1).contiguous()
+    # Slot 0 holds the empty hypothesis; the other slots start empty, which is
+    # encoded as finished with score -inf, so that they never grow nor win.
+    logp = torch.full((units, beam_size), float("-inf"), device=device)
+    logp[:, 0] = 0.0
+    finished = torch.ones(units, beam_size, dtype=torch.bool, device=device)
+    finished[:, 0] = False
+    previous = torch.full((units, beam_size), vocabulary.start, device=device)
+    tokens = torch.empty(units, beam_size, 0, dtype=torch.long, device=device)
+    # A finished hypothesis's only continuation is padding, at no cost.
+    frozen = torch.full((vocab_size,), float("-inf"), device=device)
+    frozen[vocabulary.pad] = 0.0
+    banned = torch.tensor([vocabulary.start, vocabulary.pad], device=device)
+    pad_column = torch.full((units, beam_size, 1), vocabulary.pad, device=device)
+
+    for _ in range(max_tokens):
+        live = ~finished
+        active = live.any(dim=1).nonzero()[:, 0]
+        if active.numel() == 0:
+            break
+        tokens = torch.cat([tokens, pad_column], dim=2)
+        # Slots past the last live one only hold finished hypotheses: carry them.
+        grow = int(live[active].nonzero()[:, 1].max()) + 1
+        step_logp, step_state, _ = decoder.step(
+            memory.select(active),
+            previous[active, :grow],
+            LSTMState(h[active, :grow], c[active, :grow]),
+        )
+        step_logp[..., banned] = float("-inf")
+        step_logp = torch.where(finished[active, :grow, None], frozen, step_logp)
+        candidates = torch.cat(
+            [
+                (logp[active, :grow, None] + step_logp).flatten(1),  # (U', grow·V)
+                logp[active, grow:],  # (U', B − grow), carried finished hypotheses
+            ],
+            dim=1,
+        )
+        top, index = candidates.topk(beam_size, dim=1)
+        grown = index < grow * vocab_size
+        source = torch.where(grown, index // vocab_size, index - grow * vocab_size + grow)
+        token = torch.where(grown, index % vocab_size, vocabulary.pad)
+
+        history = tokens[active, :, :-1]
+        history = history.gather(1, source[:, :, None].expand(-1, -1, history.shape[2]))
+        tokens[active] = torch.cat([history, token[:, :, None]], dim=2)
+        for full, new in ((h, step_state.h), (c, step_state.c)):
+            merged = torch.cat([new, full[active, grow:]], dim=1)
+            full[active] = merged.gather(1, source[:, :, None].expand(-1, -1, merged.shape[2]))
+        # A slot left with -inf (fewer candidates than slots) is empty: finished for good.
+        finished[active] = (
+            finished[active].gather(1, source) | (token == vocabulary.stop) | top.isneginf()
+        )
+        logp[active] = top
+        previous[active] = token
+    return Beams(tokens, logp)
+
+
+def language_model_scores(language_model: LanguageModel, beams: Beams) -> Tensor:
+    """log p(d) of every hypothesis in `beams`: (U, B) float, 0 for empty slots."""
+    occupied = torch.isfinite(beams.logp)
+    scores = torch.zeros_like(beams.logp)
+    scores[occupied] = language_model.score(beams.tokens[occupied])
+    return scores
+
+
+def rerank(logp_caption: Tensor, logp_lm: Tensor, pmi_lambda: float) -> Tensor:
+    """Index of the best hypothesis per unit by log p(d|E) − λ·log p(d).
+
+    logp_caption, logp_lm: (U, B) float. Returns (U,) int64; ties go to the lowest
+    index, so with λ = 0 and a sorted beam the top beam wins.
+    """
+    return (logp_caption - pmi_lambda * logp_lm).argmax(dim=1)
+
+
+def decode_units(
+    decoder: CaptionDecoder,
+    language_model: LanguageModel,
+    features: Tensor,
+    beam_size: int = DEFAULT_BEAM_SIZE,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    pmi_lambda: float = DEFAULT_PMI_LAMBDA,
+) -> list[CaptionResult]:
+    """One PMI-reranked caption per unit.
+
+    features: (U, k, D) exemplar matrices on the models' device. Raises
+    `VocabularyMismatch` when the two models do not share a vocabulary.
+    """
+    vocabulary = decoder.vocabulary
+    vocabulary.require_same(language_model.vocabulary, "language_model.vocabulary")
+    check_decoding_parameters(beam_size, max_tokens, pmi_lambda)
+    with evaluating(decoder, language_model):
+        beams = beam_search(decoder, features, beam_size, max_tokens)
+        logp_lm = language_model_scores(language_model, beams)
+        best = rerank(beams.logp, logp_lm, pmi_lambda)
+    rows = torch.arange(features.shape[0], device=best.device)
+    results = []
+    for ids, logp_caption, logp_prior in zip(
+        beams.tokens[rows, best].tolist(),
+        beams.logp[rows, best].tolist(),
+        logp_lm[rows, best].tolist(),
+        strict=True,
+    ):
+        words = vocabulary.words(ids)
+        results.append(CaptionResult(detokenize(words), tuple(words), logp_caption, logp_prior))
+    return results

@@ -1,0 +1,118 @@
+"""The gateway's connections to the extractor, explainer and captioner.
+
+Channels are opened once (TLS and token from the settings). Unary calls go
+through `services.common.client.Peer` (deadline, UNAVAILABLE retried); a failed
+call's status is turned back into the project's error of the same code, so the
+gateway's own callers see the peer's code and message unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import grpc
+
+from neurodissect.v1 import (
+    captioner_pb2_grpc,
+    common_pb2,
+    explainer_pb2_grpc,
+    extractor_pb2,
+    extractor_pb2_grpc,
+)
+from services.common import errors
+from services.common.client import Peer, open_channel
+from services.common.settings import Settings
+
+# DescribeModel loads a model once: allow it more time than an ordinary call.
+DESCRIBE_TIMEOUT_S = 300.0
+
+_ERRORS: dict[grpc.StatusCode, type[errors.NeurodissectError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.CANCELLED: errors.Cancelled,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+}
+
+
+def peer_error(exc: grpc.RpcError, peer: str) -> errors.NeurodissectError:
+    """The project error for a failed peer call, keeping its code and message."""
+    code = exc.code()  # type: ignore[attr-defined]
+    details = exc.details() or code.name  # type: ignore[attr-defined]
+    kind = _ERRORS.get(code)
+    if kind is None:
+        return errors.NeurodissectError(f"{peer}: {code.name}: {details}")
+    return kind(details)
+
+
+class Peers:
+    """Stubs of the three backend services, with a small DescribeModel cache."""
+
+    def __init__(self, settings: Settings, cache_size: int = 32) -> None:
+        self.settings = settings
+        self._channels = {
+            name: open_channel(settings.address_of(name), settings)
+            for name in ("extractor", "explainer", "captioner")
+        }
+        self.extractor = Peer(
+            extractor_pb2_grpc.ExtractorStub(self._channels["extractor"]), settings
+        )
+        self.explainer = Peer(
+            explainer_pb2_grpc.ExplainerStub(self._channels["explainer"]), settings
+        )
+        self.captioner = Peer(
+            captioner_pb2_grpc.CaptionerStub(self._channels["captioner"]), settings
+        )
+        self._cache: OrderedDict[bytes, common_pb2.DescribeModelResponse] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def describe_model(self, model: common_pb2.ModelSpec) -> common_pb2.DescribeModelResponse:
+        """The extractor's description of `model` (layers and shapes), cached by spec."""
+        cache_key = model.SerializeToString(deterministic=True)
+        with self._lock:
+            if cache_key in self._cache:
+                self._cache.move_to_end(cache_key)
+                return self._cache[cache_key]
+        try:
+            response: common_pb2.DescribeModelResponse = self.extractor.unary(
+                "DescribeModel",
+                common_pb2.DescribeModelRequest(model=model),
+                timeout=DESCRIBE_TIMEOUT_S,
+            )
+        except grpc.RpcError as exc:
+            raise peer_error(exc, "extractor") from None
+        with self._lock:
+            self._cache[cache_key] = response
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return response
+
+    def embed_text(self, request: extractor_pb2.EmbedTextRequest) -> str:
+        """Ask the extractor to embed texts with a CLIP model; return the stored key."""
+        try:
+            response: extractor_pb2.EmbedTextResponse = self.extractor.unary(
+                "EmbedText", request, timeout=DESCRIBE_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            raise peer_error(exc, "extractor") from None
+        return response.key
+
+    def materialize(self, request: extractor_pb2.MaterializeRequest) -> list[str]:
+        """Ask the extractor to store thumbnails of probe images; return their keys."""
+        try:
+            response: extractor_pb2.MaterializeResponse = self.extractor.unary(
+                "Materialize", request, timeout=DESCRIBE_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            raise peer_error(exc, "extractor") from None
+        return list(response.keys)
+
+    def close(self) -> None:
+        """Close every channel."""
+        for channel in self._channels.values():
+            channel.close()

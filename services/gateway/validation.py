@@ -1,0 +1,325 @@
+"""Full validation of a DissectionSpec before anything runs or is written.
+
+Every check raises one of the project's errors with the offending field path
+(`netdissect.top_quantile`, `layers[1]`, `compute.batch_size`, `dataset.kind` …) and
+the allowed values:
+
+- INVALID_ARGUMENT: a value outside what is allowed, a misspelled layer (with close
+  matches), a path containing `..` or outside the configured data roots;
+- NOT_FOUND: a model the extractor does not know, a dataset, weight, concept-set or
+  checkpoint path that does not exist;
+- RESOURCE_EXHAUSTED: more layers or units than one job may hold.
+
+Defaults: a spec that sets none of the explanation methods (netdissect,
+compositional, clip_dissect, linear, milan) gets `netdissect` with its default
+parameters. Simulation scoring runs when `simulation` is set.
+
+The static checks run first; then the model is described by the extractor (one
+RPC, cached by the caller) and the layers are checked against it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from neurodissect.v1 import common_pb2
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from services.common.settings import Settings
+
+# Methods in the order they run and are shown; each is a field of DissectionSpec.
+METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "milan", "simulation")
+# Methods the explainer runs per layer in the EXPLAINING stage.
+EXPLAIN_METHODS = ("netdissect", "compositional", "clip_dissect", "linear")
+
+MODEL_SOURCES = ("torchvision", "timm", "torchscript", "toy")
+PREPROCESSING = ("imagenet", "netdissect", "clip")
+DATASET_KINDS = ("broden", "imagefolder", "toyworld")
+CATEGORIES = ("object", "part", "scene", "texture", "color", "material")
+IOU_MODES = ("lite", "netdissect", "all")
+SIMILARITIES = ("soft_wpmi", "wpmi", "cos", "cos_cubed", "rank_reorder")
+POOLINGS = ("mean", "max")
+LINEAR_CONCEPTS = ("label", "clip")
+ACTIVATION_DTYPES = ("float16", "float32")
+
+MAX_LAYERS = 32
+MAX_UNITS_PER_JOB = 200_000
+MAX_BATCH_SIZE = 4096
+MAX_UNIT_BLOCK = 8192
+MAX_IMAGE_CHUNK = 65_536
+MAX_TOY_IMAGES = 200_000
+MAX_TEXT = 256
+
+_LAYER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d{1,2})?)$")
+
+Describe = Callable[[common_pb2.ModelSpec], common_pb2.DescribeModelResponse]
+
+
+def requested_methods(spec: common_pb2.DissectionSpec) -> list[str]:
+    """The methods a spec asks for, in running order."""
+    return [m for m in METHODS if spec.HasField(m)]  # type: ignore[arg-type]
+
+
+def with_defaults(spec: common_pb2.DissectionSpec) -> common_pb2.DissectionSpec:
+    """A copy of `spec` with `netdissect` added when it asks for no explanation method."""
+    out = common_pb2.DissectionSpec()
+    out.CopyFrom(spec)
+    if not any(out.HasField(m) for m in METHODS if m != "simulation"):  # type: ignore[arg-type]
+        out.netdissect.SetInParent()
+    return out
+
+
+def _allowed(values: Sequence[str], empty_default: bool = True) -> str:
+    listed = ", ".join(repr(v) for v in values)
+    return f"one of {listed}" + (" (empty: the default)" if empty_default else "")
+
+
+def _choice(value: str, values: Sequence[str], field: str, empty_ok: bool = True) -> None:
+    if (value == "" and empty_ok) or value in values:
+        return
+    raise InvalidArgument(f"{value!r} is not allowed; use {_allowed(values, empty_ok)}", field)
+
+
+def _int_range(value: int, low: int, high: int, field: str, zero_means: str = "") -> None:
+    if low <= value <= high:
+        return
+    note = f" (0 = {zero_means})" if zero_means else ""
+    raise InvalidArgument(f"{value} is outside [{low}, {high}]{note}", field)
+
+
+def _open_unit(value: float, field: str) -> None:
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise InvalidArgument(f"{value} is not strictly between 0 and 1", field)
+
+
+def _finite(value: float, field: str, low: float = -math.inf, high: float = math.inf) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidArgument(f"{value} must be a finite number in [{low}, {high}]", field)
+
+
+def _text(value: str, field: str) -> None:
+    if len(value) > MAX_TEXT or any(ord(c) < 32 for c in value):
+        raise InvalidArgument(
+            f"at most {MAX_TEXT} printable characters (got {len(value)})", field
+        )
+
+
+class SpecValidator:
+    """Checks DissectionSpecs against the settings and the extractor's model description."""
+
+    def __init__(self, settings: Settings, describe: Describe) -> None:
+        self.settings = settings
+        self.describe = describe
+        self.roots = [
+            Path(root).expanduser().resolve()
+            for root in re.split(f"[,{os.pathsep}]", settings.data_roots)
+            if root.strip()
+        ]
+
+    def validate(
+        self, spec: common_pb2.DissectionSpec
+    ) -> tuple[common_pb2.DissectionSpec, common_pb2.DescribeModelResponse]:
+        """Return the spec with defaults applied and the model's description, or raise."""
+        spec = with_defaults(spec)
+        _text(spec.name, "name")
+        _text(spec.idempotency_key, "idempotency_key")
+        self._model(spec.model)
+        self._layer_names(spec.layers)
+        self._dataset(spec.dataset)
+        self._compute(spec.compute)
+        self._methods(spec)
+        description = self.describe(spec.model)
+        self._layers_exist(spec, description)
+        return spec, description
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def local_path(self, uri: str, field: str, must_exist: bool = True) -> Path:
+        """Resolve a path or file:// URI a user gave, refusing `..` and paths outside the roots."""
+        if not uri:
+            raise InvalidArgument("a path is required here", field)
+        if len(uri) > 4096:
+            raise InvalidArgument(f"the path is {len(uri)} characters long (at most 4096)", field)
+        raw = uri[len("file://") :] if uri.startswith("file://") else uri
+        if "://" in raw:
+            raise InvalidArgument(
+                f"{uri!r}: only local paths or file:// URIs are supported", field
+            )
+        if "\x00" in raw:
+            raise InvalidArgument("the path holds a NUL character", field)
+        path = Path(raw).expanduser()
+        if ".." in path.parts:
+            raise InvalidArgument(f"{uri!r}: paths may not contain '..'", field)
+        resolved = path.resolve()
+        if self.roots and not any(resolved.is_relative_to(root) for root in self.roots):
+            roots = ", ".join(str(r) for r in self.roots)
+            raise InvalidArgument(f"{uri!r} is outside the allowed data roots ({roots})", field)
+        if must_exist and not resolved.exists():
+            raise NotFound(f"{uri!r} does not exist", field)
+        return resolved
+
+    # -- sections --------------------------------------------------------------------------
+
+    def _model(self, model: common_pb2.ModelSpec) -> None:
+        _choice(model.source, MODEL_SOURCES, "model.source", empty_ok=False)
+        if model.source != "torchscript" and not model.name:
+            raise InvalidArgument("the architecture name is required", "model.name")
+        _text(model.name, "model.name")
+        if model.source == "torchscript" and not model.weights_uri:
+            raise InvalidArgument("a TorchScript model needs its file", "model.weights_uri")
+        if model.weights_uri:
+            self.local_path(model.weights_uri, "model.weights_uri")
+        _choice(model.preprocessing, PREPROCESSING, "model.preprocessing")
+        _int_range(model.input_size, 0, 4096, "model.input_size", "the dataset's image size")
+        _int_range(model.num_classes, 0, 1_000_000, "model.num_classes", "the builder's default")
+
+    def _layer_names(self, layers: Sequence[str]) -> None:
+        if not layers:
+            raise InvalidArgument(
+                "at least one layer is required (DescribeModel lists a model's layers)", "layers"
+            )
+        if len(layers) > MAX_LAYERS:
+            raise ResourceExhausted(
+                f"{len(layers)} layers requested; one job holds at most {MAX_LAYERS}", "layers"
+            )
+        seen: set[str] = set()
+        for i, name in enumerate(layers):
+            if not _LAYER_NAME.match(name):
+                raise InvalidArgument(
+                    f"{name!r} is not a module path (letters, digits, '_', '.', '-')",
+                    f"layers[{i}]",
+                )
+            if name in seen:
+                raise InvalidArgument(f"{name!r} is listed twice", f"layers[{i}]")
+            seen.add(name)
+
+    def _dataset(self, dataset: common_pb2.DatasetSpec) -> None:
+        _choice(dataset.kind, DATASET_KINDS, "dataset.kind", empty_ok=False)
+        if dataset.kind == "toyworld":
+            if dataset.uri:
+                self.local_path(dataset.uri, "dataset.uri", must_exist=False)
+            toy = dataset.toyworld
+            _int_range(toy.n_images, 0, MAX_TOY_IMAGES, "dataset.toyworld.n_images", "600")
+            if toy.image_size:
+                _int_range(toy.image_size, 16, 1024, "dataset.toyworld.image_size")
+            _int_range(toy.seed, 0, 2**31 - 1, "dataset.toyworld.seed")
+        else:
+            self.local_path(dataset.uri, "dataset.uri")
+        _text(dataset.split, "dataset.split")
+        if dataset.limit < 0:
+            raise InvalidArgument(f"{dataset.limit} is negative (0 = all images)", "dataset.limit")
+        for i, category in enumerate(dataset.categories):
+            _choice(category, CATEGORIES, f"dataset.categories[{i}]", empty_ok=False)
+        if dataset.HasField("max_bad_fraction"):
+            _finite(dataset.max_bad_fraction, "dataset.max_bad_fraction", 0.0, 1.0)
+
+    def _compute(self, compute: common_pb2.ComputeSpec) -> None:
+        if compute.device and not _DEVICE.match(compute.device):
+            raise InvalidArgument(
+                f"{compute.device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'",
+                "compute.device",
+            )
+        _int_range(compute.batch_size, 0, MAX_BATCH_SIZE, "compute.batch_size", "32")
+        _int_range(compute.unit_block_size, 0, MAX_UNIT_BLOCK, "compute.unit_block_size", "64")
+        _int_range(
+            compute.image_chunk_size, 0, MAX_IMAGE_CHUNK, "compute.image_chunk_size", "256"
+        )
+        _choice(compute.activation_dtype, ACTIVATION_DTYPES, "compute.activation_dtype")
+
+    def _clip(self, clip: common_pb2.ClipModelSpec, field: str) -> None:
+        if not clip.arch:
+            raise InvalidArgument(
+                "a CLIP model is required: an open_clip architecture name, or 'toy'",
+                f"{field}.arch",
+            )
+        _text(clip.arch, f"{field}.arch")
+        if clip.arch != "toy" or clip.weights_uri:
+            self.local_path(clip.weights_uri, f"{field}.weights_uri")
+
+    def _methods(self, spec: common_pb2.DissectionSpec) -> None:
+        if spec.HasField("netdissect"):
+            nd = spec.netdissect
+            if nd.HasField("top_quantile"):
+                _open_unit(nd.top_quantile, "netdissect.top_quantile")
+            _choice(nd.iou_mode, IOU_MODES, "netdissect.iou_mode")
+            if nd.HasField("detector_threshold"):
+                _finite(nd.detector_threshold, "netdissect.detector_threshold", 0.0, 1.0)
+            _int_range(nd.exemplars, 0, 200, "netdissect.exemplars", "15")
+        if spec.HasField("compositional"):
+            comp = spec.compositional
+            _int_range(comp.beam, 0, 100, "compositional.beam", "5")
+            _int_range(comp.max_length, 0, 10, "compositional.max_length", "3")
+            _int_range(comp.top_k_primitives, 0, 100_000, "compositional.top_k_primitives", "all")
+            if comp.HasField("length_penalty"):
+                _finite(comp.length_penalty, "compositional.length_penalty", 0.0, 10.0)
+            if comp.HasField("top_quantile"):
+                _open_unit(comp.top_quantile, "compositional.top_quantile")
+        if spec.HasField("clip_dissect"):
+            cd = spec.clip_dissect
+            self._clip(cd.clip, "clip_dissect.clip")
+            if cd.concept_set_uri:
+                self.local_path(cd.concept_set_uri, "clip_dissect.concept_set_uri")
+            _choice(cd.similarity, SIMILARITIES, "clip_dissect.similarity")
+            _choice(cd.pooling, POOLINGS, "clip_dissect.pooling")
+        if spec.HasField("linear"):
+            lin = spec.linear
+            _choice(lin.concepts, LINEAR_CONCEPTS, "linear.concepts")
+            if lin.concepts == "clip":
+                if lin.HasField("clip"):
+                    self._clip(lin.clip, "linear.clip")
+                elif not spec.HasField("clip_dissect"):
+                    raise InvalidArgument(
+                        "LE(CLIP) needs a CLIP model: set linear.clip or clip_dissect.clip",
+                        "linear.clip",
+                    )
+            if lin.HasField("a"):
+                _finite(lin.a, "linear.a", 0.0)
+            if lin.HasField("b"):
+                _finite(lin.b, "linear.b")
+            _int_range(lin.max_concepts, 0, 100, "linear.max_concepts", "10")
+            _int_range(lin.seed, 0, 2**31 - 1, "linear.seed")
+        if spec.HasField("milan"):
+            milan = spec.milan
+            if milan.checkpoint_uri != "toy":
+                if not milan.checkpoint_uri:
+                    raise InvalidArgument(
+                        "a captioner checkpoint is required ('toy' for the toy captioner)",
+                        "milan.checkpoint_uri",
+                    )
+                self.local_path(milan.checkpoint_uri, "milan.checkpoint_uri")
+            _int_range(milan.beam, 0, 500, "milan.beam", "50")
+            _int_range(milan.max_tokens, 0, 100, "milan.max_tokens", "15")
+            if milan.HasField("pmi_lambda"):
+                _finite(milan.pmi_lambda, "milan.pmi_lambda", 0.0, 10.0)
+            _int_range(milan.exemplars, 0, 100, "milan.exemplars", "15")
+            if milan.HasField("mask_quantile"):
+                _open_unit(milan.mask_quantile, "milan.mask_quantile")
+        if spec.HasField("simulation") and spec.simulation.simulator.arch:
+            self._clip(spec.simulation.simulator, "simulation.simulator")
+
+    def _layers_exist(
+        self, spec: common_pb2.DissectionSpec, description: common_pb2.DescribeModelResponse
+    ) -> None:
+        shapes = {layer.name: list(layer.shape) for layer in description.layers}
+        model = f"{spec.model.source}/{spec.model.name or spec.model.weights_uri}"
+        total = 0
+        for i, name in enumerate(spec.layers):
+            if name not in shapes:
+                close = difflib.get_close_matches(name, list(shapes), n=3, cutoff=0.6)
+                hint = (
+                    "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+                    if close
+                    else f"; it has {len(shapes)} layers (see DescribeModel)"
+                )
+                raise InvalidArgument(f"{model} has no layer {name!r}{hint}", f"layers[{i}]")
+            total += shapes[name][0] if shapes[name] else 0
+        if total > MAX_UNITS_PER_JOB:
+            raise ResourceExhausted(
+                f"the layers hold {total} units; one job explains at most {MAX_UNITS_PER_JOB}",
+                "layers",
+            )
