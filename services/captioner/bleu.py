@@ -49,7 +49,8 @@ def corpus_bleu(
     if hyp_length == 0:
         return 0.0
     log_precision = sum(
-        math.log((m if m > 0 else epsilon) / max(t, 1)) for m, t in zip(matches, totals, strict=True)
+        math.log((m if m > 0 else epsilon) / max(t, 1))
+        for m, t in zip(matches, totals, strict=True)
     )
     brevity = 0.0 if hyp_length > ref_length else 1.0 - ref_length / hyp_length
     return math.exp(brevity + log_precision / max_order)

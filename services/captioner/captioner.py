@@ -64,7 +64,9 @@ class Captioner(nn.Module):
         masks: (U, k, 1, H', W') float or {0, 1}. Returns one result per unit, in order.
         """
         if images.dim() != 5 or images.shape[2] != 3:
-            raise InvalidArgument(f"has shape {tuple(images.shape)}; want (U, k, 3, H, W)", "images")
+            raise InvalidArgument(
+                f"has shape {tuple(images.shape)}; want (U, k, 3, H, W)", "images"
+            )
         if masks.dim() != 5 or masks.shape[:3] != (*images.shape[:2], 1):
             raise InvalidArgument(
                 f"has shape {tuple(masks.shape)}; want {(*images.shape[:2], 1)} + (H, W)", "masks"
@@ -84,5 +86,7 @@ def captions_csv(layer: str, units: Sequence[int], results: Sequence[CaptionResu
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["layer", "unit", "description"])
-    writer.writerows([layer, unit, result.caption] for unit, result in zip(units, results))
+    writer.writerows(
+        [layer, unit, result.caption] for unit, result in zip(units, results, strict=True)
+    )
     return out.getvalue()

@@ -158,7 +158,7 @@ def beam_search(
 
 
 def language_model_scores(language_model: LanguageModel, beams: Beams) -> Tensor:
-    """log p(d) of every hypothesis in `beams`: (U, B) float, 0 for empty slots."""
+    """The log p(d) of every hypothesis in `beams`: (U, B) float, 0 for empty slots."""
     occupied = torch.isfinite(beams.logp)
     scores = torch.zeros_like(beams.logp)
     scores[occupied] = language_model.score(beams.tokens[occupied])

@@ -62,23 +62,28 @@ class LanguageModel(nn.Module):
         return (stops_before == 0) & (tokens != self.vocabulary.pad)
 
     def score(self, tokens: Tensor, batch_size: int = 2048) -> Tensor:
-        """log p(d) of each description.
+        """The log-probability log p(d) of each description.
 
         tokens: (N, T) int64 without the start token, e.g. `w1 w2 stop pad …`.
         Returns (N,) float: summed log-probabilities of the counted positions
         (see `counted`), computed `batch_size` descriptions at a time.
         """
-        counted = self.counted(tokens)
-        if tokens.shape[1] == 0 or not bool(counted.any()):
+        if tokens.shape[1] == 0:
             return torch.zeros(tokens.shape[0], device=tokens.device)
-        # Nothing after the last counted position of any row affects the result.
-        length = int(counted.nonzero()[:, 1].max()) + 1
-        tokens, counted = tokens[:, :length], counted[:, :length]
+        counted = self.counted(tokens)
+        # Nothing after a row's last counted position affects its score, so rows are
+        # batched by that length and each batch is cut to its longest row.
+        positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+        lengths = (counted * positions).amax(dim=1)
+        order = lengths.argsort(descending=True)
         start = torch.full_like(tokens[:, :1], self.vocabulary.start)
         inputs = torch.cat([start, tokens[:, :-1]], dim=1)
-        scores = []
-        for i in range(0, tokens.shape[0], batch_size):
-            log_probs = self(inputs[i : i + batch_size])
-            picked = log_probs.gather(2, tokens[i : i + batch_size, :, None]).squeeze(2)
-            scores.append(torch.where(counted[i : i + batch_size], picked, 0.0).sum(dim=1))
-        return torch.cat(scores)
+        scores = torch.zeros(tokens.shape[0], device=tokens.device)
+        for rows in order.split(batch_size):
+            length = int(lengths[rows[0]])
+            if length == 0:
+                break
+            log_probs = self(inputs[rows, :length])
+            picked = log_probs.gather(2, tokens[rows, :length, None]).squeeze(2)
+            scores[rows] = torch.where(counted[rows, :length], picked, 0.0).sum(dim=1)
+        return scores

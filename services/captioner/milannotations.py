@@ -90,7 +90,9 @@ class Milannotations:
         At least one unit lands on each side when there are two or more units.
         """
         if not 0.0 < validation_fraction < 1.0:
-            raise InvalidArgument(f"is {validation_fraction}; must be in (0, 1)", "validation_fraction")
+            raise InvalidArgument(
+                f"is {validation_fraction}; must be in (0, 1)", "validation_fraction"
+            )
         if len(self.units) < 2:
             raise InvalidArgument(f"has {len(self.units)} usable units; need 2 to split", "dataset")
         order = np.random.default_rng(seed).permutation(len(self.units))
@@ -105,7 +107,9 @@ def _read_matrix(path: Path, dtype: type[np.generic], n_units: int) -> np.ndarra
         raise NotFound(f"{path} is missing", field="milannotations")
     matrix = np.loadtxt(path, delimiter=",", dtype=dtype, ndmin=2)
     if matrix.shape[0] != n_units:
-        raise InvalidArgument(f"{path} has {matrix.shape[0]} rows for {n_units} units", "milannotations")
+        raise InvalidArgument(
+            f"{path} has {matrix.shape[0]} rows for {n_units} units", "milannotations"
+        )
     return matrix
 
 
@@ -157,5 +161,7 @@ def load_milannotations(root: Path, min_descriptions: int = MIN_DESCRIPTIONS) ->
                 f"{path} names unit {unit} of {layer!r}, which has {layers[layer].n_units} units",
                 "milannotations",
             )
-    units = tuple(AnnotatedUnit(layer, unit, tuple(descriptions[(layer, unit)])) for layer, unit in kept)
+    units = tuple(
+        AnnotatedUnit(layer, unit, tuple(descriptions[(layer, unit)])) for layer, unit in kept
+    )
     return Milannotations(root, layers, units)

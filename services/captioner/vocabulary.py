@@ -123,6 +123,8 @@ class Vocabulary:
         if len(self) != len(other):
             detail = f"{len(self)} tokens vs {len(other)}"
         else:
-            i = next(i for i, (a, b) in enumerate(zip(self.tokens, other.tokens)) if a != b)
+            i = next(
+                i for i, (a, b) in enumerate(zip(self.tokens, other.tokens, strict=True)) if a != b
+            )
             detail = f"token {i} is {self.tokens[i]!r} vs {other.tokens[i]!r}"
         raise VocabularyMismatch(f"vocabularies differ ({detail})", field=what)

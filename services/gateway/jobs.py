@@ -24,16 +24,17 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
+from typing import TypeAlias
 
 from google.protobuf import json_format
-
 from neurodissect.v1 import common_pb2
+
 from services.common import keys
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.metrics import JOBS
 from services.common.store import ObjectStore
 
-State = common_pb2.JobState.ValueType
+State: TypeAlias = common_pb2.JobState.ValueType
 
 TERMINAL: frozenset[State] = frozenset(
     {common_pb2.SUCCEEDED, common_pb2.FAILED, common_pb2.CANCELLED}

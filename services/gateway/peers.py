@@ -12,7 +12,6 @@ import threading
 from collections import OrderedDict
 
 import grpc
-
 from neurodissect.v1 import (
     captioner_pb2_grpc,
     common_pb2,
@@ -20,6 +19,7 @@ from neurodissect.v1 import (
     extractor_pb2,
     extractor_pb2_grpc,
 )
+
 from services.common import errors
 from services.common.client import Peer, open_channel
 from services.common.settings import Settings
@@ -41,8 +41,8 @@ _ERRORS: dict[grpc.StatusCode, type[errors.NeurodissectError]] = {
 
 def peer_error(exc: grpc.RpcError, peer: str) -> errors.NeurodissectError:
     """The project error for a failed peer call, keeping its code and message."""
-    code = exc.code()  # type: ignore[attr-defined]
-    details = exc.details() or code.name  # type: ignore[attr-defined]
+    code = exc.code()
+    details = exc.details() or code.name
     kind = _ERRORS.get(code)
     if kind is None:
         return errors.NeurodissectError(f"{peer}: {code.name}: {details}")

@@ -12,8 +12,8 @@ import html
 from collections.abc import Mapping, Sequence
 
 from google.protobuf import json_format
-
 from neurodissect.v1 import common_pb2
+
 from services.gateway.jobs import state_name
 
 _STYLE = """

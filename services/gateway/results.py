@@ -4,9 +4,8 @@ The explainer and the captioner store, per layer and method, one JSON object per
 unit block under `keys.result_block`: `{"units": [{"unit": 7, ...}, ...]}` where the
 other fields of a row are that method's result message in protobuf's JSON mapping
 (proto field names). Simulation rows carry the correlation of each method's
-explanation: `{"unit": 7, "simulation": {"netdissect": 0.31, ...}, "dead": false}`
-(a flat `{"unit": 7, "netdissect": 0.31, ...}` is read too). A dead unit (constant
-activation) has NaN correlations, or `"dead": true`.
+explanation: `{"unit": 7, "simulation": {"netdissect": 0.31, ...}, "dead": false}`;
+a dead unit (constant activation) has `"dead": true` and "NaN" correlations.
 
 Exports (CSV text):
 - `tally_csv`: NetDissect-Lite's tally.csv, `unit` 1-based, rows by score descending.
@@ -28,8 +27,8 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-
 from neurodissect.v1 import common_pb2, gateway_pb2
+
 from services.common import keys
 from services.common.store import ObjectStore
 
@@ -79,17 +78,11 @@ def read_rows(
 
 
 def _simulation_values(row: dict[str, Any]) -> dict[str, float]:
-    values = row.get("simulation", row)
     dead = bool(row.get("dead"))
-    out: dict[str, float] = {}
-    for name, value in values.items():
-        if name in ("unit", "dead") or isinstance(value, bool | dict | list):
-            continue
-        try:
-            out[str(name)] = math.nan if dead else float(value)
-        except (TypeError, ValueError):
-            continue
-    return out
+    return {
+        str(method): math.nan if dead else float(rho)
+        for method, rho in row.get("simulation", {}).items()
+    }
 
 
 def unit_results(
@@ -171,10 +164,10 @@ def layer_summary(
         for method, value in values.items():
             if math.isfinite(value):
                 per_method.setdefault(method, []).append(value)
-    for method, values in sorted(per_method.items()):
-        n = len(values)
-        mean = sum(values) / n
-        variance = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    for method, rhos in sorted(per_method.items()):
+        n = len(rhos)
+        mean = sum(rhos) / n
+        variance = sum((v - mean) ** 2 for v in rhos) / (n - 1) if n > 1 else 0.0
         summary.simulation_mean[method] = mean
         summary.simulation_sem[method] = math.sqrt(variance / n)
     return summary
@@ -191,7 +184,7 @@ def unit_dict(unit: common_pb2.UnitResult) -> dict[str, Any]:
     """`{"unit": 0, "netdissect": {...}, ...}`: one key per method that answered."""
     out: dict[str, Any] = {"unit": unit.unit}
     for method in UNIT_METHODS:
-        if unit.HasField(method):  # type: ignore[arg-type]
+        if unit.HasField(method):
             out[method] = message_dict(getattr(unit, method))
     if unit.simulation:
         out["simulation"] = dict(sorted(unit.simulation.items()))

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from neurodissect.v1 import common_pb2
+
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.common.settings import Settings
 
@@ -62,14 +63,14 @@ Describe = Callable[[common_pb2.ModelSpec], common_pb2.DescribeModelResponse]
 
 def requested_methods(spec: common_pb2.DissectionSpec) -> list[str]:
     """The methods a spec asks for, in running order."""
-    return [m for m in METHODS if spec.HasField(m)]  # type: ignore[arg-type]
+    return [m for m in METHODS if spec.HasField(m)]
 
 
 def with_defaults(spec: common_pb2.DissectionSpec) -> common_pb2.DissectionSpec:
     """A copy of `spec` with `netdissect` added when it asks for no explanation method."""
     out = common_pb2.DissectionSpec()
     out.CopyFrom(spec)
-    if not any(out.HasField(m) for m in METHODS if m != "simulation"):  # type: ignore[arg-type]
+    if not any(out.HasField(m) for m in METHODS if m != "simulation"):
         out.netdissect.SetInParent()
     return out
 
@@ -128,7 +129,7 @@ class SpecValidator:
         spec = with_defaults(spec)
         _text(spec.name, "name")
         _text(spec.idempotency_key, "idempotency_key")
-        self._model(spec.model)
+        self.check_model(spec.model)
         self._layer_names(spec.layers)
         self._dataset(spec.dataset)
         self._compute(spec.compute)
@@ -165,7 +166,8 @@ class SpecValidator:
 
     # -- sections --------------------------------------------------------------------------
 
-    def _model(self, model: common_pb2.ModelSpec) -> None:
+    def check_model(self, model: common_pb2.ModelSpec) -> None:
+        """Check the fields of a ModelSpec (not yet whether the extractor knows the model)."""
         _choice(model.source, MODEL_SOURCES, "model.source", empty_ok=False)
         if model.source != "torchscript" and not model.name:
             raise InvalidArgument("the architecture name is required", "model.name")

@@ -8,9 +8,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from neurodissect.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from prometheus_client import REGISTRY
 
-from neurodissect.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.client import Peer, call_metadata, open_channel, wait_healthy
 from services.common.errors import InvalidArgument, NotFound
 from services.common.server import ServiceServer

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.extractor.toyworld.layout import ImageSpec, TextureSpec
+from services.extractor.toyworld.layout import ImageSpec, TextureSpec, sample_spec
 from services.extractor.toyworld.world import WORLD
 
 PALETTE = np.array([rgb for _, rgb in WORLD.colors], dtype=np.uint8)  # (8, 3) uint8
@@ -117,3 +117,14 @@ def _in_polygon(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray) ->
         j = i
     return inside
 
+
+
+def render_images(
+    seed: int, n_images: int, size: int, start: int = 0
+) -> tuple[np.ndarray, list[ImageSpec]]:
+    """Images start .. start+n_images-1 of the dataset with `seed`: (N, S, S, 3) uint8, specs."""
+    specs = [sample_spec(seed, i) for i in range(start, start + n_images)]
+    images = np.zeros((n_images, size, size, 3), dtype=np.uint8)
+    for i, spec in enumerate(specs):
+        images[i] = rasterize(spec, size).rgb
+    return images, specs

@@ -126,7 +126,7 @@ securityContext:
 {{- if .Values.store.endpoint -}}
 {{- fail "store.endpoint is set but minio.enabled is true: set minio.enabled=false to use an external S3 endpoint" -}}
 {{- end -}}
-{{- printf "%s:%v" (include "neurodissect.componentName" (dict "root" . "component" "minio")) .Values.minio.port -}}
+{{- printf "%s:%d" (include "neurodissect.componentName" (dict "root" . "component" "minio")) (int .Values.minio.port) -}}
 {{- else -}}
 {{- required "store.endpoint (host:port of an S3 service) is required when minio.enabled is false" .Values.store.endpoint -}}
 {{- end -}}
@@ -155,7 +155,7 @@ securityContext:
 {{- if .Values.ray.address -}}
 {{- .Values.ray.address -}}
 {{- else if include "neurodissect.rayClusterEnabled" . -}}
-{{- printf "ray://%s-head-svc:%v" (include "neurodissect.rayClusterName" .) .Values.ray.cluster.clientPort -}}
+{{- printf "ray://%s-head-svc:%d" (include "neurodissect.rayClusterName" .) (int .Values.ray.cluster.clientPort) -}}
 {{- end -}}
 {{- end -}}
 
@@ -230,4 +230,48 @@ livenessProbe:
 {{/* Checksum of the settings, so pods roll when the ConfigMap or chart-made Secrets change. */}}
 {{- define "neurodissect.configChecksum" -}}
 {{- include (print .Template.BasePath "/configmap.yaml") . | sha256sum -}}
+{{- end -}}
+
+{{/* nodeSelector, tolerations and affinity of a pod, from a values block that has them. */}}
+{{- define "neurodissect.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* ---------------------------------------------------------------- Ray pods */}}
+
+{{/* The body of a Ray head or worker container (KubeRay supplies the `ray start` command).
+     Call with (dict "root" $ "resources" RESOURCES). */}}
+{{- define "neurodissect.rayContainer" -}}
+image: {{ include "neurodissect.image" .root }}
+imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+envFrom:
+  - configMapRef:
+      name: {{ include "neurodissect.fullname" .root }}-settings
+env:
+  {{- include "neurodissect.secretEnv" (dict "root" .root "withToken" false) | nindent 2 }}
+resources:
+  {{- toYaml .resources | nindent 2 }}
+securityContext:
+  {{- include "neurodissect.containerSecurityContext" .root | nindent 2 }}
+volumeMounts:
+  {{- include "neurodissect.scratchMounts" .root | nindent 2 }}
+  - name: dshm
+    mountPath: /dev/shm
+{{- end -}}
+
+{{/* Volumes of a Ray pod. Call with (dict "root" $ "shmSize" SIZE). */}}
+{{- define "neurodissect.rayVolumes" -}}
+{{ include "neurodissect.scratchVolumes" .root }}
+{{ include "neurodissect.shmVolume" .shmSize }}
 {{- end -}}

@@ -1,0 +1,217 @@
+"""An ExplainRequest checked against the object store and resolved into an `ExplainPlan`.
+
+Every check names the offending request field: INVALID_ARGUMENT for a value
+outside what is allowed (unknown method, unit range outside the layer, bad
+parameter), NOT_FOUND for stored inputs that do not exist (activations, concept
+table, CLIP embeddings). Defaults of the method parameters are applied here, once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from neurodissect.v1 import common_pb2, explainer_pb2
+from services.common.activations import ActivationManifest, read_manifest
+from services.common.errors import InvalidArgument, NotFound
+from services.common.probe_format import ConceptTable, read_concepts
+from services.common.store import ObjectStore
+from services.explainer.sharding import DEFAULT_UNIT_BLOCK, unit_blocks
+
+# Methods in the order they run: compositional reuses netdissect's thresholds,
+# simulation scores what the others stored.
+METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "simulation")
+IOU_MODES = ("lite", "netdissect", "all")
+SIMILARITIES = ("soft_wpmi", "wpmi", "cos", "cos_cubed", "rank_reorder")
+POOLINGS = ("mean", "max")
+LINEAR_CONCEPTS = ("label", "clip")
+MAX_UNIT_BLOCK = 8192
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+
+
+@dataclass(frozen=True)
+class ExplainPlan:
+    """What one Explain call does: a layer, its unit blocks, the methods and their inputs."""
+
+    job_id: str
+    layer: str
+    methods: tuple[str, ...]
+    dataset_key: str
+    acts_key: str
+    manifest: ActivationManifest
+    unit_start: int
+    unit_end: int
+    block_size: int
+    spec: common_pb2.DissectionSpec
+    clip_dissect: explainer_pb2.ConceptEmbeddings
+    linear: explainer_pb2.ConceptEmbeddings
+    simulation: explainer_pb2.ConceptEmbeddings
+
+    @property
+    def n_units(self) -> int:
+        """Units of the whole layer."""
+        return self.manifest.n_units
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """The requested unit blocks [u0, u1)."""
+        return unit_blocks(self.unit_start, self.unit_end, self.block_size)
+
+    def layer_blocks(self) -> list[tuple[int, int]]:
+        """Every unit block of the layer (for steps that must see all units)."""
+        return unit_blocks(0, self.n_units, self.block_size)
+
+    @property
+    def units_total(self) -> int:
+        """Number of requested units."""
+        return self.unit_end - self.unit_start
+
+
+def _name(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument("must not be empty", field)
+    if not _NAME.match(value):
+        raise InvalidArgument(
+            f"{value!r} may hold only letters, digits, '_', '.' and '-' (at most 200)", field
+        )
+    return value
+
+
+def _choice(value: str, allowed: tuple[str, ...], field: str) -> None:
+    if value and value not in allowed:
+        listed = ", ".join(repr(a) for a in allowed)
+        raise InvalidArgument(f"{value!r} is not allowed; use one of {listed} (empty: default)", field)
+
+
+def _open_unit(spec_has: bool, value: float, field: str) -> None:
+    if spec_has and not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise InvalidArgument(f"{value} is not strictly between 0 and 1", field)
+
+
+def _methods(request: explainer_pb2.ExplainRequest) -> tuple[str, ...]:
+    if not request.methods:
+        raise InvalidArgument(f"name at least one method of {', '.join(METHODS)}", "methods")
+    seen: set[str] = set()
+    for i, method in enumerate(request.methods):
+        if method not in METHODS:
+            listed = ", ".join(repr(m) for m in METHODS)
+            raise InvalidArgument(f"unknown method {method!r}; use one of {listed}", f"methods[{i}]")
+        if method in seen:
+            raise InvalidArgument(f"{method!r} is listed twice", f"methods[{i}]")
+        seen.add(method)
+    return tuple(m for m in METHODS if m in seen)
+
+
+def _params(spec: common_pb2.DissectionSpec) -> None:
+    nd, comp, cd, lin = spec.netdissect, spec.compositional, spec.clip_dissect, spec.linear
+    _open_unit(nd.HasField("top_quantile"), nd.top_quantile, "spec.netdissect.top_quantile")
+    _choice(nd.iou_mode, IOU_MODES, "spec.netdissect.iou_mode")
+    if nd.exemplars < 0:
+        raise InvalidArgument(f"{nd.exemplars} is negative", "spec.netdissect.exemplars")
+    _open_unit(comp.HasField("top_quantile"), comp.top_quantile, "spec.compositional.top_quantile")
+    for field in ("beam", "max_length", "top_k_primitives"):
+        if getattr(comp, field) < 0:
+            raise InvalidArgument(f"{getattr(comp, field)} is negative", f"spec.compositional.{field}")
+    _choice(cd.similarity, SIMILARITIES, "spec.clip_dissect.similarity")
+    _choice(cd.pooling, POOLINGS, "spec.clip_dissect.pooling")
+    _choice(lin.concepts, LINEAR_CONCEPTS, "spec.linear.concepts")
+    if lin.max_concepts < 0:
+        raise InvalidArgument(f"{lin.max_concepts} is negative", "spec.linear.max_concepts")
+
+
+def _embeddings(
+    store: ObjectStore, embeddings: explainer_pb2.ConceptEmbeddings, field: str, why: str
+) -> None:
+    for name in ("image_key", "text_key"):
+        key = getattr(embeddings, name)
+        if not key:
+            raise InvalidArgument(f"{why} needs the stored CLIP embeddings", f"{field}.{name}")
+        if not store.exists(key):
+            raise NotFound(f"no stored object {key!r}", f"{field}.{name}")
+
+
+def needs_concepts(plan: ExplainPlan) -> bool:
+    """Tell whether the plan reads the probe set's labels (concept table and label maps)."""
+    return any(
+        m in ("netdissect", "compositional")
+        or (m == "linear" and plan.spec.linear.concepts != "clip")
+        or (m == "simulation" and not plan.simulation.text_key)
+        for m in plan.methods
+    )
+
+
+def plan_request(store: ObjectStore, request: explainer_pb2.ExplainRequest) -> ExplainPlan:
+    """Check `request` against the store and return its plan, or raise naming the field."""
+    job_id = _name(request.job_id, "job_id")
+    layer = _name(request.layer, "layer")
+    methods = _methods(request)
+    dataset_key = _name(request.dataset_key, "dataset_key")
+    acts_key = _name(request.acts_key, "acts_key")
+    _params(request.spec)
+    block_size = request.spec.compute.unit_block_size or DEFAULT_UNIT_BLOCK
+    if not 1 <= block_size <= MAX_UNIT_BLOCK:
+        raise InvalidArgument(
+            f"{block_size} is outside [1, {MAX_UNIT_BLOCK}] (0 = {DEFAULT_UNIT_BLOCK})",
+            "spec.compute.unit_block_size",
+        )
+    try:
+        manifest = read_manifest(store, acts_key, layer)
+    except NotFound:
+        raise NotFound(
+            f"no stored activations of layer {layer!r} under {acts_key!r} (extract them first)",
+            "acts_key",
+        ) from None
+    if manifest.dataset_key != dataset_key:
+        raise InvalidArgument(
+            f"the activations under {acts_key!r} were extracted on dataset"
+            f" {manifest.dataset_key!r}, not {dataset_key!r}",
+            "dataset_key",
+        )
+    n_units = manifest.n_units
+    unit_end = request.unit_end or n_units
+    if not 0 <= request.unit_start < n_units:
+        raise InvalidArgument(
+            f"{request.unit_start} is outside [0, {n_units}) (layer {layer!r} has {n_units} units)",
+            "unit_start",
+        )
+    if not request.unit_start < unit_end <= n_units:
+        raise InvalidArgument(
+            f"{request.unit_end} is outside ({request.unit_start}, {n_units}] (0 = {n_units})",
+            "unit_end",
+        )
+    plan = ExplainPlan(
+        job_id=job_id,
+        layer=layer,
+        methods=methods,
+        dataset_key=dataset_key,
+        acts_key=acts_key,
+        manifest=manifest,
+        unit_start=request.unit_start,
+        unit_end=unit_end,
+        block_size=block_size,
+        spec=request.spec,
+        clip_dissect=request.clip_dissect,
+        linear=request.linear,
+        simulation=request.simulation,
+    )
+    if "clip_dissect" in methods:
+        _embeddings(store, request.clip_dissect, "clip_dissect", "CLIP-Dissect")
+    if "linear" in methods and request.spec.linear.concepts == "clip":
+        _embeddings(store, request.linear, "linear", "LE(CLIP)")
+    if "simulation" in methods and (request.simulation.image_key or request.simulation.text_key):
+        _embeddings(store, request.simulation, "simulation", "a CLIP simulator")
+    if needs_concepts(plan):
+        read_table(store, dataset_key)
+    return plan
+
+
+def read_table(store: ObjectStore, dataset_key: str) -> ConceptTable:
+    """The probe set's concept table; NotFound naming `dataset_key` if it is not stored."""
+    try:
+        return read_concepts(store, dataset_key)
+    except NotFound:
+        raise NotFound(
+            f"no stored concept table for dataset {dataset_key!r} (extract it first)",
+            "dataset_key",
+        ) from None

@@ -1,0 +1,176 @@
+"""Ray sharding of a layer's units: unit blocks, Ray start-up, retries, cancellation.
+
+A layer's units [unit_start, unit_end) are cut into blocks on the fixed grid of
+multiples of `unit_block_size` ([0, 64), [64, 128) …, clipped to the range), so a
+block's result key does not depend on where a request starts and a resumed or
+narrowed request finds the blocks an earlier one stored. One Ray task runs per
+block; `gather` yields their outcomes as they finish, counts retries and failures
+in the metrics, and cancels what is outstanding when the caller goes away.
+
+Ray local vs cluster is the `ray_address` setting (`RAY_ADDRESS`): empty starts a
+local Ray in this process (`ray_num_cpus` CPUs when > 0), anything else connects to
+that cluster; both go through the same `ray.init` call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError, TaskCancelledError
+
+from services.common.errors import Cancelled, NeurodissectError, StoreError, Unavailable
+from services.common.metrics import RAY_TASK_FAILURES, RAY_TASK_RETRIES
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UNIT_BLOCK = 64
+# Attempts after the first for a block task whose worker died or that raised a transient error.
+MAX_RETRIES = 3
+# Errors worth another attempt: the object store or the network hiccuped.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    StoreError,
+    Unavailable,
+    ConnectionError,
+    TimeoutError,
+)
+# How often `gather` wakes up to check whether the caller is still there.
+POLL_S = 0.25
+
+_init_lock = threading.Lock()
+
+
+def unit_blocks(unit_start: int, unit_end: int, block_size: int) -> list[tuple[int, int]]:
+    """Cut [unit_start, unit_end) into blocks on the grid of multiples of `block_size`.
+
+    >>> unit_blocks(10, 140, 64)
+    [(10, 64), (64, 128), (128, 140)]
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    blocks = []
+    u0 = unit_start
+    while u0 < unit_end:
+        u1 = min((u0 // block_size + 1) * block_size, unit_end)
+        blocks.append((u0, u1))
+        u0 = u1
+    return blocks
+
+
+def connect(settings: Settings) -> None:
+    """Start a local Ray or connect to the cluster at `settings.ray_address`, once per process."""
+    with _init_lock:
+        if ray.is_initialized():
+            return
+        address = settings.ray_address or "local"
+        local = address == "local"
+        ray.init(
+            address=address,
+            num_cpus=settings.ray_num_cpus if local and settings.ray_num_cpus > 0 else None,
+            include_dashboard=False if local else None,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+        log.info("Ray %s: %s", "started locally" if local else "connected", address)
+
+
+def task_options() -> dict[str, Any]:
+    """Ray options of every block task: retries on worker death and on transient errors."""
+    return {"max_retries": MAX_RETRIES, "retry_exceptions": list(TRANSIENT_ERRORS)}
+
+
+def attempt_number() -> int:
+    """Inside a Ray task: 0 on the first attempt, k on the k-th retry.
+
+    Ray retries a task whose worker died without telling the caller; the task
+    reports its attempt so the driver can count retries.
+    """
+    # Ray exposes the attempt only through the core worker, not the public runtime context.
+    worker = ray._private.worker.global_worker
+    return int(worker.core_worker.get_current_task_attempt_number())
+
+
+@dataclass(frozen=True)
+class BlockOutcome:
+    """What a block task reports back.
+
+    `computed` is False when the block's result was already stored and the task
+    only found it there. `value` carries a task's in-memory answer (for example
+    CLIP-Dissect's per-block partials), None for tasks that only write the store.
+    """
+
+    u0: int
+    u1: int
+    attempt: int
+    computed: bool
+    value: Any = None
+
+    @property
+    def units(self) -> int:
+        """Number of units in the block."""
+        return self.u1 - self.u0
+
+
+def _cause(exc: RayTaskError) -> BaseException:
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def _count_failure(exc: BaseException) -> None:
+    RAY_TASK_FAILURES.inc()
+    retried = isinstance(exc, TRANSIENT_ERRORS) or (
+        isinstance(exc, RayError) and not isinstance(exc, RayTaskError | TaskCancelledError)
+    )
+    if retried:
+        RAY_TASK_RETRIES.inc(MAX_RETRIES)
+
+
+def cancel(refs: Sequence[ray.ObjectRef]) -> None:
+    """Cancel Ray tasks that may still be queued or running (finished ones are unaffected)."""
+    for ref in refs:
+        try:
+            ray.cancel(ref, recursive=True)
+        except (RayError, ValueError, TypeError) as exc:
+            log.debug("cancel %s: %s", ref, exc)
+
+
+def gather(
+    refs: Sequence[ray.ObjectRef], is_active: Callable[[], bool], poll_s: float = POLL_S
+) -> Iterator[BlockOutcome]:
+    """Yield the `BlockOutcome` of each task as it finishes, in completion order.
+
+    Every `poll_s` seconds `is_active()` is asked whether the caller still wants the
+    answers; when it says no, outstanding tasks are cancelled and `Cancelled` is
+    raised. A task that fails for good cancels the others and raises its own error
+    (a project error keeps its type, so its gRPC status reaches the client).
+    """
+    pending = list(refs)
+    try:
+        while pending:
+            if not is_active():
+                raise Cancelled("the client cancelled the Explain call")
+            done, pending = ray.wait(pending, num_returns=1, timeout=poll_s)
+            for ref in done:
+                try:
+                    outcome: BlockOutcome = ray.get(ref, timeout=60)
+                except GetTimeoutError as exc:
+                    raise Unavailable(f"a finished Ray task's result is unreachable: {exc}") from exc
+                except RayTaskError as exc:
+                    cause = _cause(exc)
+                    _count_failure(cause)
+                    if isinstance(cause, NeurodissectError):
+                        raise cause from None
+                    raise
+                except RayError as exc:
+                    _count_failure(exc)
+                    raise Unavailable(f"a Ray block task failed: {exc}") from exc
+                RAY_TASK_RETRIES.inc(outcome.attempt)
+                yield outcome
+    finally:
+        if pending:
+            cancel(pending)

@@ -1,0 +1,152 @@
+"""CLIP encoders for image and text embeddings: open_clip architectures or the toy world's.
+
+A CLIP model is named by an open_clip architecture plus a local checkpoint, loaded with
+`open_clip.create_model_and_transforms(arch, pretrained=<local file>)` (weights-only
+unpickling), or by `toy` for the toy world's tiny CLIP (trained on first use, cached).
+Images go through the CLIP model's own preprocessing; texts are embedded raw, with no
+prompt template. Every embedding is L2-normalised.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from services.common import keys
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.settings import Settings
+from services.extractor import toy_models
+from services.extractor.local_paths import local_path
+from services.extractor.models import weights_digest
+
+TEXT_BATCH = 256
+
+
+@dataclass
+class ClipEncoder:
+    """A loaded CLIP model with its image preprocessing and tokenizer."""
+
+    model: nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]  # RGB image -> (3, s, s) float32
+    tokenizer: Callable[[list[str]], torch.Tensor]  # C texts -> (C, L) int64 tokens
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def to(self, device: torch.device) -> ClipEncoder:
+        """Move the model to `device`."""
+        self.model.to(device)
+        self.device = device
+        return self
+
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """(B, 3, s, s) preprocessed images -> (B, D) float32, L2-normalised."""
+        with torch.inference_mode():
+            features = self.model.encode_image(pixels.to(self.device))  # type: ignore[operator]
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy()
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """C raw strings -> (C, D) float32, L2-normalised, in batches of TEXT_BATCH."""
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), TEXT_BATCH):
+                tokens = self.tokenizer(texts[start : start + TEXT_BATCH]).to(self.device)
+                features = self.model.encode_text(tokens)  # type: ignore[operator]
+                parts.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        return torch.cat(parts).numpy()
+
+
+@dataclass(frozen=True)
+class ClipSource:
+    """A resolved CLIP request: its content key and how to load it."""
+
+    arch: str
+    weights_uri: str
+    key: str
+    builder: Callable[[], ClipEncoder] = field(repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        """`arch|weights_uri`, how ExtractProgress names this model's embeddings."""
+        return f"{self.arch}|{self.weights_uri}"
+
+    def load(self) -> ClipEncoder:
+        """Build the encoder in eval mode on the CPU."""
+        encoder = self.builder()
+        encoder.model.eval()
+        return encoder
+
+
+def resolve_clip(arch: str, weights_uri: str, settings: Settings, field: str) -> ClipSource:
+    """Check a CLIP request (`field` names it, e.g. `clip_models[0]`) and find its weights."""
+    if arch == "toy":
+        return _toy_clip(weights_uri, settings, field)
+    import open_clip
+
+    if not arch:
+        raise InvalidArgument("an open_clip architecture name, or 'toy'", field=f"{field}.arch")
+    known = open_clip.list_models()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
+        shown = ", ".join(repr(c) for c in (close or ["ViT-B-32", "ViT-B-16", "RN50", "toy"]))
+        raise InvalidArgument(
+            f"{arch!r} is not an open_clip architecture; e.g. {shown}", field=f"{field}.arch"
+        )
+    if not weights_uri:
+        raise FailedPrecondition(
+            f"open_clip {arch} needs a local checkpoint in {field}.weights_uri "
+            "(downloads are disabled)",
+            field=f"{field}.weights_uri",
+        )
+    path = local_path(weights_uri, f"{field}.weights_uri", settings)
+    identity = keys.content_key("open_clip", arch, weights_digest(path))
+
+    def build() -> ClipEncoder:
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(path))
+        except RuntimeError as exc:
+            raise InvalidArgument(
+                f"{path.name} is not an open_clip {arch} checkpoint: {str(exc)[:400]}",
+                field=f"{field}.weights_uri",
+            ) from None
+        try:
+            tokenizer = open_clip.get_tokenizer(arch)
+        except Exception as exc:
+            raise FailedPrecondition(
+                f"the tokenizer of {arch} is not available offline: {exc}",
+                field=f"{field}.arch",
+            ) from None
+        return ClipEncoder(model, _as_tensor_transform(preprocess), tokenizer)
+
+    return ClipSource(arch, weights_uri, identity, build)
+
+
+def _as_tensor_transform(transform: Any) -> Callable[[Image.Image], torch.Tensor]:
+    def apply(image: Image.Image) -> torch.Tensor:
+        out = transform(image)
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    return apply
+
+
+def _toy_clip(weights_uri: str, settings: Settings, field: str) -> ClipSource:
+    path = local_path(weights_uri, f"{field}.weights_uri", settings) if weights_uri else None
+    cache_dir = Path(settings.cache_dir)
+    if path is None:
+        identity = keys.content_key("toy-clip", toy_models.clip_identity())
+    else:
+        identity = keys.content_key("toy-clip", weights_digest(path))
+
+    def build() -> ClipEncoder:
+        model, preprocess, tokenizer = toy_models.load_clip(cache_dir, path)
+        return ClipEncoder(model, preprocess, tokenizer)
+
+    return ClipSource("toy", weights_uri, identity, build)

@@ -1,0 +1,218 @@
+"""The Python client: the CLI's operations as methods.
+
+```python
+from services.gateway.client import NeurodissectClient
+
+with NeurodissectClient() as client:              # settings from NEURODISSECT_* variables
+    job = client.submit("spec.yaml")               # a file, a dict or a DissectionSpec
+    job = client.wait(job.id)                      # follows WatchJob until terminal
+    rows = client.results(job.id, layer="conv3")   # [{"unit": 0, "netdissect": {...}, ...}]
+```
+
+Every call has a deadline (`settings.rpc_timeout_s`; streams a long one) and
+carries the bearer token; TLS is used when the settings name certificates.
+Unary calls are retried on UNAVAILABLE. `submit` gives a spec without an
+idempotency key a fresh one, so that such a retry can never create two jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+from neurodissect.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+from services.common.client import call_metadata, open_channel, with_retry
+from services.common.errors import InvalidArgument, NotFound
+from services.common.settings import Settings
+from services.gateway import results
+from services.gateway.jobs import TERMINAL
+
+# Deadline of a WatchJob or ListUnits stream.
+STREAM_TIMEOUT_S = 7 * 24 * 3600.0
+
+EXPORT_FORMATS = ("tally", "clip_dissect", "milan")
+
+_PARSE_FIELD = re.compile(r"Failed to parse (\w+) field")
+_NO_FIELD = re.compile(r'has no field named "(\w+)"')
+
+
+def _parse_error_field(message: str) -> str:
+    path = _PARSE_FIELD.findall(message)
+    missing = _NO_FIELD.findall(message)
+    return ".".join(path + missing[:1]) or "spec"
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> common_pb2.DissectionSpec:
+    """A DissectionSpec from protobuf's JSON mapping; INVALID_ARGUMENT naming the bad field."""
+    if not isinstance(data, Mapping):
+        raise InvalidArgument(
+            f"a spec is a mapping of fields, not {type(data).__name__}", field="spec"
+        )
+    try:
+        return json_format.ParseDict(dict(data), common_pb2.DissectionSpec())
+    except json_format.ParseError as exc:
+        message = str(exc).replace("\n", " ")
+        raise InvalidArgument(message, field=_parse_error_field(message)) from None
+
+
+def load_spec(path: str | Path) -> common_pb2.DissectionSpec:
+    """Read a spec file: protobuf's JSON mapping (.json) or the same fields in YAML."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise NotFound(f"cannot read {path}: {exc.strerror}", field="spec") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise InvalidArgument(f"{path} is not valid JSON/YAML: {exc}", field="spec") from None
+    return spec_from_dict(data)
+
+
+def export_csv(layer: str, units: Iterable[common_pb2.UnitResult], export_format: str) -> str:
+    """One layer's results in an export format: tally, clip_dissect or milan."""
+    rows = list(units)
+    if export_format == "tally":
+        return results.tally_csv(rows)
+    if export_format == "clip_dissect":
+        return results.clip_dissect_csv(layer, rows)
+    if export_format == "milan":
+        return results.milan_csv(layer, rows)
+    raise InvalidArgument(
+        f"{export_format!r} is not an export format; use one of {', '.join(EXPORT_FORMATS)}",
+        field="format",
+    )
+
+
+class NeurodissectClient:
+    """A connection to the gateway with the same operations as the `neurodissect` CLI."""
+
+    def __init__(self, settings: Settings | None = None, address: str = "") -> None:
+        self.settings = settings or Settings.load()
+        self.address = address or self.settings.gateway_addr
+        self.channel = open_channel(self.address, self.settings)
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        self.metadata = call_metadata(self.settings)
+
+    def __enter__(self) -> NeurodissectClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def _unary(self, method: str, request: Any) -> Any:
+        call = getattr(self.stub, method)
+        return with_retry(
+            lambda: call(request, timeout=self.settings.rpc_timeout_s, metadata=self.metadata)
+        )
+
+    def submit(
+        self, spec: common_pb2.DissectionSpec | Mapping[str, Any] | str | Path
+    ) -> common_pb2.Job:
+        """Submit a dissection: a DissectionSpec, a dict in JSON mapping, or a spec file."""
+        if isinstance(spec, str | Path):
+            message = load_spec(spec)
+        elif isinstance(spec, common_pb2.DissectionSpec):
+            message = common_pb2.DissectionSpec()
+            message.CopyFrom(spec)
+        else:
+            message = spec_from_dict(spec)
+        if not message.idempotency_key:
+            message.idempotency_key = f"client-{uuid.uuid4().hex}"
+        job: common_pb2.Job = self._unary("SubmitDissection", message)
+        return job
+
+    def get(self, job_id: str) -> common_pb2.Job:
+        """The job as stored now."""
+        job: common_pb2.Job = self._unary("GetJob", gateway_pb2.GetJobRequest(job_id=job_id))
+        return job
+
+    def watch(self, job_id: str) -> Iterator[common_pb2.Job]:
+        """The job on every change (state, progress, ETA) until it is terminal."""
+        stream = self.stub.WatchJob(
+            gateway_pb2.GetJobRequest(job_id=job_id),
+            timeout=STREAM_TIMEOUT_S,
+            metadata=self.metadata,
+        )
+        for event in stream:
+            yield event.job
+
+    def wait(self, job_id: str) -> common_pb2.Job:
+        """Follow the job until it is terminal and return it."""
+        job = self.get(job_id)
+        for job in self.watch(job_id):
+            if job.state in TERMINAL:
+                break
+        return job
+
+    def jobs(
+        self, states: Iterable[common_pb2.JobState.ValueType] = (), limit: int = 0
+    ) -> list[common_pb2.Job]:
+        """Jobs, newest first."""
+        request = gateway_pb2.ListJobsRequest(states=list(states), limit=limit)
+        response: gateway_pb2.ListJobsResponse = self._unary("ListJobs", request)
+        return list(response.jobs)
+
+    def cancel(self, job_id: str) -> common_pb2.Job:
+        """Cancel a queued or running job."""
+        job: common_pb2.Job = self._unary("CancelJob", gateway_pb2.GetJobRequest(job_id=job_id))
+        return job
+
+    def units(
+        self,
+        job_id: str,
+        layer: str = "",
+        *,
+        detectors_only: bool = False,
+        label: str = "",
+        min_iou: float = 0.0,
+        unit_start: int = 0,
+        unit_end: int = 0,
+    ) -> Iterator[common_pb2.UnitResult]:
+        """Stream the units of a layer with every method's answer, filtered."""
+        request = gateway_pb2.ListUnitsRequest(
+            job_id=job_id,
+            layer=layer,
+            detectors_only=detectors_only,
+            label=label,
+            min_iou=min_iou,
+            unit_start=unit_start,
+            unit_end=unit_end,
+        )
+        yield from self.stub.ListUnits(request, timeout=STREAM_TIMEOUT_S, metadata=self.metadata)
+
+    def unit(self, job_id: str, layer: str, unit: int) -> common_pb2.UnitResult:
+        """Every method's answer for one unit."""
+        request = gateway_pb2.GetUnitRequest(job_id=job_id, layer=layer, unit=unit)
+        result: common_pb2.UnitResult = self._unary("GetUnit", request)
+        return result
+
+    def describe_model(
+        self, model: common_pb2.ModelSpec | Mapping[str, Any]
+    ) -> common_pb2.DescribeModelResponse:
+        """The model's layers and output shapes."""
+        if not isinstance(model, common_pb2.ModelSpec):
+            model = json_format.ParseDict(dict(model), common_pb2.ModelSpec())
+        response: common_pb2.DescribeModelResponse = self._unary(
+            "DescribeModel", common_pb2.DescribeModelRequest(model=model)
+        )
+        return response
+
+    def results(self, job_id: str, layer: str = "", **filters: Any) -> list[dict[str, Any]]:
+        """One dict per unit: `{"unit": 0, "netdissect": {...}, ...}`, a key per method that ran."""
+        return [results.unit_dict(u) for u in self.units(job_id, layer, **filters)]
+
+    def export(self, job_id: str, layer: str, export_format: str) -> str:
+        """A layer's results as CSV: `tally` (NetDissect-Lite), `clip_dissect` or `milan`."""
+        return export_csv(layer, self.units(job_id, layer), export_format)
