@@ -7,7 +7,8 @@ description) pair.
 - Decoder: teacher-forced NLL over non-padding targets plus attention
   regularisation w · mean_i (1 − Σ_t α_{t,i})² (w = 1, sum over non-padding steps),
   AdamW (lr 1e-3), batches of 64; early stopping on validation corpus BLEU-4 of
-  the top beam (λ = 0), restoring the best epoch's weights.
+  the top beam (λ = 0), ties broken by validation loss, restoring the best
+  epoch's weights.
 - Language model: NLL of the training units' descriptions; early stopping on
   validation loss, restoring the best weights.
 
@@ -82,13 +83,18 @@ class EpochRecord:
     val_loss: float
     val_bleu: float | None = None  # decoder only
 
+    def summary(self) -> str:
+        """One line for the progress bar."""
+        bleu = "" if self.val_bleu is None else f" val_bleu={self.val_bleu:.4f}"
+        return f"train_loss={self.train_loss:.4f} val_loss={self.val_loss:.4f}{bleu}"
+
 
 @dataclass
 class ModelReport:
     """How one model trained."""
 
     model: str  # "decoder" | "language_model"
-    monitor: str  # "val_bleu" (higher is better) | "val_loss" (lower is better)
+    monitor: str  # "val_bleu" (ties broken by val_loss) | "val_loss"
     best_epoch: int = 0
     stopped_early: bool = False
     epochs: list[EpochRecord] = field(default_factory=list)
@@ -179,6 +185,17 @@ def validation_bleu(decoder: CaptionDecoder, data: CaptionSet, config: TrainingC
     return corpus_bleu(hypotheses, references)
 
 
+def _improvement_key(record: EpochRecord) -> tuple[float, ...]:
+    """Larger is better: validation BLEU, ties broken by validation loss; or loss alone.
+
+    The tie-break matters early on, when an undertrained decoder's top beam is the
+    empty caption (BLEU 0) for several epochs while its loss still falls.
+    """
+    if record.val_bleu is None:
+        return (-record.val_loss,)
+    return (record.val_bleu, -record.val_loss)
+
+
 # The loss of one batch, given the batch's indices into the training examples.
 BatchLoss = Callable[[Tensor], Tensor]
 # Validation loss and, for the decoder, validation BLEU of the current weights.
@@ -199,8 +216,7 @@ def _fit(
     progress = progress or Progress(disable=True)
     generator = generator or torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
-    higher_is_better = report.monitor == "val_bleu"
-    best_value = -math.inf if higher_is_better else math.inf
+    best_key: tuple[float, ...] = (-math.inf, -math.inf)
     best_state = copy.deepcopy(model.state_dict())
     n_batches = math.ceil(n_examples / config.batch_size)
     task: TaskID = progress.add_task(report.model, total=n_batches)
@@ -216,15 +232,13 @@ def _fit(
             optimizer.step()
             total += float(loss.detach())
             progress.advance(task)
-        val_loss, val_bleu = evaluate()
-        report.epochs.append(EpochRecord(epoch, total / n_batches, val_loss, val_bleu))
-        value = val_bleu if higher_is_better and val_bleu is not None else val_loss
-        if (value > best_value) if higher_is_better else (value < best_value):
-            best_value, report.best_epoch = value, epoch
+        record = EpochRecord(epoch, total / n_batches, *evaluate())
+        report.epochs.append(record)
+        key = _improvement_key(record)
+        if key > best_key:
+            best_key, report.best_epoch = key, epoch
             best_state = copy.deepcopy(model.state_dict())
-        progress.update(
-            task, description=f"{report.model} epoch {epoch} {report.monitor}={value:.4f}"
-        )
+        progress.update(task, description=f"{report.model} epoch {epoch} {record.summary()}")
         if epoch - report.best_epoch >= config.patience:
             report.stopped_early = epoch < config.max_epochs
             break

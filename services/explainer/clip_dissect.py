@@ -42,9 +42,10 @@ DEFAULT_METHOD = "soft_wpmi"
 TOP_CONCEPTS = 5
 CSV_HEADER = ("layer", "unit", "description", "similarity")
 
-# Floats per temporary buffer (32 MiB): sets how many units' top images are gathered at once
-# and how many rows one softmax call takes.
-_CHUNK_ELEMENTS = 1 << 23
+# Floats of P̃ rows held for one pass of units (64 MiB).
+_PASS_ELEMENTS = 1 << 24
+# Floats per working buffer of one step (4 MiB), small enough to stay in cache.
+_STEP_ELEMENTS = 1 << 20
 # A product of factors is kept above exp(-80), well inside float32 (smallest normal ~ e^-87.3).
 _LOG_PRODUCT_FLOOR = 80.0
 # Cosine similarity: columns with a smaller norm than this are treated as zero.
@@ -313,20 +314,29 @@ def top_indices(values: np.ndarray, k: int) -> np.ndarray:
     Largest first; ties go to the lower index, so the choice never depends on anything but
     the row itself (and survives any strictly increasing transform of it).
     """
-    values = np.ascontiguousarray(values)
     n_rows, size = values.shape
-    kth = np.partition(values, size - k, axis=1)[:, size - k : size - k + 1]
-    above = values > kth
-    tied = values == kth
-    room = k - above.sum(axis=1, keepdims=True)
-    chosen = above | (tied & (np.cumsum(tied, axis=1) <= room))
-    index = np.nonzero(chosen)[1].reshape(n_rows, k)
-    order = np.argsort(-np.take_along_axis(values, index, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(index, order, axis=1)
+    out = np.empty((n_rows, k), dtype=np.int64)
+    step = max(1, _STEP_ELEMENTS // size)
+    for r0 in range(0, n_rows, step):
+        chunk = np.ascontiguousarray(values[r0 : r0 + step])
+        kth = np.partition(chunk, size - k, axis=1)[:, size - k : size - k + 1]
+        above = chunk > kth
+        tied = chunk == kth
+        room = k - above.sum(axis=1, keepdims=True)
+        chosen = above | (tied & (np.cumsum(tied, axis=1) <= room))
+        index = np.nonzero(chosen)[1].reshape(len(chunk), k)
+        order = np.argsort(-np.take_along_axis(chunk, index, axis=1), axis=1, kind="stable")
+        out[r0 : r0 + len(chunk)] = np.take_along_axis(index, order, axis=1)
+    return out
 
 
 def _wpmi_rows(activations: np.ndarray, similarity: np.ndarray, params: WpmiParams) -> np.ndarray:
-    """L[k, m] for the units of (N, B) `activations` against (N, C) S: (B, C) float32."""
+    """L[k, m] for the units of (N, B) `activations` against (N, C) float32 S: (B, C) float32.
+
+    Units go in passes whose top images together need at most `_PASS_ELEMENTS` floats of
+    P̃ rows, so an image shared by several units of a pass gets one softmax. Each unit's row
+    is computed the same way whatever pass it falls in.
+    """
     n_images, n_units = activations.shape
     n_concepts = similarity.shape[1]
     k = min(params.top_k, n_images)
@@ -336,40 +346,70 @@ def _wpmi_rows(activations: np.ndarray, similarity: np.ndarray, params: WpmiPara
     c_col = torch.from_numpy(c)[:, None]
     # factors lie in [min c, 1 + min_prob]: `group` of them multiply to at least e^-80
     group = min(k, max(1, int(_LOG_PRODUCT_FLOOR // max(-math.log(float(c.min())), 1e-3))))
-    per_pass = max(1, _CHUNK_ELEMENTS // (k * n_concepts))
-    rows = torch.empty((n_units, n_concepts), dtype=torch.float32)
-    for u0 in range(0, n_units, per_pass):
-        units_top = top[u0 : u0 + per_pass]
-        images, where = np.unique(units_top, return_inverse=True)
-        probs = _softmax_rows(similarity, images, params.a)
-        position = torch.from_numpy(where.reshape(units_top.shape))
-        acc = rows[u0 : u0 + len(units_top)]
-        acc.zero_()
-        for j0 in range(0, k, group):
-            j1 = min(j0 + group, k)
-            picked = position[:, j0:j1].reshape(-1)
-            factors = probs.index_select(0, picked).view(len(units_top), j1 - j0, n_concepts)
-            factors.mul_(p_col[j0:j1]).add_(c_col[j0:j1])
-            acc.add_(torch.prod(factors, dim=1).log_())
+    per_step = max(1, _STEP_ELEMENTS // (group * n_concepts))
+    # buffers are reused: a fresh large tensor costs a page fault per 4 KiB
+    probs_buffer = torch.empty((max(k, _PASS_ELEMENTS // n_concepts), n_concepts))
+    scratch = np.empty((max(1, _STEP_ELEMENTS // n_concepts), n_concepts), dtype=np.float32)
+    factors_buffer = torch.empty(per_step * group * n_concepts)
+    product_buffer = torch.empty(per_step * n_concepts)
+    rows = torch.empty((n_units, n_concepts))
+    for u0, u1 in _unit_passes(top, n_images, len(probs_buffer)):
+        images, where = np.unique(top[u0:u1], return_inverse=True)
+        probs = probs_buffer[: len(images)]
+        _softmax_rows(similarity, images, params.a, scratch, probs)
+        position = torch.from_numpy(where.reshape(u1 - u0, k))
+        for v0 in range(u0, u1, per_step):
+            b = min(per_step, u1 - v0)
+            acc = rows[v0 : v0 + b]
+            acc.zero_()
+            product = product_buffer[: b * n_concepts].view(b, n_concepts)
+            for j0 in range(0, k, group):
+                j1 = min(j0 + group, k)
+                picked = position[v0 - u0 : v0 - u0 + b, j0:j1].reshape(-1)
+                factors = factors_buffer[: len(picked) * n_concepts].view(len(picked), n_concepts)
+                torch.index_select(probs, 0, picked, out=factors)
+                by_unit = factors.view(b, j1 - j0, n_concepts)
+                by_unit.mul_(p_col[j0:j1]).add_(c_col[j0:j1])
+                torch.prod(by_unit, dim=1, out=product)
+                acc.add_(product.log_())
     return rows.numpy()
 
 
-def _softmax_rows(similarity: np.ndarray, images: np.ndarray, a: float) -> torch.Tensor:
-    """softmax over concepts of a·S[images]: (len(images), C) float32, in row chunks."""
-    n_concepts = similarity.shape[1]
-    out = torch.empty((len(images), n_concepts), dtype=torch.float32)
-    step = max(1, _CHUNK_ELEMENTS // n_concepts)
+def _unit_passes(top: np.ndarray, n_images: int, max_rows: int) -> list[tuple[int, int]]:
+    """Cut units into consecutive ranges whose (B, κ) `top` images number at most `max_rows`."""
+    seen = np.zeros(n_images, dtype=bool)
+    passes = []
+    start, count = 0, 0
+    for u, images in enumerate(top):
+        new = images[~seen[images]]
+        if count + len(new) > max_rows:
+            passes.append((start, u))
+            seen[:] = False
+            start, count, new = u, 0, images
+        seen[new] = True
+        count += len(new)
+    passes.append((start, len(top)))
+    return passes
+
+
+def _softmax_rows(
+    similarity: np.ndarray, images: np.ndarray, a: float, scratch: np.ndarray, out: torch.Tensor
+) -> None:
+    """Write softmax over concepts of a·S[images] into `out` (len(images), C), a few rows at a time."""
+    step = len(scratch)
     for r0 in range(0, len(images), step):
-        chunk = torch.from_numpy(np.asarray(similarity[images[r0 : r0 + step]], dtype=np.float32))
-        out[r0 : r0 + len(chunk)] = torch.softmax(chunk.mul_(a), dim=1)
-    return out
+        chunk = images[r0 : r0 + step]
+        # mode="clip" (indices are valid anyway) lets numpy write `scratch` without a copy
+        np.take(similarity, chunk, axis=0, out=scratch[: len(chunk)], mode="clip")
+        logits = torch.from_numpy(scratch[: len(chunk)]).mul_(a)
+        torch._softmax(logits, 1, False, out=out[r0 : r0 + len(chunk)])
 
 
 def _log_marginal(rows: np.ndarray) -> np.ndarray:
     """log p̄(m) = logsumexp_k L[k, m] - log K of (K, C) rows, in float64: (C,)."""
     n_units, n_concepts = rows.shape
     out = np.empty(n_concepts, dtype=np.float64)
-    step = max(1, _CHUNK_ELEMENTS // max(n_units, 1))
+    step = max(1, _PASS_ELEMENTS // max(n_units, 1))
     for c0 in range(0, n_concepts, step):
         block = torch.from_numpy(np.ascontiguousarray(rows[:, c0 : c0 + step], dtype=np.float64))
         out[c0 : c0 + block.shape[1]] = torch.logsumexp(block, dim=0).numpy()

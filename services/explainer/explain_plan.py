@@ -3,27 +3,29 @@
 Every check names the offending request field: INVALID_ARGUMENT for a value
 outside what is allowed (unknown method, unit range outside the layer, bad
 parameter), NOT_FOUND for stored inputs that do not exist (activations, concept
-table, CLIP embeddings). Defaults of the method parameters are applied here, once.
+table, CLIP embeddings), FAILED_PRECONDITION for stored inputs that do not fit
+together. Defaults of the method parameters are applied in `method_params`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from neurodissect.v1 import common_pb2, explainer_pb2
+
 from services.common.activations import ActivationManifest, read_manifest
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.probe_format import ConceptTable, read_concepts
 from services.common.store import ObjectStore
+from services.explainer import clip_dissect, linear, netdissect
 from services.explainer.sharding import DEFAULT_UNIT_BLOCK, unit_blocks
 
 # Methods in the order they run: compositional reuses netdissect's thresholds,
 # simulation scores what the others stored.
 METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "simulation")
-IOU_MODES = ("lite", "netdissect", "all")
-SIMILARITIES = ("soft_wpmi", "wpmi", "cos", "cos_cubed", "rank_reorder")
 POOLINGS = ("mean", "max")
 LINEAR_CONCEPTS = ("label", "clip")
 MAX_UNIT_BLOCK = 8192
@@ -78,10 +80,12 @@ def _name(value: str, field: str) -> str:
     return value
 
 
-def _choice(value: str, allowed: tuple[str, ...], field: str) -> None:
+def _choice(value: str, allowed: Sequence[str], field: str) -> None:
     if value and value not in allowed:
         listed = ", ".join(repr(a) for a in allowed)
-        raise InvalidArgument(f"{value!r} is not allowed; use one of {listed} (empty: default)", field)
+        raise InvalidArgument(
+            f"{value!r} is not allowed; use one of {listed} (empty: the default)", field
+        )
 
 
 def _open_unit(spec_has: bool, value: float, field: str) -> None:
@@ -96,7 +100,9 @@ def _methods(request: explainer_pb2.ExplainRequest) -> tuple[str, ...]:
     for i, method in enumerate(request.methods):
         if method not in METHODS:
             listed = ", ".join(repr(m) for m in METHODS)
-            raise InvalidArgument(f"unknown method {method!r}; use one of {listed}", f"methods[{i}]")
+            raise InvalidArgument(
+                f"unknown method {method!r}; use one of {listed}", f"methods[{i}]"
+            )
         if method in seen:
             raise InvalidArgument(f"{method!r} is listed twice", f"methods[{i}]")
         seen.add(method)
@@ -106,18 +112,23 @@ def _methods(request: explainer_pb2.ExplainRequest) -> tuple[str, ...]:
 def _params(spec: common_pb2.DissectionSpec) -> None:
     nd, comp, cd, lin = spec.netdissect, spec.compositional, spec.clip_dissect, spec.linear
     _open_unit(nd.HasField("top_quantile"), nd.top_quantile, "spec.netdissect.top_quantile")
-    _choice(nd.iou_mode, IOU_MODES, "spec.netdissect.iou_mode")
+    _choice(nd.iou_mode, netdissect.IOU_MODES, "spec.netdissect.iou_mode")
     if nd.exemplars < 0:
         raise InvalidArgument(f"{nd.exemplars} is negative", "spec.netdissect.exemplars")
     _open_unit(comp.HasField("top_quantile"), comp.top_quantile, "spec.compositional.top_quantile")
     for field in ("beam", "max_length", "top_k_primitives"):
-        if getattr(comp, field) < 0:
-            raise InvalidArgument(f"{getattr(comp, field)} is negative", f"spec.compositional.{field}")
-    _choice(cd.similarity, SIMILARITIES, "spec.clip_dissect.similarity")
+        value = getattr(comp, field)
+        if value < 0:
+            raise InvalidArgument(f"{value} is negative", f"spec.compositional.{field}")
+    _choice(cd.similarity, clip_dissect.METHODS, "spec.clip_dissect.similarity")
     _choice(cd.pooling, POOLINGS, "spec.clip_dissect.pooling")
     _choice(lin.concepts, LINEAR_CONCEPTS, "spec.linear.concepts")
-    if lin.max_concepts < 0:
-        raise InvalidArgument(f"{lin.max_concepts} is negative", "spec.linear.max_concepts")
+    if lin.max_concepts not in (0, linear.MAX_CONCEPTS):
+        raise InvalidArgument(
+            f"{lin.max_concepts} is not supported; LE selects at most {linear.MAX_CONCEPTS}"
+            " concepts (0 = the default)",
+            "spec.linear.max_concepts",
+        )
 
 
 def _embeddings(
@@ -202,7 +213,14 @@ def plan_request(store: ObjectStore, request: explainer_pb2.ExplainRequest) -> E
     if "simulation" in methods and (request.simulation.image_key or request.simulation.text_key):
         _embeddings(store, request.simulation, "simulation", "a CLIP simulator")
     if needs_concepts(plan):
-        read_table(store, dataset_key)
+        table = read_table(store, dataset_key)
+        if (table.n_images, table.chunk_size) != (manifest.n_images, manifest.image_chunk):
+            raise FailedPrecondition(
+                f"dataset {dataset_key!r} stores {table.n_images} images in chunks of"
+                f" {table.chunk_size}, the activations {manifest.n_images} in chunks of"
+                f" {manifest.image_chunk}; extract both with the same image_chunk_size",
+                "dataset_key",
+            )
     return plan
 
 

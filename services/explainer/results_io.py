@@ -15,14 +15,16 @@ its presence means the block is done.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-
 from neurodissect.v1 import common_pb2
+
 from services.common import keys
 from services.common.store import ObjectStore
 
@@ -49,7 +51,7 @@ def simulation_row(unit: int, rhos: Mapping[str, float], dead: bool) -> dict[str
 
 
 def parse_row(method: str, row: Mapping[str, Any]) -> Message:
-    """Parse a stored row (without its "unit") into the method's message; ParseError if it is not one.
+    """Parse a stored row (less its "unit") into the method's message; ParseError if it is none.
 
     Simulation rows parse into a `UnitResult` holding only the `simulation` map.
     """
@@ -90,12 +92,16 @@ def write_block(
     return key
 
 
-def block_stored(store: ObjectStore, job_id: str, layer: str, method: str, u0: int, u1: int) -> bool:
+def block_stored(
+    store: ObjectStore, job_id: str, layer: str, method: str, u0: int, u1: int
+) -> bool:
     """Tell whether the block of units [u0, u1) of `method` is already stored."""
     return store.exists(keys.result_block(job_id, layer, method, u0, u1))
 
 
-def read_rows(store: ObjectStore, job_id: str, layer: str, method: str) -> dict[int, dict[str, Any]]:
+def read_rows(
+    store: ObjectStore, job_id: str, layer: str, method: str
+) -> dict[int, dict[str, Any]]:
     """Every stored row of `method` for a layer, by unit, whatever block sizes stored them."""
     rows: dict[int, dict[str, Any]] = {}
     for key in store.list(keys.results_prefix(job_id, layer, method)):
@@ -110,3 +116,34 @@ def read_rows(store: ObjectStore, job_id: str, layer: str, method: str) -> dict[
 def export_key(job_id: str, layer: str, method: str, name: str) -> str:
     """Key of a per-layer export file of a method, e.g. `results/J/layer4/netdissect/tally.csv`."""
     return keys.results_prefix(job_id, layer, method) + name
+
+
+def tally_part_key(job_id: str, layer: str, u0: int, u1: int) -> str:
+    """Key of one block's rows of NetDissect-Lite's tally.csv (with their pixel counts).
+
+    `results/J/layer4/netdissect/tally/u0-64.csv`: not a result block (not `.json`),
+    merged into the layer's `tally.csv` once the blocks are in.
+    """
+    return export_key(job_id, layer, "netdissect", f"tally/{keys.span('u', u0, u1)}.csv")
+
+
+def merge_tally_parts(store: ObjectStore, job_id: str, layer: str) -> str:
+    """The layer's tally.csv from every stored block part: one header, rows by score descending.
+
+    Ties keep unit order, as in `netdissect.tally_csv` over the whole layer.
+    """
+    header: list[str] = []
+    rows: dict[int, list[str]] = {}
+    prefix = tally_part_key(job_id, layer, 0, 0).rsplit("/", 1)[0] + "/"
+    for key in store.list(prefix):
+        if not key.endswith(".csv"):
+            continue
+        lines = list(csv.reader(io.StringIO(store.get(key).decode())))
+        header = lines[0]
+        rows.update({int(line[0]): line for line in lines[1:]})
+    ordered = sorted(rows.values(), key=lambda line: (-float(line[3]), int(line[0])))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(ordered)
+    return out.getvalue()

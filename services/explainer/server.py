@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import grpc
-
 from neurodissect.v1 import explainer_pb2, explainer_pb2_grpc
+
 from services.common.server import ServiceServer
 from services.common.settings import Settings
 from services.explainer.servicer import ExplainerServicer

@@ -79,9 +79,13 @@ def connect(settings: Settings) -> None:
         log.info("Ray %s: %s", "started locally" if local else "connected", address)
 
 
-def task_options() -> dict[str, Any]:
-    """Ray options of every block task: retries on worker death and on transient errors."""
-    return {"max_retries": MAX_RETRIES, "retry_exceptions": list(TRANSIENT_ERRORS)}
+def block_task(function: Callable[..., BlockOutcome]) -> Any:
+    """Make `function` a Ray task that Ray retries when its worker dies or on transient errors."""
+    options: dict[str, Any] = {
+        "max_retries": MAX_RETRIES,
+        "retry_exceptions": list(TRANSIENT_ERRORS),
+    }
+    return ray.remote(**options)(function)
 
 
 def attempt_number() -> int:
@@ -91,7 +95,7 @@ def attempt_number() -> int:
     reports its attempt so the driver can count retries.
     """
     # Ray exposes the attempt only through the core worker, not the public runtime context.
-    worker = ray._private.worker.global_worker
+    worker: Any = ray._private.worker.global_worker
     return int(worker.core_worker.get_current_task_attempt_number())
 
 
@@ -131,10 +135,15 @@ def _count_failure(exc: BaseException) -> None:
 
 
 def cancel(refs: Sequence[ray.ObjectRef]) -> None:
-    """Cancel Ray tasks that may still be queued or running (finished ones are unaffected)."""
+    """Cancel Ray tasks that may still be queued or running (finished ones are unaffected).
+
+    Running tasks are killed with their worker process (`force`): an interrupt would
+    wait for a long numpy or torch call to return first. Result writes are atomic,
+    so a killed task leaves no partial block behind.
+    """
     for ref in refs:
         try:
-            ray.cancel(ref, recursive=True)
+            ray.cancel(ref, force=True)
         except (RayError, ValueError, TypeError) as exc:
             log.debug("cancel %s: %s", ref, exc)
 
@@ -159,7 +168,7 @@ def gather(
                 try:
                     outcome: BlockOutcome = ray.get(ref, timeout=60)
                 except GetTimeoutError as exc:
-                    raise Unavailable(f"a finished Ray task's result is unreachable: {exc}") from exc
+                    raise Unavailable(f"a finished task's result is unreachable: {exc}") from exc
                 except RayTaskError as exc:
                     cause = _cause(exc)
                     _count_failure(cause)

@@ -182,7 +182,9 @@ def _rows(
         index = [r for r in index if r.get("split", "") == split]
         if not index:
             listed = ", ".join(repr(s) for s in splits)
-            raise InvalidArgument(f"no rows with split {split!r}; splits: {listed}", "dataset.split")
+            raise InvalidArgument(
+                f"no rows with split {split!r}; splits: {listed}", field="dataset.split"
+            )
     parsed: list[tuple[dict[str, str], dict[str, list[str]], list[int]]] = []
     layers = dict.fromkeys(selected, 0)
     for row in index:

@@ -13,7 +13,7 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import numpy as np
 import torch
@@ -123,18 +123,10 @@ def resolve_clip(arch: str, weights_uri: str, settings: Settings, field: str) ->
                 f"the tokenizer of {arch} is not available offline: {exc}",
                 field=f"{field}.arch",
             ) from None
-        return ClipEncoder(model, _as_tensor_transform(preprocess), tokenizer)
+        transform = cast(Callable[[Image.Image], torch.Tensor], preprocess)
+        return ClipEncoder(model, transform, tokenizer)
 
     return ClipSource(arch, weights_uri, identity, build)
-
-
-def _as_tensor_transform(transform: Any) -> Callable[[Image.Image], torch.Tensor]:
-    def apply(image: Image.Image) -> torch.Tensor:
-        out = transform(image)
-        assert isinstance(out, torch.Tensor)
-        return out
-
-    return apply
 
 
 def _toy_clip(weights_uri: str, settings: Settings, field: str) -> ClipSource:

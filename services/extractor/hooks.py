@@ -22,6 +22,7 @@ linear outputs (B, C) → (B, C, 1, 1).
 from __future__ import annotations
 
 import abc
+import contextlib
 import difflib
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -113,6 +114,7 @@ class LayerTap(abc.ABC):
     def __call__(self, inputs: torch.Tensor) -> None:
         """Run the model on (B, 3, S, S) inputs, calling back once per layer call."""
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Remove whatever the tap installed."""
 
@@ -161,10 +163,8 @@ class HookTap(LayerTap):
     def __call__(self, inputs: torch.Tensor) -> None:
         """Run the model on (B, 3, S, S) inputs, stopping after the last hooked output."""
         self._calls = dict.fromkeys(self.layers, 0)
-        try:
+        with contextlib.suppress(_StopForward):
             self.model(inputs)
-        except _StopForward:
-            pass
 
     def close(self) -> None:
         """Remove the hooks."""
@@ -199,7 +199,7 @@ class ScriptTap(LayerTap):
             owner_path, relative = ".".join(parts[:cut]), parts[cut:]
             owner = self._modules[owner_path]
             attribute = "_neurodissect_out_" + "__".join(relative)
-            script = owner._c  # type: ignore[union-attr]
+            script = owner._c
             if script.hasattr(attribute):
                 return owner_path, attribute
             calls = [
@@ -217,13 +217,16 @@ class ScriptTap(LayerTap):
             return owner_path, attribute
         return None
 
+    def close(self) -> None:
+        """Nothing to remove: the graph rewrite lasts as long as the loaded module."""
+
     def __call__(self, inputs: torch.Tensor) -> None:
         """Run the model on (B, 3, S, S) inputs and report every captured layer."""
         for owner_path, attribute in self._slots.values():
-            self._modules[owner_path]._c.setattr(attribute, torch.empty(0))  # type: ignore[union-attr]
+            self._modules[owner_path]._c.setattr(attribute, torch.empty(0))
         self.model(inputs)
         for layer, (owner_path, attribute) in self._slots.items():
-            value = self._modules[owner_path]._c.getattr(attribute)  # type: ignore[union-attr]
+            value = self._modules[owner_path]._c.getattr(attribute)
             if isinstance(value, torch.Tensor) and value.numel() > 0:
                 self.callback(layer, value)
 

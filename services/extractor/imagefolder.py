@@ -33,8 +33,9 @@ def read_imagefolder(
         )
     base = root / split if split else root
     if not base.is_dir():
-        what = f"split directory {split!r} in {root}" if split else f"{root} as a directory"
-        raise FailedPrecondition(f"cannot find the {what}", field="dataset.split" if split else "dataset.uri")
+        if split:
+            raise InvalidArgument(f"{root} has no split directory {split!r}", "dataset.split")
+        raise FailedPrecondition(f"{root} is not a directory", field="dataset.uri")
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise FailedPrecondition(

@@ -145,7 +145,7 @@ def _torch_cache_file(name: str) -> Path:
     """Where torch's cache keeps `name`'s default weights; FailedPrecondition if absent."""
     directory = Path(torch.hub.get_dir()) / "checkpoints"
     try:
-        url = torchvision.models.get_model_weights(name).DEFAULT.url  # type: ignore[attr-defined]
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
     except (ValueError, AttributeError):
         raise FailedPrecondition(
             f"torchvision/{name} has no published weights; give a local file in "

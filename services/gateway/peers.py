@@ -8,9 +8,6 @@ gateway's own callers see the peer's code and message unchanged.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import grpc
 from neurodissect.v1 import (
     captioner_pb2_grpc,
@@ -50,9 +47,9 @@ def peer_error(exc: grpc.RpcError, peer: str) -> errors.NeurodissectError:
 
 
 class Peers:
-    """Stubs of the three backend services, with a small DescribeModel cache."""
+    """Stubs of the three backend services."""
 
-    def __init__(self, settings: Settings, cache_size: int = 32) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._channels = {
             name: open_channel(settings.address_of(name), settings)
@@ -67,17 +64,9 @@ class Peers:
         self.captioner = Peer(
             captioner_pb2_grpc.CaptionerStub(self._channels["captioner"]), settings
         )
-        self._cache: OrderedDict[bytes, common_pb2.DescribeModelResponse] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
 
     def describe_model(self, model: common_pb2.ModelSpec) -> common_pb2.DescribeModelResponse:
-        """The extractor's description of `model` (layers and shapes), cached by spec."""
-        cache_key = model.SerializeToString(deterministic=True)
-        with self._lock:
-            if cache_key in self._cache:
-                self._cache.move_to_end(cache_key)
-                return self._cache[cache_key]
+        """The extractor's description of `model`: its layers and their output shapes."""
         try:
             response: common_pb2.DescribeModelResponse = self.extractor.unary(
                 "DescribeModel",
@@ -86,10 +75,6 @@ class Peers:
             )
         except grpc.RpcError as exc:
             raise peer_error(exc, "extractor") from None
-        with self._lock:
-            self._cache[cache_key] = response
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
         return response
 
     def embed_text(self, request: extractor_pb2.EmbedTextRequest) -> str:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from neurodissect.v1 import (
@@ -29,7 +30,10 @@ from services.common.activations import ActivationManifest
 from services.common.errors import InvalidArgument, NotFound
 from services.common.server import ServiceServer
 from services.common.settings import Settings
-from services.common.store import ObjectStore
+from services.common.store import LocalStore, ObjectStore
+from services.gateway.client import NeurodissectClient
+from services.gateway.server import GatewayServer, build
+from tests.fixtures.ports import free_port
 
 # The fake model: layer name -> units (maps are 4×4).
 FAKE_LAYERS = {"conv1": 6, "conv2": 10, "fc": 4}
@@ -223,3 +227,46 @@ def start_fake(
         return [module.DESCRIPTOR.services_by_name[name].full_name]
 
     return ServiceServer(service, settings.replace(port=port, metrics_port=0), register).start()
+
+
+class FakeWorld:
+    """A real gateway (in this process) wired to fake extractor, explainer and captioner."""
+
+    def __init__(self, root: Path) -> None:
+        self.store = LocalStore(root / "store")
+        self.behaviour = Behaviour()
+        ports = {name: free_port() for name in ("gateway", "extractor", "explainer", "captioner")}
+        self.settings = Settings(
+            store_url=self.store.url,
+            metrics_port=0,
+            rpc_timeout_s=10.0,
+            **{f"{name}_addr": f"127.0.0.1:{port}" for name, port in ports.items()},
+        )
+        self.ports = ports
+        self.peers: dict[str, ServiceServer] = {}
+        self.gateway: GatewayServer | None = None
+
+    def start_peer(self, name: str) -> None:
+        self.peers[name] = start_fake(name, self.settings, self.store, self.behaviour,
+                                      self.ports[name])
+
+    def stop_peer(self, name: str) -> None:
+        self.peers.pop(name).stop(grace=0.1)
+
+    def start_gateway(self, **changes: object) -> GatewayServer:
+        settings = self.settings.replace(port=self.ports["gateway"], **changes)
+        self.gateway = build(settings).start()
+        return self.gateway
+
+    def stop_gateway(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop(grace=0.1)
+            self.gateway = None
+
+    def client(self, **changes: object) -> NeurodissectClient:
+        return NeurodissectClient(self.settings.replace(**changes))
+
+    def close(self) -> None:
+        self.stop_gateway()
+        for name in list(self.peers):
+            self.stop_peer(name)

@@ -9,11 +9,11 @@ from collections.abc import Callable
 import grpc
 import pytest
 from neurodissect.v1 import common_pb2
+from prometheus_client import REGISTRY
 
 from services.common import keys
 from services.gateway.jobs import TERMINAL
-from tests.integration.conftest import FakeWorld
-from tests.integration.gateway_fakes import FAKE_LAYERS, fake_row, fake_spec
+from tests.integration.gateway_fakes import FAKE_LAYERS, FakeWorld, fake_row, fake_spec
 from tests.integration.hostile_specs import HOSTILE
 
 
@@ -115,9 +115,15 @@ def test_queue_with_concurrency_limit_one(world: FakeWorld) -> None:
         wait_until(lambda: state_of(world, first.id) == common_pb2.EXPLAINING, what="first runs")
         time.sleep(0.3)
         assert client.get(second.id).state == common_pb2.QUEUED
+        assert REGISTRY.get_sample_value("neurodissect_queue_length") == 1
+        assert REGISTRY.get_sample_value("neurodissect_jobs", {"state": "QUEUED"}) == 1
+        progress = {"job_id": first.id, "stage": "extract"}
+        assert REGISTRY.get_sample_value("neurodissect_job_progress_ratio", progress) == 1.0
         world.behaviour.gate.set()
         assert client.wait(first.id).state == common_pb2.SUCCEEDED
         assert client.wait(second.id).state == common_pb2.SUCCEEDED
+    assert REGISTRY.get_sample_value("neurodissect_queue_length") == 0
+    assert REGISTRY.get_sample_value("neurodissect_job_progress_ratio", progress) is None
     order = [call.job_id for call in world.behaviour.explain_calls]
     assert order == sorted(order, key=lambda j: j != first.id)  # every call of the first first
 

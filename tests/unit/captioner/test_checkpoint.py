@@ -9,7 +9,7 @@ from services.captioner.checkpoint import FORMAT, load_checkpoint, save_checkpoi
 from services.captioner.encoder import MaskedPoolingEncoder
 from services.captioner.vocabulary import Vocabulary
 from services.common.errors import InvalidArgument
-from tests.unit.captioner.conftest import TinyNet, small_models, tiny_encoder
+from tests.unit.captioner.synthetic import TinyNet, small_models, tiny_encoder
 
 
 def _only_plain_types(value: object) -> bool:

@@ -16,7 +16,7 @@ from services.captioner.decoding import (
 from services.captioner.language_model import LanguageModel
 from services.captioner.vocabulary import SPECIAL_TOKENS, Vocabulary, VocabularyMismatch
 from services.common.errors import InvalidArgument
-from tests.unit.captioner.conftest import small_models, tiny_encoder
+from tests.unit.captioner.synthetic import small_models, tiny_encoder
 
 AB = Vocabulary((*SPECIAL_TOKENS, "a", "b"))
 

@@ -8,7 +8,7 @@ from services.captioner.encoder import (
     masked_average,
 )
 from services.common.errors import InvalidArgument
-from tests.unit.captioner.conftest import TINY_STAGES, TinyNet, tiny_encoder
+from tests.unit.captioner.synthetic import TINY_STAGES, TinyNet, tiny_encoder
 
 
 def test_all_ones_mask_equals_global_average_pooling() -> None:

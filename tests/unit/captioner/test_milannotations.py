@@ -6,7 +6,7 @@ import pytest
 
 from services.captioner.milannotations import AnnotatedUnit, load_milannotations
 from services.common.errors import InvalidArgument, NotFound
-from tests.unit.captioner.conftest import write_milannotations
+from tests.unit.captioner.synthetic import write_milannotations
 
 
 def _three(name: str) -> list[str]:

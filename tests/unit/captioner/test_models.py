@@ -3,7 +3,7 @@ import torch
 
 from services.captioner.language_model import LanguageModel
 from services.captioner.vocabulary import Vocabulary
-from tests.unit.captioner.conftest import small_models
+from tests.unit.captioner.synthetic import small_models
 
 
 def test_attention_weights_sum_to_one(vocabulary: Vocabulary) -> None:

@@ -18,7 +18,7 @@ from services.captioner.training import (
 )
 from services.captioner.vocabulary import Vocabulary
 from services.common.errors import InvalidArgument
-from tests.unit.captioner.conftest import colour_world, tiny_encoder
+from tests.unit.captioner.synthetic import colour_world, tiny_encoder
 
 TINY = ModelDimensions(embedding_dim=16, hidden_dim=32, attention_dim=16, dropout=0.1)
 
@@ -95,16 +95,35 @@ def test_tiny_training_run_decreases_the_loss(tmp_path: Path) -> None:
     assert len(written["language_model"]["epochs"]) == 30
 
 
-def test_early_stopping_stops_after_patience(tmp_path: Path) -> None:
+def test_early_stopping_stops_after_patience_and_restores_the_best(tmp_path: Path) -> None:
     data = load_milannotations(colour_world(tmp_path / "milan", units_per_colour=2))
+    encoder = tiny_encoder()
     config = TrainingConfig(
-        max_epochs=30, patience=1, batch_size=8, validation_fraction=0.3, show_progress=False
+        max_epochs=30,
+        patience=1,
+        batch_size=8,
+        learning_rate=1e-2,
+        validation_fraction=0.3,
+        show_progress=False,
     )
-    _, report = train_captioner(tiny_encoder(), data, config, TINY)
+    captioner, report = train_captioner(encoder, data, config, TINY)
     for model in (report.decoder, report.language_model):
-        expected = model.best_epoch + 1 if model.stopped_early else 30
-        assert len(model.epochs) == expected
-    assert report.decoder.stopped_early  # BLEU on 2 validation units plateaus at once
+        assert model.stopped_early  # 4 training units: both overfit within 30 epochs
+        assert len(model.epochs) == model.best_epoch + 1
+
+    # the decoder's validation loss is the best epoch's, not the last epoch's
+    _, val_units = data.split(config.validation_fraction, config.seed)
+    vocabulary = captioner.vocabulary
+    examples = [(i, vocabulary.encode(t)) for i, u in enumerate(val_units) for t in u.descriptions]
+    inputs, targets = padded_sequences([ids for _, ids in examples], vocabulary)
+    features = encode_annotated_units(encoder, data, val_units, 64)
+    with torch.no_grad():
+        loss = decoder_loss(
+            captioner.decoder, features[[i for i, _ in examples]], inputs, targets, 1.0
+        )
+    best, last = report.decoder.epochs[report.decoder.best_epoch - 1], report.decoder.epochs[-1]
+    assert float(loss) == pytest.approx(best.val_loss, abs=1e-6)
+    assert float(loss) != pytest.approx(last.val_loss, abs=1e-6)
 
 
 def test_config_is_validated() -> None:

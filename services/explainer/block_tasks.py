@@ -1,0 +1,146 @@
+"""The Ray task bodies: one call per unit block [u0, u1) of one layer and method.
+
+Tasks receive the `Settings` (never a store object) and reopen the object store
+from them, receive the `ExplainPlan`, and get the read-only inputs shared by all
+blocks of a request as Ray object refs (`ray.put` once by the driver). A task that
+owns a result block first looks whether the block is stored already, and writes it
+whole at the end (`results_io.write_block`), so running it twice is harmless.
+Memory is bounded by the block and one image chunk: activations and label maps
+are streamed chunk by chunk (`activations.iter_units`, `probe_format.read_label_chunk`).
+
+Every task returns a `BlockOutcome` that carries its attempt number, so the driver
+counts Ray's retries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from neurodissect.v1 import common_pb2
+
+from services.common.activations import iter_units
+from services.common.probe_format import ConceptTable, read_label_chunk
+from services.common.settings import Settings
+from services.explainer import clip_dissect, linear, netdissect, results_io
+from services.explainer.explain_plan import ExplainPlan
+from services.explainer.method_params import NetDissectSettings
+from services.explainer.sharding import BlockOutcome, attempt_number, block_task
+from services.explainer.shared_inputs import LinearConcepts
+
+
+@block_task
+def clip_dissect_rows(
+    similarity: str, pooled: np.ndarray, prepared: np.ndarray, u0: int, u1: int
+) -> BlockOutcome:
+    """CLIP-Dissect step 1 for units [u0, u1): their (u1 - u0, C) float32 rows.
+
+    `pooled` is the layer's (N, U) pooled activations, `prepared` the (N, C)
+    concept matrix of `clip_dissect.prepare_concepts`; both are shared objects.
+    The rows come back in `BlockOutcome.value`; labels are chosen by the driver
+    once every block of the layer is in (the WPMI marginal spans the layer).
+    """
+    rows = clip_dissect.unit_rows(similarity, pooled[:, u0:u1], prepared)
+    return BlockOutcome(u0, u1, attempt_number(), computed=True, value=rows)
+
+
+@block_task
+def netdissect_block(
+    settings: Settings,
+    plan: ExplainPlan,
+    table: ConceptTable,
+    params: NetDissectSettings,
+    u0: int,
+    u1: int,
+) -> BlockOutcome:
+    """Network Dissection of units [u0, u1): thresholds, IoU tally, bests, exemplars.
+
+    Two streaming passes over the block's activations select the exact thresholds,
+    a third tallies masks against the label maps chunk by chunk. Stores the block's
+    tally.csv rows (with pixel counts) first, then its result block.
+    """
+    store = settings.open_store()
+    if results_io.block_stored(store, plan.job_id, plan.layer, "netdissect", u0, u1):
+        return BlockOutcome(u0, u1, attempt_number(), computed=False)
+    thresholds = netdissect.unit_thresholds(
+        lambda: (acts for _, acts in iter_units(store, plan.manifest, u0, u1)),
+        params.top_quantile,
+    )
+    tally = netdissect.IoUTally(
+        thresholds,
+        table.label_categories(),
+        len(table.categories),
+        first_unit=u0,
+        top_k=params.exemplars,
+    )
+    for i0, acts in iter_units(store, plan.manifest, u0, u1):
+        tally.update(acts, read_label_chunk(store, plan.dataset_key, i0, i0 + len(acts)))
+    dissections = netdissect.dissect(tally.result(), table, params.iou_mode, params.detector_iou)
+    store.put(
+        results_io.tally_part_key(plan.job_id, plan.layer, u0, u1),
+        netdissect.tally_csv(dissections, table).encode(),
+    )
+    names = table.label_names()
+    rows = [
+        results_io.message_row(d.unit, _netdissect_result(d, names, table)) for d in dissections
+    ]
+    results_io.write_block(store, plan.job_id, plan.layer, "netdissect", u0, u1, rows)
+    return BlockOutcome(u0, u1, attempt_number(), computed=True)
+
+
+def _netdissect_result(
+    d: netdissect.UnitDissection, names: dict[int, str], table: ConceptTable
+) -> common_pb2.NetDissectResult:
+    return common_pb2.NetDissectResult(
+        label=names[d.best.label],
+        category=d.category,
+        iou=d.best.iou,
+        per_category=[
+            common_pb2.CategoryBest(category=c, label=names[m.label], iou=m.iou)
+            for c in table.categories
+            if (m := d.per_category.get(c)) is not None
+        ],
+        threshold=d.threshold,
+        detector=d.detector,
+        exemplars=list(d.exemplars),
+    )
+
+
+@block_task
+def linear_block(
+    settings: Settings,
+    plan: ExplainPlan,
+    concepts: LinearConcepts,
+    moments: linear.ConceptMoments,
+    pooled: np.ndarray,
+    u0: int,
+    u1: int,
+) -> BlockOutcome:
+    """Linear explanations of units [u0, u1), fitted together on the shared concept matrix.
+
+    `concepts` holds the (N, C) matrix P, its names and the split; `moments` the
+    train/val covariances of P; `pooled` the layer's (N, U) spatial means.
+    """
+    store = settings.open_store()
+    if results_io.block_stored(store, plan.job_id, plan.layer, "linear", u0, u1):
+        return BlockOutcome(u0, u1, attempt_number(), computed=False)
+    fits = linear.fit_units(concepts.matrix, pooled[:, u0:u1], concepts.split, moments)
+    rows = [
+        results_io.message_row(u0 + k, _linear_result(fit, concepts))
+        for k, fit in enumerate(fits)
+    ]
+    results_io.write_block(store, plan.job_id, plan.layer, "linear", u0, u1, rows)
+    return BlockOutcome(u0, u1, attempt_number(), computed=True)
+
+
+def _linear_result(
+    fit: linear.LinearExplanation, concepts: LinearConcepts
+) -> common_pb2.LinearResult:
+    return common_pb2.LinearResult(
+        explanation=fit.describe(concepts.names),
+        terms=[
+            common_pb2.LinearTerm(concept=concepts.names[c], weight=w)
+            for c, w in zip(fit.concepts, fit.weights, strict=True)
+        ],
+        bias=fit.bias,
+        val_corr=fit.val_correlation,
+        concepts=concepts.kind,
+    )

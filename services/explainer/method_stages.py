@@ -1,0 +1,226 @@
+"""One stage per method over one layer: shared inputs, block tasks, layer-wide steps.
+
+A stage puts the read-only inputs its blocks share into Ray once (`SharedInputs`),
+submits one task per requested unit block that is not stored yet, yields an
+`ExplainProgress` per finished block, and ends with the steps that need the whole
+layer (CLIP-Dissect's labels, summaries, exports). The method math lives in the
+method modules; this module only moves arrays between the store, Ray and them.
+
+Per-layer outputs besides the result blocks:
+- `results/{job}/{layer}/netdissect/summary.json`: detectors and unique detector
+  labels, in all and per category, over every unit stored so far;
+- `results/{job}/{layer}/netdissect/tally.csv`: NetDissect-Lite's tally, merged from
+  the blocks' parts under `netdissect/tally/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from neurodissect.v1 import common_pb2
+from neurodissect.v1.explainer_pb2 import ExplainProgress as Progress
+
+from services.common import keys
+from services.common.metrics import UNITS_EXPLAINED
+from services.common.settings import Settings
+from services.common.store import ObjectStore
+from services.explainer import block_tasks, clip_dissect, linear, results_io
+from services.explainer.explain_plan import ExplainPlan
+from services.explainer.method_params import (
+    clip_dissect_settings,
+    linear_settings,
+    netdissect_settings,
+)
+from services.explainer.sharding import gather
+from services.explainer.shared_inputs import SharedInputs, text_embeddings
+
+
+@dataclass
+class Stage:
+    """What every stage needs: settings for the tasks, the store, the plan, a liveness check."""
+
+    settings: Settings
+    store: ObjectStore
+    plan: ExplainPlan
+    is_active: Callable[[], bool]
+    shared: SharedInputs
+
+    def missing(self, method: str) -> list[tuple[int, int]]:
+        """Requested blocks of `method` that are not stored yet."""
+        p = self.plan
+        return [
+            (u0, u1)
+            for u0, u1 in p.blocks()
+            if not results_io.block_stored(self.store, p.job_id, p.layer, method, u0, u1)
+        ]
+
+    def progress(self, method: str, done: int, message: str = "") -> Progress:
+        """An ExplainProgress of `method` with `done` of the requested units finished."""
+        return Progress(
+            method=method, units_done=done, units_total=self.plan.units_total, message=message
+        )
+
+    def stored(self, method: str) -> Progress:
+        """The progress message of a method whose requested blocks are all stored."""
+        return self.progress(method, self.plan.units_total, "already stored")
+
+    def run_blocks(
+        self, method: str, missing: list[tuple[int, int]], submit: Callable[[int, int], Any]
+    ) -> Iterator[Progress]:
+        """Submit `submit(u0, u1)` for each missing block; yield progress as blocks finish."""
+        done = self.plan.units_total - sum(u1 - u0 for u0, u1 in missing)
+        refs = [submit(u0, u1) for u0, u1 in missing]
+        for outcome in gather(refs, self.is_active):
+            done += outcome.units
+            if outcome.computed:
+                UNITS_EXPLAINED.labels(method).inc(outcome.units)
+            yield self.progress(method, done, f"units {outcome.u0}-{outcome.u1}")
+
+
+# -- Network Dissection -----------------------------------------------------------------------
+
+
+def netdissect_stage(stage: Stage) -> Iterator[Progress]:
+    """Network Dissection of every requested block, then the layer's summary and tally.csv."""
+    plan, params = stage.plan, netdissect_settings(stage.plan.spec)
+    missing = stage.missing("netdissect")
+    if not missing:
+        yield stage.stored("netdissect")
+    else:
+        table = stage.shared.table_ref()
+        yield from stage.run_blocks(
+            "netdissect",
+            missing,
+            lambda u0, u1: block_tasks.netdissect_block.remote(
+                stage.settings, plan, table, params, u0, u1
+            ),
+        )
+    rows = results_io.read_rows(stage.store, plan.job_id, plan.layer, "netdissect")
+    summary = {
+        **netdissect_summary(rows.values(), stage.shared.table().categories),
+        "layer_units": plan.n_units,
+        "settings": asdict(params),
+    }
+    stage.store.put_json(keys.result_summary(plan.job_id, plan.layer, "netdissect"), summary)
+    stage.store.put(
+        results_io.export_key(plan.job_id, plan.layer, "netdissect", "tally.csv"),
+        results_io.merge_tally_parts(stage.store, plan.job_id, plan.layer).encode(),
+    )
+
+
+def netdissect_summary(rows: Any, categories: list[str]) -> dict[str, Any]:
+    """Detectors and unique detector labels, in all and per category of the best label.
+
+    `rows` are stored NetDissect rows (`{"unit", "label", "category", "detector", ...}`).
+    """
+    rows = list(rows)
+    detectors = [r for r in rows if r.get("detector", False)]
+    return {
+        "units": len(rows),
+        "detectors": len(detectors),
+        "unique_labels": len({(r["category"], r["label"]) for r in detectors}),
+        "detectors_per_category": {
+            c: sum(r["category"] == c for r in detectors) for c in categories
+        },
+        "unique_labels_per_category": {
+            c: len({r["label"] for r in detectors if r["category"] == c}) for c in categories
+        },
+    }
+
+
+# -- CLIP-Dissect ---------------------------------------------------------------------------
+
+
+def clip_dissect_stage(stage: Stage) -> Iterator[Progress]:
+    """CLIP-Dissect over the whole layer; labels stored for the requested blocks.
+
+    Step 1 runs on every block of the layer (not only the requested ones): the
+    soft-WPMI marginal is taken over all units of the layer, so the labels of a unit
+    depend neither on the block size nor on how a layer is split across requests.
+    """
+    plan, method = stage.plan, "clip_dissect"
+    missing = stage.missing(method)
+    if not missing:
+        yield stage.stored(method)
+        return
+    done = plan.units_total - sum(u1 - u0 for u0, u1 in missing)
+    params = clip_dissect_settings(plan.spec)
+    names, texts = text_embeddings(stage.store, plan.clip_dissect)
+    images = stage.store.get_array(plan.clip_dissect.image_key)
+    prepared = ray.put(
+        clip_dissect.prepare_concepts(
+            params.similarity, clip_dissect.clip_similarity(images, texts)
+        )
+    )
+    del images
+    pooled = stage.shared.pooled_ref(params.pooling)
+    refs = [
+        block_tasks.clip_dissect_rows.remote(params.similarity, pooled, prepared, u0, u1)
+        for u0, u1 in plan.layer_blocks()
+    ]
+    rows = np.empty((plan.n_units, len(names)), dtype=np.float32)
+    scored = 0
+    for outcome in gather(refs, stage.is_active):
+        rows[outcome.u0 : outcome.u1] = outcome.value
+        scored += outcome.units
+        yield stage.progress(method, done, f"concept scores of {scored}/{plan.n_units} units")
+    layer_similarity = clip_dissect.layer_similarity(params.similarity, rows)
+    for u0, u1 in missing:
+        descriptions = clip_dissect.describe_units(layer_similarity[u0:u1], names, first_unit=u0)
+        results_io.write_block(
+            stage.store,
+            plan.job_id,
+            plan.layer,
+            method,
+            u0,
+            u1,
+            [results_io.message_row(d.unit, _clip_result(d)) for d in descriptions],
+        )
+        done += u1 - u0
+        UNITS_EXPLAINED.labels(method).inc(u1 - u0)
+        yield stage.progress(method, done, f"units {u0}-{u1}")
+
+
+def _clip_result(d: clip_dissect.UnitDescription) -> common_pb2.ClipDissectResult:
+    return common_pb2.ClipDissectResult(
+        label=d.label,
+        score=d.score,
+        top5=[
+            common_pb2.ConceptScore(concept=c, score=s)
+            for c, s in zip(d.top_labels, d.top_scores, strict=True)
+        ],
+    )
+
+
+# -- linear explanations --------------------------------------------------------------------
+
+
+def linear_stage(stage: Stage) -> Iterator[Progress]:
+    """LE(Label) or LE(CLIP): the concept matrix and its moments shared, one fit per block."""
+    plan, method = stage.plan, "linear"
+    missing = stage.missing(method)
+    if not missing:
+        yield stage.stored(method)
+        return
+    params = linear_settings(plan.spec)
+    concepts = stage.shared.linear_concepts(params)
+    concepts_ref = stage.shared.ref("linear_concepts", lambda: concepts)
+    moments = ray.put(linear.concept_moments(concepts.matrix, concepts.split))
+    pooled = stage.shared.pooled_ref("mean")
+    if concepts.split.seed != params.seed:
+        yield stage.progress(
+            method,
+            plan.units_total - sum(u1 - u0 for u0, u1 in missing),
+            f"the dataset's split is stored with seed {concepts.split.seed}; using it",
+        )
+    yield from stage.run_blocks(
+        method,
+        missing,
+        lambda u0, u1: block_tasks.linear_block.remote(
+            stage.settings, plan, concepts_ref, moments, pooled, u0, u1
+        ),
+    )

@@ -1,0 +1,77 @@
+"""The Explainer gRPC servicer: validate, run each method's stage on Ray, stream progress.
+
+`Explain` checks the request (`explain_plan.plan_request`, errors name the field),
+makes sure Ray is up (`sharding.connect`: local or the cluster at RAY_ADDRESS),
+then runs the requested methods in order — netdissect, compositional,
+clip_dissect, linear, simulation — streaming one `ExplainProgress` per finished
+unit block and a last one with `finished=True`. Blocks already stored are skipped,
+so a repeated or resumed call only does what is missing. When the client cancels,
+outstanding Ray tasks are cancelled and the call ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import grpc
+from neurodissect.v1 import explainer_pb2, explainer_pb2_grpc
+
+from services.common.errors import Cancelled
+from services.common.settings import Settings
+from services.common.store import ObjectStore
+from services.explainer import method_stages, sharding
+from services.explainer.explain_plan import ExplainPlan, plan_request
+from services.explainer.method_stages import Stage
+from services.explainer.shared_inputs import SharedInputs
+
+log = logging.getLogger(__name__)
+
+STAGES: dict[str, Callable[[Stage], Iterator[explainer_pb2.ExplainProgress]]] = {
+    "netdissect": method_stages.netdissect_stage,
+    "clip_dissect": method_stages.clip_dissect_stage,
+    "linear": method_stages.linear_stage,
+}
+
+
+def explain(
+    settings: Settings,
+    store: ObjectStore,
+    plan: ExplainPlan,
+    is_active: Callable[[], bool] = lambda: True,
+) -> Iterator[explainer_pb2.ExplainProgress]:
+    """Run every method of `plan` on Ray; yield progress, then a `finished` message.
+
+    Raises `Cancelled` once `is_active()` turns false (outstanding tasks are cancelled).
+    """
+    sharding.connect(settings)
+    stage = Stage(settings, store, plan, is_active, SharedInputs(store, plan))
+    for method in plan.methods:
+        yield from STAGES[method](stage)
+    yield explainer_pb2.ExplainProgress(
+        units_done=plan.units_total, units_total=plan.units_total, message="done", finished=True
+    )
+
+
+class ExplainerServicer(explainer_pb2_grpc.ExplainerServicer):
+    """Serves Explain over one object store and one Ray (local or a cluster)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = settings.open_store()
+
+    def Explain(  # noqa: N802 (gRPC method name)
+        self, request: explainer_pb2.ExplainRequest, context: grpc.ServicerContext
+    ) -> Iterator[explainer_pb2.ExplainProgress]:
+        """Explain units [unit_start, unit_end) of one layer by the requested methods."""
+        plan = plan_request(self.store, request)
+        log.info(
+            "explain job %s layer %s units %d-%d by %s",
+            plan.job_id, plan.layer, plan.unit_start, plan.unit_end, ",".join(plan.methods),
+        )
+        try:
+            yield from explain(self.settings, self.store, plan, context.is_active)
+        except Cancelled:
+            log.info("explain job %s layer %s cancelled by the client", plan.job_id, plan.layer)
+            if context.is_active():
+                raise

@@ -1,0 +1,191 @@
+"""The read-only inputs one Explain call shares among its block tasks.
+
+Each input is loaded from the store (or derived) at most once per call and put into
+Ray once (`ray.put`), so the tasks on a node map one shared copy instead of each
+reading it: the concept table, the layer's pooled activations, the probe set's
+label matrix, the persisted train/val/test split, and LE's concept matrix with its
+moments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+from neurodissect.v1 import explainer_pb2
+
+from services.common import keys
+from services.common.activations import read_pooled
+from services.common.errors import FailedPrecondition
+from services.common.probe_format import ConceptTable, LabelChunk, read_label_chunk
+from services.common.store import ObjectStore
+from services.explainer import clip_dissect, linear
+from services.explainer.explain_plan import ExplainPlan, read_table
+from services.explainer.method_params import LinearSettings
+
+
+@dataclass(frozen=True)
+class LinearConcepts:
+    """LE's concept matrix after the concept filter, with names and the split."""
+
+    kind: str  # "label" | "clip"
+    matrix: np.ndarray  # (N, C) float32
+    names: list[str]  # (C,)
+    split: linear.ImageSplit
+
+
+def text_embeddings(
+    store: ObjectStore, embeddings: explainer_pb2.ConceptEmbeddings
+) -> tuple[list[str], np.ndarray]:
+    """Concept names (C,) and their (C, D) float32 text embeddings, as the extractor stored them."""
+    arrays = store.get_arrays(embeddings.text_key)
+    return [str(n) for n in arrays["names"]], arrays["embeddings"].astype(np.float32)
+
+
+def read_or_create_split(
+    store: ObjectStore, dataset_key: str, n_images: int, seed: int
+) -> linear.ImageSplit:
+    """The dataset's persisted 70/10/20 split, created with `seed` if none is stored yet.
+
+    One split per dataset serves every job, so that simulation scores LE on images it
+    was never fitted on; a later request with another seed gets the stored split
+    (its `seed` tells which).
+    """
+    key = keys.split(dataset_key)
+    if store.exists(key):
+        split = linear.ImageSplit.from_json(store.get_json(key))
+        if sum(len(part) for part in (split.train, split.val, split.test)) != n_images:
+            raise FailedPrecondition(
+                f"the stored split {key!r} does not cover the {n_images} probe images",
+                "dataset_key",
+            )
+    else:
+        # Deterministic in (seed, N): concurrent creators write the same object.
+        split = linear.split_images(n_images, seed)
+        store.put_json(key, split.to_json())
+    return split
+
+
+@dataclass
+class SharedInputs:
+    """Inputs of one Explain call, each loaded once and `ray.put` at most once."""
+
+    store: ObjectStore
+    plan: ExplainPlan
+    _values: dict[str, Any] = field(default_factory=dict)
+    _refs: dict[str, ray.ObjectRef] = field(default_factory=dict)
+
+    def value(self, name: str, load: Callable[[], Any]) -> Any:
+        """Input `name`, loaded on first use."""
+        if name not in self._values:
+            self._values[name] = load()
+        return self._values[name]
+
+    def ref(self, name: str, load: Callable[[], Any]) -> ray.ObjectRef:
+        """The object ref of input `name`, put into Ray on first use."""
+        if name not in self._refs:
+            self._refs[name] = ray.put(self.value(name, load))
+        return self._refs[name]
+
+    def table(self) -> ConceptTable:
+        """The probe set's concept table."""
+        return self.value("table", lambda: read_table(self.store, self.plan.dataset_key))
+
+    def table_ref(self) -> ray.ObjectRef:
+        """The concept table, shared."""
+        return self.ref("table", self.table)
+
+    def pooled(self, kind: str) -> np.ndarray:
+        """(N, U) float32 spatial `kind` ("mean" | "max") of every unit of the layer."""
+
+        def load() -> np.ndarray:
+            mean, peak = read_pooled(self.store, self.plan.acts_key, self.plan.layer)
+            return mean if kind == "mean" else peak
+
+        return self.value(f"pooled_{kind}", load)
+
+    def pooled_ref(self, kind: str) -> ray.ObjectRef:
+        """The pooled activations, shared."""
+        return self.ref(f"pooled_{kind}", lambda: self.pooled(kind))
+
+    def label_chunks(self) -> Iterator[LabelChunk]:
+        """Every stored label chunk of the probe set, in image order (one in memory at a time)."""
+        for i0, i1 in self.table().chunk_ranges():
+            yield read_label_chunk(self.store, self.plan.dataset_key, i0, i1)
+
+    def label_matrix(self) -> np.ndarray:
+        """(N, L) float32 presence of every label of the table in every image (LE(Label)).
+
+        Column l is label `table.labels[l]`: 1 when it is an image-level label of the
+        image or covers any of its pixels.
+        """
+
+        def load() -> np.ndarray:
+            table = self.table()
+            numbers = [c.number for c in table.labels]
+            return linear.label_matrix(self.label_chunks(), table.n_images, numbers)
+
+        return self.value("label_matrix", load)
+
+    def split(self, seed: int) -> linear.ImageSplit:
+        """The dataset's persisted train/val/test split (created on first use)."""
+        return self.value(
+            "split",
+            lambda: read_or_create_split(
+                self.store, self.plan.dataset_key, self.plan.manifest.n_images, seed
+            ),
+        )
+
+    def linear_concepts(self, params: LinearSettings) -> LinearConcepts:
+        """LE's concept matrix P, filtered, with names and split.
+
+        LE(Label): the label matrix. LE(CLIP): σ(a·(S + b)) of the CLIP cosines of
+        the request's `linear` embeddings, (a, b) given or calibrated against the
+        labels of the probe set that share a name with a concept.
+        """
+
+        def load() -> LinearConcepts:
+            if params.concepts == "clip":
+                matrix, names = self._clip_concepts(params)
+            else:
+                matrix, names = self.label_matrix(), [c.name for c in self.table().labels]
+            keep = linear.concept_filter(matrix)
+            if not keep.any():
+                raise FailedPrecondition(
+                    "no concept passes LE's filter (top-5 mean >= 0.5, std > 1e-5)",
+                    "spec.linear.concepts",
+                )
+            return LinearConcepts(
+                kind=params.concepts,
+                matrix=np.ascontiguousarray(matrix[:, keep]),
+                names=[n for n, k in zip(names, keep, strict=True) if k],
+                split=self.split(params.seed),
+            )
+
+        return self.value("linear_concepts", load)
+
+    def _clip_concepts(self, params: LinearSettings) -> tuple[np.ndarray, list[str]]:
+        names, texts = text_embeddings(self.store, self.plan.linear)
+        images = self.store.get_array(self.plan.linear.image_key)
+        similarity = clip_dissect.clip_similarity(images, texts)
+        a, b = params.a, params.b
+        if a is None or b is None:
+            table = self.table()
+            column = {c.name: i for i, c in enumerate(table.labels)}
+            shared = [(m, column[n]) for m, n in enumerate(names) if n in column]
+            if not shared:
+                raise FailedPrecondition(
+                    "LE(CLIP) calibrates (a, b) on concepts named like the probe set's labels,"
+                    " and none is; set spec.linear.a and spec.linear.b",
+                    "spec.linear.a",
+                )
+            concept_at, label_at = (list(t) for t in zip(*shared, strict=True))
+            fitted = linear.calibrate_sigmoid(
+                similarity[:, concept_at], self.label_matrix()[:, label_at]
+            )
+            a = fitted[0] if a is None else a
+            b = fitted[1] if b is None else b
+        return linear.clip_concept_matrix(similarity, a, b), names

@@ -1,0 +1,30 @@
+"""The extractor process: `build(settings).start().wait()` (`neurodissect serve extractor`)."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from neurodissect.v1 import extractor_pb2, extractor_pb2_grpc
+
+from services.common.server import ServiceServer
+from services.common.settings import Settings
+from services.extractor.servicer import ExtractorServicer
+
+
+def build(settings: Settings) -> ServiceServer:
+    """The extractor server for `settings`, not yet started."""
+    servicer = ExtractorServicer(settings)
+
+    def register(server: grpc.Server) -> list[str]:
+        extractor_pb2_grpc.add_ExtractorServicer_to_server(servicer, server)
+        return [extractor_pb2.DESCRIPTOR.services_by_name["Extractor"].full_name]
+
+    return ServiceServer("extractor", settings, register)
+
+
+def main() -> None:
+    """Serve with settings from the environment until SIGTERM or Ctrl-C."""
+    settings = Settings.load()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
+    build(settings).start().wait()

@@ -1,0 +1,144 @@
+"""The explainer as a real process (`neurodissect serve explainer`, local Ray with 2 CPUs),
+called over gRPC on a free loopback port with a planted layer in a local store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from neurodissect.v1 import common_pb2, explainer_pb2, explainer_pb2_grpc
+
+from services.common import keys
+from services.common.client import wait_healthy
+from services.common.settings import Settings
+from services.common.store import LocalStore
+from services.explainer import results_io
+from tests.fixtures.planted_layer import TOP_QUANTILE, PlantedLayer, write_planted
+from tests.fixtures.ports import free_port
+
+METHODS = ["netdissect", "compositional", "clip_dissect", "linear", "simulation"]
+
+
+@dataclass
+class Explainer:
+    stub: explainer_pb2_grpc.ExplainerStub
+    store: LocalStore
+    planted: PlantedLayer
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def explainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Explainer]:
+    root = tmp_path_factory.mktemp("explainer")
+    store = LocalStore(root / "store")
+    planted = write_planted(store)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(
+        NEURODISSECT_PORT=str(port),
+        NEURODISSECT_HOST="127.0.0.1",
+        NEURODISSECT_STORE_URL=store.url,
+        NEURODISSECT_METRICS_PORT="0",
+        NEURODISSECT_RAY_NUM_CPUS="2",
+        NEURODISSECT_LOG_LEVEL="INFO",
+    )
+    log = root / "explainer.log"
+    command = Path(sys.executable).with_name("neurodissect")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(command), "serve", "explainer"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_healthy(address, Settings(), timeout=60)
+        with grpc.insecure_channel(address) as channel:
+            yield Explainer(explainer_pb2_grpc.ExplainerStub(channel), store, planted, log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, log.read_text()[-3000:]
+
+
+def _request(planted: PlantedLayer, methods: list[str], job: str) -> explainer_pb2.ExplainRequest:
+    spec = common_pb2.DissectionSpec(compute=common_pb2.ComputeSpec(unit_block_size=8))
+    for method in methods:
+        getattr(spec, method).SetInParent()
+    spec.netdissect.top_quantile = TOP_QUANTILE
+    return explainer_pb2.ExplainRequest(
+        job_id=job,
+        layer=planted.layer,
+        methods=methods,
+        spec=spec,
+        dataset_key=planted.dataset_key,
+        acts_key=planted.acts_key,
+        clip_dissect=planted.clip,
+    )
+
+
+def test_explain_streams_progress_and_stores_every_block(explainer: Explainer) -> None:
+    planted, store = explainer.planted, explainer.store
+    progress = list(explainer.stub.Explain(_request(planted, METHODS, "grpc"), timeout=300))
+    assert progress[-1].finished
+    assert not any(p.finished for p in progress[:-1])
+    for method in METHODS:
+        last = [p for p in progress if p.method == method][-1]
+        assert (last.units_done, last.units_total) == (planted.n_units, planted.n_units), method
+        rows = results_io.read_rows(store, "grpc", planted.layer, method)
+        assert sorted(rows) == list(range(planted.n_units)), method
+    netdissect = results_io.read_rows(store, "grpc", planted.layer, "netdissect")
+    assert [netdissect[u]["label"] for u in range(planted.n_units)] == list(planted.planted)
+    assert store.exists(keys.result_summary("grpc", planted.layer, "netdissect"))
+    assert store.exists(keys.result_summary("grpc", planted.layer, "simulation"))
+    tally = store.get(results_io.export_key("grpc", planted.layer, "netdissect", "tally.csv"))
+    assert tally.decode().splitlines()[0].startswith("unit,category,label,score")
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "field"),
+    [
+        ({"methods": ["gradcam"]}, grpc.StatusCode.INVALID_ARGUMENT, "methods[0]"),
+        ({"unit_end": 999}, grpc.StatusCode.INVALID_ARGUMENT, "unit_end"),
+        ({"acts_key": "missing"}, grpc.StatusCode.NOT_FOUND, "acts_key"),
+    ],
+)
+def test_bad_requests_get_precise_status_codes(
+    explainer: Explainer, change: dict, code: grpc.StatusCode, field: str
+) -> None:
+    request = _request(explainer.planted, ["netdissect"], "bad")
+    for name, value in change.items():
+        if isinstance(value, list):
+            del getattr(request, name)[:]
+            getattr(request, name).extend(value)
+        else:
+            setattr(request, name, value)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(explainer.stub.Explain(request, timeout=60))
+    assert caught.value.code() == code
+    assert field in caught.value.details()
+
+
+def test_cancelled_call_stops_and_the_server_keeps_serving(explainer: Explainer) -> None:
+    planted = explainer.planted
+    call = explainer.stub.Explain(_request(planted, ["netdissect"], "cancelled"), timeout=300)
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as caught:
+        list(call)
+    assert caught.value.code() == grpc.StatusCode.CANCELLED
+    after = _request(planted, ["clip_dissect"], "after")
+    progress = list(explainer.stub.Explain(after, timeout=300))
+    assert progress[-1].finished
+    deadline = time.monotonic() + 10
+    while b"cancelled by the client" not in explainer.log.read_bytes():
+        assert time.monotonic() < deadline, explainer.log.read_text()[-3000:]
+        time.sleep(0.2)

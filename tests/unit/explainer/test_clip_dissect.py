@@ -1,0 +1,330 @@
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from services.common.errors import InvalidArgument
+from services.explainer import clip_dissect
+from services.explainer.clip_dissect import (
+    METHODS,
+    SOFT_WPMI,
+    WPMI,
+    WpmiParams,
+    clip_similarity,
+    describe_units,
+    descriptions_csv,
+    encode_concepts,
+    encode_images,
+    layer_similarity,
+    load_concepts,
+    prepare_concepts,
+    top_indices,
+    unit_rows,
+)
+
+
+def similarity_of(method: str, activations: np.ndarray, s: np.ndarray, block: int) -> np.ndarray:
+    """The layer's (U, C) similarity through the two-step block API."""
+    prepared = prepare_concepts(method, s)
+    n_units = activations.shape[1]
+    rows = [unit_rows(method, activations[:, u0 : u0 + block], prepared) for u0 in range(0, n_units, block)]
+    return layer_similarity(method, np.concatenate(rows))
+
+
+def planted(
+    n_images: int = 600, n_concepts: int = 40, n_units: int = 12, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """S from random concept presence, units each driven by one planted concept.
+
+    Returns S (N, C), activations (N, U) and the planted concept of each unit (U,).
+    """
+    rng = np.random.default_rng(seed)
+    present = rng.random((n_images, n_concepts)) < 0.15
+    s = 0.2 + 0.1 * present + 0.01 * rng.standard_normal((n_images, n_concepts))
+    concept_of_unit = rng.choice(n_concepts, size=n_units, replace=False)
+    activations = present[:, concept_of_unit] + 0.3 * rng.standard_normal((n_images, n_units))
+    return s.astype(np.float32), activations.astype(np.float32), concept_of_unit
+
+
+# --- concept sets -----------------------------------------------------------------
+
+
+def test_cr_only_file_loads_with_no_empty_concept() -> None:
+    concepts = load_concepts(b"dog\r\rcat\r  \r tree house \r")
+    assert concepts == ["dog", "cat", "tree house"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"dog\ncat\n\nsky\n",
+        b"dog\r\ncat\r\n\r\nsky\r\n",
+        b"dog\rcat\r\rsky",
+        b"\xef\xbb\xbfdog\r\ncat\n\rsky",
+        "dog\n\ncat\r\n  \nsky",
+    ],
+)
+def test_every_line_ending_gives_the_same_concepts(data: bytes | str) -> None:
+    assert load_concepts(data) == ["dog", "cat", "sky"]
+
+
+def test_blank_line_never_shifts_later_labels() -> None:
+    with_blank = load_concepts(b"a\n\n\nb\nc\n")
+    assert with_blank.index("c") == 2
+
+
+@pytest.mark.parametrize("data", [b"", b"\n \r\n\r", b"\xff\xfedog"])
+def test_bad_concept_sets_are_invalid_arguments(data: bytes) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        load_concepts(data)
+    assert caught.value.field == "concept_set"
+
+
+# --- embeddings -------------------------------------------------------------------
+
+
+class TinyClip(torch.nn.Module):
+    """A stand-in for an open_clip model: token counts and mean pixels, projected to D=3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = torch.nn.Linear(4, 3)
+        self.image = torch.nn.Linear(3, 3)
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        return self.text(text.float())
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.image(image.mean(dim=(2, 3)))
+
+
+def tokenize(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([[len(t), t.count("a"), t.count("e"), 1] for t in texts])
+
+
+def test_embeddings_are_unit_rows_and_batching_does_not_matter() -> None:
+    torch.manual_seed(0)
+    model = TinyClip().eval()
+    concepts = ["cat", "sea", "grass", "tree", "banana"]
+    text = encode_concepts(model, tokenize, concepts, batch_size=2)
+    assert text.shape == (5, 3) and text.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(text, encode_concepts(model, tokenize, concepts, batch_size=64), rtol=1e-6)
+
+    images = [np.full((4, 4, 3), i, dtype=np.float32) for i in range(5)]
+
+    def preprocess(image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(image).permute(2, 0, 1) / 4.0
+
+    image = encode_images(model, preprocess, iter(images), batch_size=2)
+    assert image.shape == (5, 3)
+    np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, rtol=1e-6)
+    s = clip_similarity(image, text)
+    expected = [[float(np.dot(v, t)) for t in text] for v in image]
+    np.testing.assert_allclose(s, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_similarity_has_no_logit_scale() -> None:
+    s = clip_similarity(np.array([[3.0, 0.0]]), np.array([[1.0, 1.0], [0.0, -2.0]]))
+    np.testing.assert_allclose(s, [[math.sqrt(0.5), 0.0]], atol=1e-7)
+
+
+# --- labels -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_planted_unit_is_named(method: str) -> None:
+    s, activations, concept_of_unit = planted()
+    sim = similarity_of(method, activations, s, block=5)
+    names = [f"c{m}" for m in range(s.shape[1])]
+    described = describe_units(sim, names)
+    assert [d.label for d in described] == [f"c{m}" for m in concept_of_unit]
+
+
+@pytest.mark.parametrize("pass_elements", [None, 1 << 14])
+@pytest.mark.parametrize("method", ["soft_wpmi", "wpmi"])
+def test_labels_and_rows_do_not_depend_on_block_size(
+    method: str, pass_elements: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if pass_elements is not None:  # a few units per pass: exercises passes inside a block
+        monkeypatch.setattr(clip_dissect, "_PASS_ELEMENTS", pass_elements)
+    s, activations, _ = planted(n_images=300, n_concepts=80, n_units=64, seed=1)
+    activations = activations + np.random.default_rng(2).standard_normal(activations.shape).astype(np.float32)
+    prepared = prepare_concepts(method, s)
+    results = []
+    for block in (1, 7, 64):
+        rows = np.concatenate(
+            [unit_rows(method, activations[:, u0 : u0 + block], prepared) for u0 in range(0, 64, block)]
+        )
+        results.append((rows, layer_similarity(method, rows).argmax(axis=1)))
+    for rows, labels in results[1:]:
+        np.testing.assert_array_equal(rows, results[0][0])
+        np.testing.assert_array_equal(labels, results[0][1])
+
+
+def test_marginal_is_over_the_whole_layer_not_the_block() -> None:
+    s, activations, _ = planted(n_images=300, n_units=8, seed=3)
+    prepared = prepare_concepts("soft_wpmi", s)
+    rows = unit_rows("soft_wpmi", activations, prepared)
+    whole = layer_similarity("soft_wpmi", rows)
+    first_half = layer_similarity("soft_wpmi", rows[:4])
+    assert not np.allclose(whole[:4], first_half)
+
+
+def test_soft_wpmi_is_invariant_to_increasing_transforms() -> None:
+    s, activations, _ = planted(n_images=400, n_units=16, seed=4)
+    as64 = activations.astype(np.float64)
+    for transformed in (np.exp(as64), as64**3 + 5 * as64, np.arctan(as64)):
+        sim = similarity_of("soft_wpmi", transformed.astype(np.float32), s, block=16)
+        np.testing.assert_array_equal(
+            sim.argmax(axis=1), similarity_of("soft_wpmi", activations, s, block=16).argmax(axis=1)
+        )
+        np.testing.assert_array_equal(
+            unit_rows("soft_wpmi", transformed.astype(np.float32), s), unit_rows("soft_wpmi", activations, s)
+        )
+
+
+# --- each similarity function against the formula, by hand ------------------------
+
+
+def small_input(n_images: int = 150, n_concepts: int = 6, n_units: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    s = rng.uniform(-0.3, 0.5, size=(n_images, n_concepts)).astype(np.float32)
+    activations = rng.standard_normal((n_images, n_units)).astype(np.float32)
+    return s, activations
+
+
+def wpmi_by_hand(s: np.ndarray, activations: np.ndarray, params: WpmiParams) -> list[list[float]]:
+    n_images, n_concepts = s.shape
+    n_units = activations.shape[1]
+    kappa = min(params.top_k, n_images)
+    probs = []
+    for i in range(n_images):
+        exps = [math.exp(params.a * float(s[i, m])) for m in range(n_concepts)]
+        probs.append([e / sum(exps) for e in exps])
+    big_l = []
+    for k in range(n_units):
+        ranked = sorted(range(n_images), key=lambda i: (-float(activations[i, k]), i))[:kappa]
+        row = []
+        for m in range(n_concepts):
+            total = 0.0
+            for j, x in enumerate(ranked):
+                p_j = params.p_start - (j / kappa) * (params.p_start - params.p_end)
+                total += math.log((1 - p_j) + p_j * probs[x][m] + params.min_prob)
+            row.append(total)
+        big_l.append(row)
+    sim = []
+    for k in range(n_units):
+        row = []
+        for m in range(n_concepts):
+            column = [big_l[q][m] for q in range(n_units)]
+            top = max(column)
+            log_marginal = top + math.log(sum(math.exp(v - top) for v in column)) - math.log(n_units)
+            row.append(big_l[k][m] - params.lam * log_marginal)
+        sim.append(row)
+    return sim
+
+
+def cos_by_hand(s: np.ndarray, activations: np.ndarray, cubed: bool) -> list[list[float]]:
+    def transform(column: list[float]) -> list[float]:
+        if cubed:
+            mean = sum(column) / len(column)
+            column = [(v - mean) ** 3 for v in column]
+            norm = max(math.sqrt(sum(v * v for v in column)), 1e-3)
+        else:
+            norm = math.sqrt(sum(v * v for v in column))
+        return [v / norm for v in column]
+
+    concept_columns = [transform([float(v) for v in s[:, m]]) for m in range(s.shape[1])]
+    unit_columns = [transform([float(v) for v in activations[:, k]]) for k in range(activations.shape[1])]
+    return [[sum(a * b for a, b in zip(u, c, strict=True)) for c in concept_columns] for u in unit_columns]
+
+
+@pytest.mark.parametrize(("method", "params"), [("soft_wpmi", SOFT_WPMI), ("wpmi", WPMI)])
+def test_wpmi_functions_match_the_formula(method: str, params: WpmiParams) -> None:
+    s, activations = small_input()
+    expected = wpmi_by_hand(s, activations, params)
+    np.testing.assert_allclose(similarity_of(method, activations, s, block=2), expected, rtol=2e-6, atol=2e-4)
+
+
+def test_fewer_images_than_kappa_uses_every_image() -> None:
+    s, activations = small_input(n_images=40, n_concepts=4, n_units=3)
+    expected = wpmi_by_hand(s, activations, SOFT_WPMI)
+    np.testing.assert_allclose(similarity_of("soft_wpmi", activations, s, block=3), expected, atol=2e-4)
+
+
+@pytest.mark.parametrize(("method", "cubed"), [("cos", False), ("cos_cubed", True)])
+def test_cosine_functions_match_the_formula(method: str, cubed: bool) -> None:
+    s, activations = small_input(n_images=30)
+    expected = cos_by_hand(s, activations, cubed)
+    np.testing.assert_allclose(similarity_of(method, activations, s, block=2), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_cos_of_a_dead_unit_is_zero_not_nan() -> None:
+    s, activations = small_input(n_images=30)
+    activations[:, 1] = 0.0
+    sim = similarity_of("cos", activations, s, block=5)
+    assert np.all(sim[1] == 0.0) and np.isfinite(sim).all()
+
+
+# --- describing units --------------------------------------------------------------
+
+
+def test_describe_units_gives_argmax_max_and_sorted_top_five() -> None:
+    sim = np.array(
+        [[0.1, 0.9, 0.3, 0.9, 0.5, 0.2, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0]], dtype=np.float32
+    )
+    names = ["a", "b", "c", "d", "e", "f", "g"]
+    first, second = describe_units(sim, names, first_unit=10)
+    assert (first.unit, first.label, first.score) == (10, "b", pytest.approx(0.9))
+    assert first.top_labels == ("b", "d", "e", "c", "f")
+    assert second.top_labels == ("a", "b", "c", "d", "e")
+    assert second.top_scores == (5.0, 4.0, 3.0, 2.0, 1.0)
+
+
+def test_csv_export_has_the_reference_columns_and_quotes_commas() -> None:
+    sim = np.array([[0.5, 2.0], [1.0, 0.0]], dtype=np.float32)
+    text = descriptions_csv("layer4", describe_units(sim, ["dog", "cat, tabby"]))
+    assert list(csv.reader(io.StringIO(text))) == [
+        ["layer", "unit", "description", "similarity"],
+        ["layer4", "0", "cat, tabby", "2"],
+        ["layer4", "1", "dog", "1"],
+    ]
+
+
+def test_top_indices_break_ties_towards_the_lower_index() -> None:
+    values = np.array([[1.0, 3.0, 3.0, 2.0, 3.0, 3.0]])
+    np.testing.assert_array_equal(top_indices(values, 3), [[1, 2, 4]])
+    np.testing.assert_array_equal(top_indices(values, 6), [[1, 2, 4, 5, 3, 0]])
+
+
+# --- user errors ---------------------------------------------------------------------
+
+
+def test_unknown_method_names_the_field_and_the_choices() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        prepare_concepts("softwpmi", np.zeros((3, 2), dtype=np.float32))
+    assert caught.value.field == "similarity_function"
+    assert "soft_wpmi" in str(caught.value)
+
+
+def test_non_finite_activations_are_rejected() -> None:
+    s, activations = small_input(n_images=30)
+    activations[3, 0] = np.nan
+    with pytest.raises(InvalidArgument):
+        unit_rows("soft_wpmi", activations, s)
+
+
+def test_mismatched_image_counts_are_rejected() -> None:
+    s, activations = small_input(n_images=30)
+    with pytest.raises(InvalidArgument):
+        unit_rows("cos", activations[:20], prepare_concepts("cos", s))
+
+
+def test_default_method_is_soft_wpmi() -> None:
+    assert clip_dissect.DEFAULT_METHOD == "soft_wpmi"

@@ -1,0 +1,221 @@
+"""Ray sharding of the explainer: unit blocks, retries, cancellation, block-size invariance,
+restarts that skip stored blocks. One local Ray (2 CPUs) is shared by the module."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+from neurodissect.v1 import common_pb2, explainer_pb2
+from prometheus_client import REGISTRY
+
+from services.common import keys
+from services.common.errors import Cancelled, InvalidArgument, NotFound, StoreError
+from services.common.settings import Settings
+from services.common.store import LocalStore
+from services.explainer import results_io, sharding
+from services.explainer.explain_plan import plan_request
+from services.explainer.servicer import explain
+from services.explainer.sharding import BlockOutcome, attempt_number, gather, unit_blocks
+from tests.fixtures.planted_layer import TOP_QUANTILE, PlantedLayer, write_planted
+
+ALL_METHODS = ["netdissect", "compositional", "clip_dissect", "linear", "simulation"]
+
+
+def test_unit_blocks_follow_the_grid_of_the_block_size() -> None:
+    assert unit_blocks(0, 20, 7) == [(0, 7), (7, 14), (14, 20)]
+    assert unit_blocks(10, 140, 64) == [(10, 64), (64, 128), (128, 140)]
+    assert unit_blocks(3, 4, 1) == [(3, 4)]
+    assert unit_blocks(5, 5, 64) == []
+    with pytest.raises(ValueError):
+        unit_blocks(0, 10, 0)
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    assert not ray.is_initialized()
+    sharding.connect(Settings(ray_num_cpus=2))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "store")
+
+
+@pytest.fixture()
+def planted(store: LocalStore) -> PlantedLayer:
+    return write_planted(store)
+
+
+def _request(
+    planted: PlantedLayer, methods: list[str], block: int, job: str = "job", **fields: int
+) -> explainer_pb2.ExplainRequest:
+    spec = common_pb2.DissectionSpec(compute=common_pb2.ComputeSpec(unit_block_size=block))
+    for method in methods:
+        getattr(spec, method).SetInParent()
+    spec.netdissect.top_quantile = TOP_QUANTILE
+    return explainer_pb2.ExplainRequest(
+        job_id=job,
+        layer=planted.layer,
+        methods=methods,
+        spec=spec,
+        dataset_key=planted.dataset_key,
+        acts_key=planted.acts_key,
+        clip_dissect=planted.clip,
+        **fields,
+    )
+
+
+def _run(
+    store: LocalStore, request: explainer_pb2.ExplainRequest
+) -> list[explainer_pb2.ExplainProgress]:
+    return list(explain(Settings(store_url=store.url), store, plan_request(store, request)))
+
+
+def _rows(store: LocalStore, job: str, layer: str, method: str) -> dict[int, dict]:
+    return results_io.read_rows(store, job, layer, method)
+
+
+def _counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# -- Ray plumbing ---------------------------------------------------------------------------
+
+
+@ray.remote(max_retries=2, retry_exceptions=[StoreError])
+def _flaky_block(u0: int, u1: int) -> BlockOutcome:
+    if attempt_number() == 0:
+        raise StoreError("the store hiccuped")
+    return BlockOutcome(u0, u1, attempt_number(), computed=True)
+
+
+@ray.remote
+def _slow_block(u0: int, u1: int) -> BlockOutcome:
+    time.sleep(60)
+    return BlockOutcome(u0, u1, 0, computed=True)
+
+
+def test_transient_errors_are_retried_and_counted(local_ray: None) -> None:
+    before = _counter("neurodissect_ray_task_retries_total")
+    outcomes = list(gather([_flaky_block.remote(0, 4), _flaky_block.remote(4, 8)], lambda: True))
+    assert sorted((o.u0, o.attempt) for o in outcomes) == [(0, 1), (4, 1)]
+    assert _counter("neurodissect_ray_task_retries_total") - before == 2
+
+
+def test_cancelled_caller_cancels_outstanding_tasks(local_ray: None) -> None:
+    refs = [_slow_block.remote(0, 1), _slow_block.remote(1, 2)]
+    started = time.monotonic()
+    deadline = started + 1.0
+    with pytest.raises(Cancelled):
+        list(gather(refs, lambda: time.monotonic() < deadline))
+    assert time.monotonic() - started < 10
+    for ref in refs:
+        with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
+            ray.get(ref, timeout=30)
+
+
+# -- explaining through Ray -----------------------------------------------------------------
+
+
+def test_results_identical_for_unit_blocks_of_1_7_and_64(
+    local_ray: None, store: LocalStore, planted: PlantedLayer
+) -> None:
+    results = {}
+    for block in (1, 7, 64):
+        job = f"b{block}"
+        progress = _run(store, _request(planted, ALL_METHODS, block, job=job))
+        assert progress[-1].finished and progress[-1].units_done == planted.n_units
+        results[block] = {m: _rows(store, job, planted.layer, m) for m in ALL_METHODS}
+        stored = store.list(keys.results_prefix(job, planted.layer, "netdissect"))
+        assert sum(name.endswith(".json") and "/u" in name for name in stored) == len(
+            unit_blocks(0, planted.n_units, block)
+        )
+    for method in ALL_METHODS:
+        assert sorted(results[1][method]) == list(range(planted.n_units)), method
+        assert results[1][method] == results[7][method] == results[64][method], method
+    labels = [results[7]["clip_dissect"][u]["label"] for u in range(planted.n_units)]
+    assert labels == list(planted.planted)
+    labels = [results[7]["netdissect"][u]["label"] for u in range(planted.n_units)]
+    assert labels == list(planted.planted)
+
+
+def test_clip_dissect_labels_do_not_depend_on_the_requested_range(
+    local_ray: None, store: LocalStore, planted: PlantedLayer
+) -> None:
+    _run(store, _request(planted, ["clip_dissect"], 64, job="whole"))
+    _run(store, _request(planted, ["clip_dissect"], 4, job="parts", unit_start=0, unit_end=9))
+    _run(store, _request(planted, ["clip_dissect"], 4, job="parts", unit_start=9))
+    assert _rows(store, "parts", planted.layer, "clip_dissect") == _rows(
+        store, "whole", planted.layer, "clip_dissect"
+    )
+
+
+def test_restart_skips_blocks_already_stored(
+    local_ray: None, store: LocalStore, planted: PlantedLayer
+) -> None:
+    marker = common_pb2.ClipDissectResult(label="MARKER", score=-1.0)
+    rows = [results_io.message_row(u, marker) for u in range(7, 14)]
+    results_io.write_block(store, "job", planted.layer, "clip_dissect", 7, 14, rows)
+    explained = _counter("neurodissect_units_explained_total", method="clip_dissect")
+    progress = _run(store, _request(planted, ["clip_dissect"], 7))
+    stored = _rows(store, "job", planted.layer, "clip_dissect")
+    assert [stored[u]["label"] for u in range(7, 14)] == ["MARKER"] * 7
+    assert stored[0]["label"] == planted.planted[0]
+    assert progress[-1].finished
+    assert _counter("neurodissect_units_explained_total", method="clip_dissect") - explained == 13
+    again = _run(store, _request(planted, ["clip_dissect"], 7))
+    assert [p.message for p in again[:-1]] == ["already stored"]
+
+
+# -- bad requests ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "field"),
+    [
+        ({"methods": ["netdissect", "gradcam"]}, InvalidArgument, "methods[1]"),
+        ({"methods": []}, InvalidArgument, "methods"),
+        ({"unit_start": 20}, InvalidArgument, "unit_start"),
+        ({"unit_start": 5, "unit_end": 21}, InvalidArgument, "unit_end"),
+        ({"unit_start": 5, "unit_end": 5}, InvalidArgument, "unit_end"),
+        ({"acts_key": "nothing-here"}, NotFound, "acts_key"),
+        ({"layer": "../etc"}, InvalidArgument, "layer"),
+        ({"job_id": ""}, InvalidArgument, "job_id"),
+    ],
+)
+def test_bad_requests_name_the_field(
+    store: LocalStore, planted: PlantedLayer, change: dict, error: type, field: str
+) -> None:
+    request = _request(planted, ["netdissect"], 7)
+    for name, value in change.items():
+        if isinstance(value, list):
+            del getattr(request, name)[:]
+            getattr(request, name).extend(value)
+        else:
+            setattr(request, name, value)
+    with pytest.raises(error) as caught:
+        plan_request(store, request)
+    assert caught.value.field == field
+
+
+def test_missing_inputs_name_the_field(store: LocalStore, planted: PlantedLayer) -> None:
+    request = _request(planted, ["clip_dissect"], 7)
+    request.clip_dissect.text_key = "embed/text/none/none.npz"
+    with pytest.raises(NotFound) as caught:
+        plan_request(store, request)
+    assert caught.value.field == "clip_dissect.text_key"
+    request = _request(planted, ["clip_dissect"], 7)
+    request.ClearField("clip_dissect")
+    with pytest.raises(InvalidArgument) as caught:
+        plan_request(store, request)
+    assert caught.value.field == "clip_dissect.image_key"
+    store.delete(keys.concepts(planted.dataset_key))
+    with pytest.raises(NotFound) as caught:
+        plan_request(store, _request(planted, ["netdissect"], 7))
+    assert caught.value.field == "dataset_key"

@@ -1,0 +1,130 @@
+"""CLIP image embeddings during extraction, and EmbedText (open_clip with local weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from neurodissect.v1 import common_pb2, extractor_pb2
+
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.settings import Settings
+from services.common.store import LocalStore
+from services.extractor.broden import read_broden
+from services.extractor.clip_models import ClipSource, resolve_clip
+from services.extractor.extraction import ComputeConfig, Extraction, ExtractionResult
+from services.extractor.models import ModelSource
+from services.extractor.servicer import ExtractorServicer
+from services.extractor.text_embeddings import read_concept_set
+
+ARCH = "ViT-S-32"
+
+
+@pytest.fixture(scope="module")
+def clip_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms(ARCH)
+    path = tmp_path_factory.mktemp("clip") / "vit_s_32.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture()
+def settings(tmp_path: Path) -> Settings:
+    return Settings(cache_dir=str(tmp_path / "cache"))
+
+
+def _run(extraction: Extraction) -> ExtractionResult:
+    result = list(extraction.run())[-1]
+    assert isinstance(result, ExtractionResult)
+    return result
+
+
+def test_image_embeddings_match_the_clip_model(
+    tmp_path: Path, toy_root: Path, clip_weights: Path, settings: Settings,
+    conv_source: ModelSource,
+) -> None:
+    dataset = read_broden(toy_root, limit=12)
+    store = LocalStore(tmp_path / "store")
+    clip = resolve_clip(ARCH, str(clip_weights), settings, "clip_models[0]")
+    config = ComputeConfig(batch_size=5, image_chunk=8)
+    result = _run(Extraction(store, dataset, conv_source, ["0"], config, clips=[clip]))
+    key = result.image_embedding_keys[f"{ARCH}|{clip_weights}"]
+    embeddings = store.get_array(key)
+    assert embeddings.shape == (12, 384) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(clip_weights))
+    images = torch.stack([preprocess(dataset.load_image(row)) for row in dataset.rows[:3]])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.eval().encode_image(images), dim=-1)
+    np.testing.assert_allclose(embeddings[:3], expected.numpy(), atol=1e-4)
+    # Cached the second time; a cached layer with a new CLIP model needs no forward pass.
+    again = Extraction(store, dataset, conv_source, ["0"], config, clips=[clip])
+    assert _run(again).cached
+    other = _clip_copy(clip)
+    added = _run(Extraction(store, dataset, conv_source, ["0"], config, clips=[clip, other]))
+    assert not added.cached and added.images_forwarded == 0
+    assert set(added.image_embedding_keys) == {clip.label, other.label}
+
+
+def _clip_copy(clip: ClipSource) -> ClipSource:
+    return ClipSource(clip.arch, clip.weights_uri + "#copy", clip.key + "-copy", clip.builder)
+
+
+def test_clip_request_errors(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"clip_models\[1\].arch.*'ViT-B-32'"):
+        resolve_clip("ViT-B-33", "x", settings, "clip_models[1]")
+    with pytest.raises(FailedPrecondition, match=r"clip.weights_uri"):
+        resolve_clip(ARCH, "", settings, "clip")
+    with pytest.raises(NotFound, match=r"clip.weights_uri"):
+        resolve_clip(ARCH, str(tmp_path / "missing.pt"), settings, "clip")
+
+
+def test_concept_set_line_endings(tmp_path: Path) -> None:
+    path = tmp_path / "concepts.txt"
+    path.write_bytes(b"\xef\xbb\xbfdog\r\ncat\r\rbird\n\n  fish  \rtree")
+    assert read_concept_set(path) == ["dog", "cat", "bird", "fish", "tree"]
+    path.write_bytes(b"\n \r\n")
+    with pytest.raises(InvalidArgument, match=r"no concepts"):
+        read_concept_set(path)
+
+
+def test_embed_text_stores_named_normalised_embeddings_once(
+    tmp_path: Path, toy_root: Path, clip_weights: Path, settings: Settings,
+    conv_source: ModelSource, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    servicer = ExtractorServicer(settings, store)
+    clip = common_pb2.ClipModelSpec(arch=ARCH, weights_uri=str(clip_weights))
+    request = extractor_pb2.EmbedTextRequest(clip=clip, texts=["red", "a blue square"])
+    response = servicer.EmbedText(request, None)  # type: ignore[arg-type]
+    assert response.count == 2
+    stored = store.get_arrays(response.key)
+    assert stored["names"].tolist() == ["red", "a blue square"]
+    np.testing.assert_allclose(np.linalg.norm(stored["embeddings"], axis=1), 1.0, rtol=1e-5)
+    model, _, _ = open_clip.create_model_and_transforms(ARCH, pretrained=str(clip_weights))
+    with torch.no_grad():
+        tokens = open_clip.get_tokenizer(ARCH)(["a blue square"])
+        expected = torch.nn.functional.normalize(model.eval().encode_text(tokens), dim=-1)
+    np.testing.assert_allclose(stored["embeddings"][1], expected[0].numpy(), atol=1e-4)
+    # The same texts again: the stored object is returned without loading CLIP.
+    monkeypatch.setattr(ClipSource, "load", lambda self: pytest.fail("CLIP loaded again"))
+    assert servicer.EmbedText(request, None).key == response.key  # type: ignore[arg-type]
+    monkeypatch.undo()
+    # A concept set file, and a dataset's label names.
+    concepts = tmp_path / "set.txt"
+    concepts.write_text("red\r\rcircle\n")
+    by_file = servicer.EmbedText(  # type: ignore[arg-type]
+        extractor_pb2.EmbedTextRequest(clip=clip, concept_set_uri=str(concepts)), None)
+    assert store.get_arrays(by_file.key)["names"].tolist() == ["red", "circle"]
+    dataset = read_broden(toy_root, limit=4)
+    result = _run(Extraction(store, dataset, conv_source, ["0"], ComputeConfig()))
+    by_labels = servicer.EmbedText(  # type: ignore[arg-type]
+        extractor_pb2.EmbedTextRequest(clip=clip, dataset_key=result.dataset_key), None)
+    assert by_labels.count == len(dataset.concepts)
+    assert store.get_arrays(by_labels.key)["names"].tolist()[:2] == ["red", "orange"]
+    with pytest.raises(InvalidArgument, match=r"texts"):
+        servicer.EmbedText(extractor_pb2.EmbedTextRequest(clip=clip), None)  # type: ignore[arg-type]
