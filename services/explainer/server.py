@@ -7,14 +7,18 @@ from neurodissect.v1 import explainer_pb2, explainer_pb2_grpc
 
 from services.common.server import ServiceServer
 from services.common.settings import Settings
+from services.explainer import sharding
 from services.explainer.servicer import ExplainerServicer
 
 
 def build(settings: Settings) -> ServiceServer:
     """The explainer server, not started: Explain plus health, reflection, auth and metrics.
 
-    Ray is started (or connected to, per `settings.ray_address`) by the first Explain call.
+    Ray is started here (or connected to, per `settings.ray_address`): before the
+    server installs its SIGTERM handler, which must replace the one Ray's core
+    installs so that SIGTERM stops the server gracefully.
     """
+    sharding.connect(settings)
     servicer = ExplainerServicer(settings)
 
     def register(server: grpc.Server) -> list[str]:

@@ -108,7 +108,11 @@ def chunk_label_sets(labels: LabelChunk, label_categories: np.ndarray) -> LabelS
         start[:, 1:] |= pixel[:, p, 1:] != pixel[:, p, :-1]
     run_start = np.flatnonzero(start)
     image = run_start // size
-    raw = np.concatenate([pixel[image, :, run_start % size], labels.image[image]], axis=1)
+    at = image * (planes * size) + run_start % size
+    raw = np.empty((len(run_start), planes + labels.image.shape[1]), dtype=np.int32)
+    for p in range(planes):
+        raw[:, p] = labels.pixel.reshape(-1)[at + p * size]
+    raw[:, planes:] = labels.image[image]
     if raw.size and (raw.min() < 0 or raw.max() >= len(label_categories)):
         raise ValueError(
             f"label numbers must lie in [0, {len(label_categories) - 1}], "
@@ -181,7 +185,7 @@ def count_masks(
     uniform = band_sets(sets.pixel_set, resize.rows.band_start).reshape(-1)
     flat_sets = sets.pixel_set.reshape(-1)
     n_bands, (sh, sw) = len(resize.rows.band_start), sets.pixel_set.shape[1:]
-    raw_max = acts.max(axis=(2, 3))
+    raw_max = acts.reshape(n, n_units, -1).max(axis=2)
     pair_image, pair_unit = np.nonzero(raw_max > thresholds)
     m = len(pair_image)
     pair_area = np.zeros(m, dtype=np.int64)

@@ -217,8 +217,10 @@ class BilinearResize:
         tile = live // lx
         at = tile * (n_taps * lx) + (live - tile * lx)
         # Source-row values of each live column, exact as float64: (c, Ky).
-        column = np.stack([horizontal.reshape(-1)[at + j * lx] for j in range(n_taps)], axis=1)
-        column = column.astype(np.float64)
+        flat = horizontal.reshape(-1)
+        column = np.empty((len(at), n_taps), dtype=np.float64)
+        for j in range(n_taps):
+            column[:, j] = flat[at + j * lx]
         map_index = index[tile]
         band = band_y[tile]
         x = cols.band_start[band_x[tile]] + (live - tile * lx)

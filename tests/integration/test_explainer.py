@@ -31,6 +31,7 @@ class Explainer:
     stub: explainer_pb2_grpc.ExplainerStub
     store: LocalStore
     planted: PlantedLayer
+    big: PlantedLayer  # slow enough per block to cancel a call midway
     log: Path
 
 
@@ -39,6 +40,9 @@ def explainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Explainer]:
     root = tmp_path_factory.mktemp("explainer")
     store = LocalStore(root / "store")
     planted = write_planted(store)
+    big = write_planted(
+        store, n_images=1600, n_units=24, image_chunk=100, dataset_key="big", acts_key="big"
+    )
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(
@@ -59,7 +63,8 @@ def explainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Explainer]:
     try:
         wait_healthy(address, Settings(), timeout=60)
         with grpc.insecure_channel(address) as channel:
-            yield Explainer(explainer_pb2_grpc.ExplainerStub(channel), store, planted, log)
+            stub = explainer_pb2_grpc.ExplainerStub(channel)
+            yield Explainer(stub, store, planted, big, log)
     finally:
         process.terminate()
         try:
@@ -70,8 +75,10 @@ def explainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Explainer]:
     assert process.returncode == 0, log.read_text()[-3000:]
 
 
-def _request(planted: PlantedLayer, methods: list[str], job: str) -> explainer_pb2.ExplainRequest:
-    spec = common_pb2.DissectionSpec(compute=common_pb2.ComputeSpec(unit_block_size=8))
+def _request(
+    planted: PlantedLayer, methods: list[str], job: str, block: int = 8
+) -> explainer_pb2.ExplainRequest:
+    spec = common_pb2.DissectionSpec(compute=common_pb2.ComputeSpec(unit_block_size=block))
     for method in methods:
         getattr(spec, method).SetInParent()
     spec.netdissect.top_quantile = TOP_QUANTILE
@@ -128,17 +135,25 @@ def test_bad_requests_get_precise_status_codes(
     assert field in caught.value.details()
 
 
-def test_cancelled_call_stops_and_the_server_keeps_serving(explainer: Explainer) -> None:
-    planted = explainer.planted
-    call = explainer.stub.Explain(_request(planted, ["netdissect"], "cancelled"), timeout=300)
+def test_cancelled_call_stops_its_ray_tasks_and_the_server_keeps_serving(
+    explainer: Explainer,
+) -> None:
+    big, store = explainer.big, explainer.store
+    call = explainer.stub.Explain(_request(big, ["netdissect"], "cancelled", block=1), timeout=300)
+    first = next(call)
+    assert first.method == "netdissect" and 0 < first.units_done < big.n_units
     call.cancel()
     with pytest.raises(grpc.RpcError) as caught:
         list(call)
     assert caught.value.code() == grpc.StatusCode.CANCELLED
-    after = _request(planted, ["clip_dissect"], "after")
-    progress = list(explainer.stub.Explain(after, timeout=300))
-    assert progress[-1].finished
     deadline = time.monotonic() + 10
     while b"cancelled by the client" not in explainer.log.read_bytes():
         assert time.monotonic() < deadline, explainer.log.read_text()[-3000:]
         time.sleep(0.2)
+    time.sleep(2)  # a task still running now would store its block meanwhile
+    stored = results_io.read_rows(store, "cancelled", big.layer, "netdissect")
+    assert len(stored) < big.n_units
+    progress = list(
+        explainer.stub.Explain(_request(explainer.planted, ["netdissect"], "after"), timeout=300)
+    )
+    assert progress[-1].finished
