@@ -9,8 +9,9 @@ sides (probe decoding is I/O the two would share), and the probe labels are stor
 before timing, as for any model after the first on a dataset. Each timed extraction uses
 a fresh model identity, so nothing is a cache hit. The two sides alternate over a few
 rounds and each side's fastest round counts: on a shared machine other processes only
-ever add time, so the minimum is the least disturbed measurement of either side. Records `extraction_overhead_<model>` with ratio =
-bare time / our time (target 0.87: at most 15% overhead).
+ever add time, so the minimum is the least disturbed measurement of either side.
+Records `extraction_overhead_<model>` with ratio = bare time / our time (target 0.87: at
+most 15% overhead).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from services.extractor.extraction import ComputeConfig, Extraction
 from services.extractor.models import ModelSource
 from services.extractor.preprocessing import preprocessing
 from services.extractor.probe_dataset import ProbeDataset, ProbeRow
-from services.extractor.toy_models import architecture
 from services.extractor.toyworld.generator import generate
+from services.extractor.toyworld.toynet import ToyNet
 
 ROUNDS = 3
 BATCH = 32
@@ -61,11 +62,10 @@ class _DecodedDataset(ProbeDataset):
 
 def _cases() -> list[_Case]:
     torch.manual_seed(0)
-    toynet = architecture("toynet").eval()
-    conv_layers = [n for n, m in toynet.named_modules() if isinstance(m, nn.Conv2d)]
+    toynet = ToyNet().eval()
     resnet = torchvision.models.resnet18().eval()
     return [
-        _Case("toynet", toynet, 64, 512, conv_layers),
+        _Case("toynet", toynet, 64, 512, ["conv1", "layer1", "layer2", "layer3"]),
         _Case("resnet18", resnet, 112, 128, ["layer1", "layer2", "layer3", "layer4"]),
     ]
 

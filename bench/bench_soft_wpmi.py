@@ -83,8 +83,12 @@ class PeakRss:
 def synthetic(images: int, units: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(N, C) float32 CLIP-like cosines and (N, U) float32 activations."""
     generator = torch.Generator().manual_seed(seed)
-    image_vectors = torch.nn.functional.normalize(torch.randn(images, EMBED_DIM, generator=generator))
-    text_vectors = torch.nn.functional.normalize(torch.randn(CONCEPTS, EMBED_DIM, generator=generator))
+    image_vectors = torch.nn.functional.normalize(
+        torch.randn(images, EMBED_DIM, generator=generator)
+    )
+    text_vectors = torch.nn.functional.normalize(
+        torch.randn(CONCEPTS, EMBED_DIM, generator=generator)
+    )
     similarity = (image_vectors @ text_vectors.T).numpy()
     activations = torch.randn(images, units, generator=generator).numpy()
     return similarity, activations

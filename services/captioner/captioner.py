@@ -79,14 +79,12 @@ class Captioner(nn.Module):
         )
 
 
-def captions_csv(layer: str, units: Sequence[int], results: Sequence[CaptionResult]) -> str:
+def captions_csv(layer: str, units: Sequence[int], captions: Sequence[str]) -> str:
     """The captions as CSV text with header `layer,unit,description`, one row per unit."""
-    if len(units) != len(results):
-        raise InvalidArgument(f"has {len(units)} entries for {len(results)} captions", "units")
+    if len(units) != len(captions):
+        raise InvalidArgument(f"has {len(units)} entries for {len(captions)} captions", "units")
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["layer", "unit", "description"])
-    writer.writerows(
-        [layer, unit, result.caption] for unit, result in zip(units, results, strict=True)
-    )
+    writer.writerows([layer, unit, caption] for unit, caption in zip(units, captions, strict=True))
     return out.getvalue()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 from typing import IO, Any
 
 import torch
@@ -32,8 +33,16 @@ from services.captioner.vocabulary import Vocabulary
 from services.common.errors import InvalidArgument
 
 FORMAT = "neurodissect.captioner/1"
+# The checkpoint URI that names the toy world's captioner, built by
+# `neurodissect captioner toy` (services.captioner.cli.toy_captioner) into the cache.
+TOY_CHECKPOINT = "toy"
 
 CheckpointFile = str | os.PathLike[str] | IO[bytes]
+
+
+def toy_checkpoint_path(cache_dir: Path) -> Path:
+    """Where the toy captioner's checkpoint lives under a cache directory."""
+    return cache_dir / "captioner" / "toy.pt"
 
 
 def checkpoint_dict(captioner: Captioner) -> dict[str, Any]:
@@ -62,17 +71,12 @@ def save_checkpoint(captioner: Captioner, file: CheckpointFile) -> None:
     torch.save(checkpoint_dict(captioner), file)
 
 
-def load_checkpoint(
-    file: CheckpointFile,
-    backbone: nn.Module | None = None,
-    map_location: str | torch.device = "cpu",
-) -> Captioner:
-    """Rebuild a captioner from a checkpoint written by `save_checkpoint`.
+def read_checkpoint(
+    file: CheckpointFile, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """The contents of a checkpoint written by `save_checkpoint`, loaded weights-only.
 
-    `backbone` is required for checkpoints with a custom backbone (an untrained
-    instance of its architecture; its weights come from the checkpoint) and must be
-    omitted for torchvision ones. Raises `InvalidArgument` for a file that is not a
-    captioner checkpoint.
+    Raises `InvalidArgument` for a file that is not a captioner checkpoint.
     """
     try:
         data = torch.load(file, map_location=map_location, weights_only=True)
@@ -80,8 +84,27 @@ def load_checkpoint(
         raise InvalidArgument(f"is not a loadable checkpoint ({exc})", field="checkpoint") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InvalidArgument(f"is not a {FORMAT} checkpoint", field="checkpoint")
+    return data
+
+
+def backbone_description(data: dict[str, Any]) -> BackboneDescription:
+    """How the backbone of checkpoint contents `data` is rebuilt."""
+    return BackboneDescription.from_json(data["backbone"]["description"])
+
+
+def captioner_from_checkpoint(
+    data: dict[str, Any],
+    backbone: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Captioner:
+    """Rebuild a captioner from checkpoint contents (`read_checkpoint`).
+
+    `backbone` is required for checkpoints with a custom backbone (an untrained
+    instance of its architecture; its weights come from the checkpoint) and must be
+    omitted for torchvision ones.
+    """
     vocabulary = Vocabulary.from_list(data["vocabulary"])
-    description = BackboneDescription.from_json(data["backbone"]["description"])
+    description = backbone_description(data)
     if description.source == "torchvision":
         if backbone is not None:
             raise InvalidArgument("must be omitted for a torchvision backbone", field="backbone")
@@ -98,3 +121,16 @@ def load_checkpoint(
     language_model.load_state_dict(data["language_model"]["state_dict"])
     encoder = MaskedPoolingEncoder(backbone, description)
     return Captioner(encoder, decoder, language_model).to(map_location)
+
+
+def load_checkpoint(
+    file: CheckpointFile,
+    backbone: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Captioner:
+    """Rebuild a captioner from a checkpoint written by `save_checkpoint`.
+
+    `backbone` as in `captioner_from_checkpoint`. Raises `InvalidArgument` for a file
+    that is not a captioner checkpoint.
+    """
+    return captioner_from_checkpoint(read_checkpoint(file, map_location), backbone, map_location)

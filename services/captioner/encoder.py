@@ -27,6 +27,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # follows conv1 and bn1 (each residual block has its own relu), so it yields conv1's
 # activated output.
 RESNET_STAGES = ("relu", "layer1", "layer2", "layer3", "layer4")
+# MILANNOTATIONS exemplar images are 224×224.
+DEFAULT_INPUT_SIZE = 224
 # Side of the blank image passed once at construction to learn each stage's width.
 _PROBE_SIZE = 64
 
@@ -37,6 +39,8 @@ class BackboneDescription:
 
     `source` is "torchvision" (rebuilt by `architecture` name) or "custom" (the caller
     supplies the module when loading). `mean`/`std` normalise [0, 1] RGB inputs.
+    `input_size` is the side of the square exemplar images the captioner was trained
+    on; exemplars are resized to it before captioning.
     """
 
     source: str
@@ -44,6 +48,7 @@ class BackboneDescription:
     stages: tuple[str, ...]
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int = DEFAULT_INPUT_SIZE
 
     def __post_init__(self) -> None:
         if self.source not in ("torchvision", "custom"):
@@ -52,6 +57,10 @@ class BackboneDescription:
             )
         if not self.stages:
             raise InvalidArgument("needs at least one stage name", field="backbone.stages")
+        if self.input_size < 1:
+            raise InvalidArgument(
+                f"is {self.input_size}; must be at least 1", field="backbone.input_size"
+            )
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict (strings, lists, floats) for checkpoints and reports."""
@@ -61,6 +70,7 @@ class BackboneDescription:
             "stages": list(self.stages),
             "mean": list(self.mean),
             "std": list(self.std),
+            "input_size": self.input_size,
         }
 
     @classmethod
@@ -73,6 +83,7 @@ class BackboneDescription:
             stages=tuple(data["stages"]),
             mean=(mean[0], mean[1], mean[2]),
             std=(std[0], std[1], std[2]),
+            input_size=int(data.get("input_size", DEFAULT_INPUT_SIZE)),
         )
 
 

@@ -65,6 +65,13 @@ class Milannotations:
     layers: dict[str, LayerExemplars]
     units: tuple[AnnotatedUnit, ...]  # sorted by (layer, unit)
 
+    @property
+    def image_size(self) -> int:
+        """Side of the (square) exemplar images: H of the first layer's images, else masks."""
+        exemplars = next(iter(self.layers.values()))
+        array = exemplars.images if exemplars.images is not None else exemplars.masks
+        return int(array.shape[-2])
+
     def images_of(self, units: list[AnnotatedUnit]) -> np.ndarray:
         """Exemplar images of `units`: (len(units), k, 3, H, W) uint8."""
         stacks = []

@@ -20,8 +20,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,8 @@ class TrainingReport:
     dimensions: dict[str, Any]
     decoder: ModelReport
     language_model: ModelReport
+    train_seconds: float  # wall time of encoding and both fits
+    val_unit_ids: list[tuple[str, int]]  # (layer, unit) of the held-out units
 
     def to_json(self) -> dict[str, Any]:
         """Plain dict of the whole report."""
@@ -366,10 +369,14 @@ def train_captioner(
     """Train a decoder and a language model on MILANNOTATIONS data over a frozen encoder.
 
     Units are split into train/validation by `config.validation_fraction`; the
-    vocabulary is built from the training units' descriptions.
+    vocabulary is built from the training units' descriptions. The encoder's
+    description records the exemplar image size (`input_size`), so that a service
+    captioning with the result resizes its exemplars to what training saw.
     """
+    started = time.perf_counter()
     config = config or TrainingConfig()
     dimensions = dimensions or ModelDimensions()
+    encoder.description = replace(encoder.description, input_size=data.image_size)
     device = torch.device(config.device)
     train_units, val_units = data.split(config.validation_fraction, config.seed)
     train_texts = [text for unit in train_units for text in unit.descriptions]
@@ -420,5 +427,7 @@ def train_captioner(
         dimensions=asdict(dimensions),
         decoder=decoder_report,
         language_model=lm_report,
+        train_seconds=round(time.perf_counter() - started, 3),
+        val_unit_ids=[(unit.layer, unit.unit) for unit in val_units],
     )
     return Captioner(encoder, decoder, language_model), report

@@ -20,9 +20,9 @@ from neurodissect.v1 import common_pb2
 from services.common.activations import iter_units
 from services.common.probe_format import ConceptTable, read_label_chunk
 from services.common.settings import Settings
-from services.explainer import clip_dissect, linear, netdissect, results_io
+from services.explainer import clip_dissect, compositional, linear, netdissect, results_io
 from services.explainer.explain_plan import ExplainPlan
-from services.explainer.method_params import NetDissectSettings
+from services.explainer.method_params import CompositionalSettings, NetDissectSettings
 from services.explainer.sharding import BlockOutcome, attempt_number, block_task
 from services.explainer.shared_inputs import LinearConcepts
 
@@ -144,3 +144,55 @@ def _linear_result(
         val_corr=fit.val_correlation,
         concepts=concepts.kind,
     )
+
+
+@block_task
+def compositional_block(
+    settings: Settings,
+    plan: ExplainPlan,
+    table: ConceptTable,
+    dataset_sets: compositional.LabelSetTable,
+    thresholds: np.ndarray,
+    params: CompositionalSettings,
+    u0: int,
+    u1: int,
+) -> BlockOutcome:
+    """Compositional explanations of units [u0, u1): one beam search per unit.
+
+    `thresholds` (U,) float32 holds Network Dissection's stored thresholds of the
+    layer (NaN where there are none); the block computes its own when any is missing.
+    `dataset_sets` counts every pixel of the probe set per label set (shared).
+    """
+    store = settings.open_store()
+    if results_io.block_stored(store, plan.job_id, plan.layer, "compositional", u0, u1):
+        return BlockOutcome(u0, u1, attempt_number(), computed=False)
+    block_thresholds = thresholds[u0:u1]
+    if not np.isfinite(block_thresholds).all():
+        block_thresholds = netdissect.unit_thresholds(
+            lambda: (acts for _, acts in iter_units(store, plan.manifest, u0, u1)),
+            params.top_quantile,
+        )
+    label_categories = table.label_categories()
+    units = compositional.UnitLabelSets(block_thresholds, label_categories)
+    for i0, acts in iter_units(store, plan.manifest, u0, u1):
+        units.update(acts, read_label_chunk(store, plan.dataset_key, i0, i0 + len(acts)))
+    candidates = np.flatnonzero(label_categories >= 0)
+    explanations = compositional.explain_units(
+        units.tables(), dataset_sets, candidates[candidates > 0], params.search
+    )
+    names = table.label_names()
+    rows = [
+        results_io.message_row(
+            u0 + k,
+            common_pb2.CompositionalResult(
+                formula=(
+                    "" if e.formula is None else compositional.format_formula(e.formula, names)
+                ),
+                iou=e.iou,
+                length=e.length,
+            ),
+        )
+        for k, e in enumerate(explanations)
+    ]
+    results_io.write_block(store, plan.job_id, plan.layer, "compositional", u0, u1, rows)
+    return BlockOutcome(u0, u1, attempt_number(), computed=True)

@@ -94,7 +94,7 @@ class WpmiParams:
             raise InvalidArgument(f"must be positive, got {self.min_prob}", field="min_prob")
 
     def position_weights(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return (p, c), two (k,) float32 arrays: factor j is c_j + p_j·P̃ with c_j = 1 - p_j + min_prob."""
+        """Return (p, c), two (k,) float32 arrays: factor j is c_j + p_j·P̃, c_j = 1 - p_j + min_prob."""
         p = self.p_start - np.arange(k) / k * (self.p_start - self.p_end)
         return p.astype(np.float32), (1.0 - p + self.min_prob).astype(np.float32)
 
@@ -395,7 +395,7 @@ def _unit_passes(top: np.ndarray, n_images: int, max_rows: int) -> list[tuple[in
 def _softmax_rows(
     similarity: np.ndarray, images: np.ndarray, a: float, scratch: np.ndarray, out: torch.Tensor
 ) -> None:
-    """Write softmax over concepts of a·S[images] into `out` (len(images), C), a few rows at a time."""
+    """Write softmax over concepts of a·S[images] into `out` (len(images), C), in small steps."""
     step = len(scratch)
     for r0 in range(0, len(images), step):
         chunk = images[r0 : r0 + step]
@@ -406,7 +406,7 @@ def _softmax_rows(
 
 
 def _log_marginal(rows: np.ndarray) -> np.ndarray:
-    """log p̄(m) = logsumexp_k L[k, m] - log K of (K, C) rows, in float64: (C,)."""
+    """Log p̄(m) = logsumexp_k L[k, m] - log K of (K, C) rows, in float64: (C,)."""
     n_units, n_concepts = rows.shape
     out = np.empty(n_concepts, dtype=np.float64)
     step = max(1, _PASS_ELEMENTS // max(n_units, 1))

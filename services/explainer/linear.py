@@ -36,7 +36,7 @@ MAX_CONCEPTS = 10
 CANDIDATES = 10
 MIN_GAIN = 0.02
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
-# Grid of the sigmoid calibration: a ∈ {0.1, 0.25, 0.5, 0.75, 1, 2, 4, …, 150}, b ∈ [-1, 1] step 0.01.
+# Sigmoid calibration grid: a ∈ {0.1, 0.25, 0.5, 0.75, 1, 2, 4, …, 150}, b ∈ [-1, 1] step 0.01.
 A_GRID = (0.1, 0.25, 0.5, 0.75, 1.0, *(float(a) for a in range(2, 151, 2)))
 B_GRID = tuple(round(b / 100, 2) for b in range(-100, 101))
 # Concept filter: mean of the top 5 values at least 0.5, standard deviation above 1e-5.
@@ -46,8 +46,10 @@ FILTER_MIN_STD = 1e-5
 # Largest KKT violation of an elastic-net solution (standardised units).
 ENET_TOLERANCE = 1e-9
 
-# Coordinate-descent sweeps between two exact solves of the units' supports.
+# Coordinate-descent sweeps between two exact solves of the units' supports, and rounds
+# of both at most (a few suffice; the cap only guards against an unreachable tolerance).
 _SWEEPS = 100
+_ROUNDS = 100
 # Rows per chunk when a (rows, C) block of P is converted to float64.
 _ROW_CHUNK = 4096
 # Histogram bins for the calibration's BCE: each bin stands for its values' mean, which
@@ -181,9 +183,7 @@ def _chunk_labels(chunk: LabelChunk, column_of: np.ndarray, coverage: bool) -> n
             keep &= labels != planes[:, earlier]
         columns = _columns(labels, column_of)
         keep &= columns >= 0
-        counts += np.bincount(
-            image_row[keep] * n_columns + columns[keep], minlength=n * n_columns
-        )
+        counts += np.bincount(image_row[keep] * n_columns + columns[keep], minlength=n * n_columns)
     values = counts.reshape(n, n_columns).astype(np.float32)
     values = values / pixels if coverage else (values > 0).astype(np.float32)
     columns = _columns(chunk.image, column_of)
@@ -260,7 +260,7 @@ def calibrate_sigmoid(
 
 
 def concept_filter(p: np.ndarray) -> np.ndarray:
-    """(C,) bool: keep a concept when the mean of its 5 largest values is ≥ 0.5 and its std > 1e-5."""
+    """(C,) bool: keep a concept whose 5 largest values average ≥ 0.5 and whose std is > 1e-5."""
     n_images = len(p)
     top = min(FILTER_TOP, n_images)
     keep = np.empty(p.shape[1], dtype=bool)
@@ -344,12 +344,14 @@ def fit_units(
     train_y_mean = y_train.mean(axis=0)
     train_cross = _cross(p, split.train, y_train - train_y_mean)
     val_cross = _cross(p, split.val, y_val - y_val.mean(axis=0))
-    ranking = rank_concepts(moments.train_cov, train_cross, y_train.var(axis=0))
-    chosen, weights, correlations = greedy_selection(
+    weights = ranking_weights(moments.train_cov, train_cross, y_train.var(axis=0))
+    # each unit's concepts by descending signed weight; equal weights keep concept order
+    ranking = np.argsort(-weights.T, axis=1, kind="stable")
+    chosen, fitted, correlations = greedy_selection(
         ranking, moments.train_cov, train_cross, moments.val_cov, val_cross, y_val.var(axis=0)
     )
     explanations = []
-    for unit, (concepts, w) in enumerate(zip(chosen, weights, strict=True)):
+    for unit, (concepts, w) in enumerate(zip(chosen, fitted, strict=True)):
         order = np.argsort(-w, kind="stable")
         bias = train_y_mean[unit] - float(moments.train_mean[concepts] @ w)
         explanations.append(
@@ -363,12 +365,13 @@ def fit_units(
     return explanations
 
 
-def rank_concepts(train_cov: np.ndarray, train_cross: np.ndarray, y_var: np.ndarray) -> np.ndarray:
-    """(B, C) concept indices per unit by descending signed elastic-net weight.
+def ranking_weights(
+    train_cov: np.ndarray, train_cross: np.ndarray, y_var: np.ndarray
+) -> np.ndarray:
+    """Elastic-net weights (C, B) of standardised concepts for standardised units.
 
-    The net is fit on standardised columns and units from their train covariances:
-    (C, C) `train_cov`, (C, B) `train_cross` and (B,) `y_var`. Equal weights keep concept
-    order; constant columns and constant units get weight 0.
+    α = 0.99, λ = 0.05/0.99, fit from the train covariances: (C, C) `train_cov`, (C, B)
+    `train_cross` and (B,) `y_var`. Constant columns and constant units get weight 0.
     """
     x_std = np.sqrt(np.diag(train_cov))
     x_scale = np.divide(1.0, x_std, out=np.zeros_like(x_std), where=x_std > 0)
@@ -376,8 +379,7 @@ def rank_concepts(train_cov: np.ndarray, train_cross: np.ndarray, y_var: np.ndar
     y_scale = np.divide(1.0, y_std, out=np.zeros_like(y_std), where=y_std > 0)
     gram = train_cov * x_scale[:, None] * x_scale[None, :]
     cross = train_cross * x_scale[:, None] * y_scale[None, :]
-    weights = elastic_net(gram, cross, LAMBDA * ALPHA, LAMBDA * (1 - ALPHA))
-    return np.argsort(-weights.T, axis=1, kind="stable")
+    return elastic_net(gram, cross, LAMBDA * ALPHA, LAMBDA * (1 - ALPHA))
 
 
 def elastic_net(
@@ -392,8 +394,9 @@ def elastic_net(
     Rounds of cyclic coordinate descent on an active set (glmnet's covariance updates),
     each followed by an exact solve of every unit's optimality conditions on its current
     support and signs (kept when it lowers that unit's largest violation), until no
-    coordinate of any unit violates them by more than `tolerance`. The exact solve is what
-    makes strongly correlated concepts converge: coordinate descent alone crawls there.
+    coordinate of any unit violates them by more than `tolerance` (or `_ROUNDS` rounds have
+    run, a guard against a tolerance below rounding error). The exact solve is what makes
+    strongly correlated concepts converge: coordinate descent alone crawls there.
     """
     gram = np.asarray(gram, dtype=np.float64)
     cross = np.asarray(cross, dtype=np.float64)
@@ -401,16 +404,16 @@ def elastic_net(
     residual = cross.T.copy()  # r − G·w per unit, (U, C)
     active = np.zeros(len(gram), dtype=bool)
     rough = 1e-3
-    while True:
+    for _ in range(_ROUNDS):
         violation = _kkt_violation(weights, residual, l1, l2)
-        worst = violation.max(axis=1, initial=0.0)
-        if worst.max(initial=0.0) <= tolerance:
-            return weights.T.copy()
+        if violation.max(initial=0.0) <= tolerance:
+            break
         active |= (violation > tolerance).any(axis=0)
         _descend(weights, residual, gram, np.flatnonzero(active), l1, l2, rough)
         residual = cross.T - weights @ gram
         _solve_supports(weights, residual, gram, cross, l1, l2, tolerance)
         rough = max(tolerance, rough * 1e-2)
+    return weights.T.copy()
 
 
 def _descend(
@@ -484,7 +487,7 @@ def _solve_supports(
 
 def _kkt_violation(weights: np.ndarray, residual: np.ndarray, l1: float, l2: float) -> np.ndarray:
     """How far each (unit, coordinate) is from optimal: |r − l2·w − l1·sign(w)| or (|r| − l1)₊."""
-    nonzero = np.abs(residual - l2 * weights - l1 * np.sign(weights) * 0.9)
+    nonzero = np.abs(residual - l2 * weights - l1 * np.sign(weights))
     return np.where(weights != 0, nonzero, np.maximum(np.abs(residual) - l1, 0.0))
 
 

@@ -10,11 +10,7 @@ from dataclasses import dataclass
 
 from neurodissect.v1 import common_pb2
 
-from services.explainer import clip_dissect, netdissect
-
-DEFAULT_BEAM = 5
-DEFAULT_MAX_LENGTH = 3
-DEFAULT_LENGTH_PENALTY = 1.0
+from services.explainer import clip_dissect, compositional, netdissect
 
 
 @dataclass(frozen=True)
@@ -31,10 +27,7 @@ class NetDissectSettings:
 class CompositionalSettings:
     """Compositional explanations: beam search and the threshold quantile it uses."""
 
-    beam: int
-    max_length: int
-    top_k_primitives: int  # 0 = every label is a candidate
-    length_penalty: float
+    search: compositional.SearchSettings
     top_quantile: float
 
 
@@ -81,10 +74,16 @@ def compositional_settings(spec: common_pb2.DissectionSpec) -> CompositionalSett
     """CompositionalParams with defaults; the quantile defaults to netdissect's."""
     p = spec.compositional
     return CompositionalSettings(
-        beam=p.beam or DEFAULT_BEAM,
-        max_length=p.max_length or DEFAULT_MAX_LENGTH,
-        top_k_primitives=p.top_k_primitives,
-        length_penalty=p.length_penalty if p.HasField("length_penalty") else DEFAULT_LENGTH_PENALTY,
+        search=compositional.SearchSettings(
+            beam=p.beam or compositional.DEFAULT_BEAM,
+            max_length=p.max_length or compositional.DEFAULT_MAX_LENGTH,
+            top_k=p.top_k_primitives or None,
+            length_penalty=(
+                p.length_penalty
+                if p.HasField("length_penalty")
+                else compositional.DEFAULT_LENGTH_PENALTY
+            ),
+        ),
         top_quantile=(
             p.top_quantile
             if p.HasField("top_quantile")

@@ -28,10 +28,11 @@ from services.common import keys
 from services.common.metrics import UNITS_EXPLAINED
 from services.common.settings import Settings
 from services.common.store import ObjectStore
-from services.explainer import block_tasks, clip_dissect, linear, results_io
+from services.explainer import block_tasks, clip_dissect, compositional, linear, results_io
 from services.explainer.explain_plan import ExplainPlan
 from services.explainer.method_params import (
     clip_dissect_settings,
+    compositional_settings,
     linear_settings,
     netdissect_settings,
 )
@@ -130,6 +131,45 @@ def netdissect_summary(rows: Any, categories: list[str]) -> dict[str, Any]:
             c: len({r["label"] for r in detectors if r["category"] == c}) for c in categories
         },
     }
+
+
+# -- compositional explanations ---------------------------------------------------------------
+
+
+def compositional_stage(stage: Stage) -> Iterator[Progress]:
+    """Beam search per unit block, on Network Dissection's thresholds when the job has them.
+
+    The job's stored NetDissect thresholds are used when its spec runs netdissect
+    with the same quantile; blocks without them compute their own (the same values:
+    both are the exact quantile).
+    """
+    plan, method = stage.plan, "compositional"
+    missing = stage.missing(method)
+    if not missing:
+        yield stage.stored(method)
+        return
+    params = compositional_settings(plan.spec)
+    thresholds = np.full(plan.n_units, np.nan, dtype=np.float32)
+    if (
+        plan.spec.HasField("netdissect")
+        and netdissect_settings(plan.spec).top_quantile == params.top_quantile
+    ):
+        for unit, row in results_io.read_rows(
+            stage.store, plan.job_id, plan.layer, "netdissect"
+        ).items():
+            thresholds[unit] = row.get("threshold", 0.0)
+    table = stage.shared.table()
+    dataset_sets = ray.put(
+        compositional.dataset_label_sets(stage.shared.label_chunks(), table.label_categories())
+    )
+    shared = (stage.shared.table_ref(), dataset_sets, ray.put(thresholds))
+    yield from stage.run_blocks(
+        method,
+        missing,
+        lambda u0, u1: block_tasks.compositional_block.remote(
+            stage.settings, plan, *shared, params, u0, u1
+        ),
+    )
 
 
 # -- CLIP-Dissect ---------------------------------------------------------------------------

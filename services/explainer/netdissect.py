@@ -70,14 +70,14 @@ class UnitQuantile:
     The quantile is numpy's default (`method="linear"`): with n values sorted
     ascending, v = q·(n - 1) computed as numpy does, and the result interpolates the
     order statistics floor(v) and floor(v) + 1 in float32 exactly like
-    `np.quantile(values, q)`, so thresholds equal it bit for bit.
+    `np.quantile(values, q)` with a Python float q, so thresholds equal it bit for bit.
     """
 
     def __init__(self, n_units: int, top_quantile: float = DEFAULT_TOP_QUANTILE) -> None:
         if not 0.0 < top_quantile < 1.0:
             raise ValueError(f"top_quantile must lie in (0, 1), got {top_quantile}")
         self.n_units = n_units
-        self.q = 1.0 - top_quantile
+        self.q = 1.0 - float(top_quantile)
         self._hist = np.zeros((n_units, _PREFIX_BINS), dtype=np.int64)
         self._n = 0
         # Per unit: first and last prefix bin of the bracket, values below it, values in it.
@@ -117,12 +117,12 @@ class UnitQuantile:
         below = self._bracket[2]
         first, second, gamma = self._ranks()
         unit = (keys >> np.uint64(32)).astype(np.int64)
-        cumulative = np.cumsum(counts)
-        start = np.searchsorted(unit, np.arange(self.n_units))
-        base = np.where(start > 0, cumulative[np.maximum(start - 1, 0)], 0)
         seen = np.bincount(unit, weights=counts, minlength=self.n_units)
         if np.any(seen != self._bracket[3]):
             raise RuntimeError("collect() saw different data than count()")
+        cumulative = np.cumsum(counts)
+        start = np.searchsorted(unit, np.arange(self.n_units))
+        base = np.where(start > 0, cumulative[np.maximum(start - 1, 0)], 0)
         lo_at = np.searchsorted(cumulative, base + first - below, side="right")
         hi_at = np.searchsorted(cumulative, base + second - below, side="right")
         low = _from_order_keys(keys[lo_at] & np.uint64(0xFFFFFFFF))
@@ -381,7 +381,6 @@ def dissect(
     """Pick each unit's best label per category and overall (ties: lowest label number)."""
     label_categories = concepts.label_categories()
     scores, area = _scores(counts, label_categories, iou_mode)
-    units = np.arange(len(scores))
 
     def best_of(labels: np.ndarray) -> np.ndarray:
         return labels[np.argmax(scores[:, labels], axis=1)]
@@ -416,7 +415,7 @@ def dissect(
             per_category={name: match(u, labels[u]) for name, labels in per_category.items()},
             exemplars=tuple(int(i) for i in counts.top_images[u]),
         )
-        for u in units
+        for u in range(len(scores))
     ]
 
 

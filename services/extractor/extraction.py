@@ -45,7 +45,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from torch import nn
 
 from services.common import keys
 from services.common.activations import ActivationManifest
@@ -61,7 +60,6 @@ from services.common.probe_format import (
 from services.common.store import ObjectStore
 from services.extractor.clip_models import ClipEncoder, ClipSource
 from services.extractor.hooks import (
-    HookTap,
     LayerTap,
     check_layers,
     layer_tap,
@@ -69,7 +67,7 @@ from services.extractor.hooks import (
     unit_map,
 )
 from services.extractor.models import ModelSource, fixed_input_size
-from services.extractor.preprocessing import Preprocessing, preprocessing
+from services.extractor.preprocessing import Preprocessing, check_preprocessing, preprocessing
 from services.extractor.probe_dataset import ProbeDataset, ProbeRow, UnreadableFile
 from services.extractor.writer import ActivationChunk, ChunkWriter, write_activation_chunk
 
@@ -161,15 +159,29 @@ class _Loaded:
 
 
 @dataclass
-class _ChunkBuffers:
-    """What one image range [i0, i0 + chunk) gathers before it is written.
+class _LayerBuffer:
+    """One layer's outputs on one image range, filled batch by batch.
 
-    `acts[layer]`: per batch, ((B, U, h, w) stored dtype, (B, U) mean, (B, U) max) on the
-    CPU; `labels`: per image, ((P, sh, sw), (Q,)) int32.
+    `acts` (image_chunk, U, h, w) in the stored dtype and `mean`, `max` (image_chunk, U)
+    float32, all on the CPU and allocated once per range; the first `filled` rows are set.
+    """
+
+    acts: torch.Tensor
+    mean: torch.Tensor
+    max: torch.Tensor
+    filled: int = 0
+
+
+@dataclass
+class _ChunkBuffers:
+    """What one image range [i0, i0 + image_chunk) gathers before it is written.
+
+    `layers`: the pending layers' buffers, created at their first batch; `labels`: per
+    image, ((P, sh, sw), (Q,)) int32.
     """
 
     i0: int
-    acts: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+    layers: dict[str, _LayerBuffer] = field(default_factory=dict)
     labels: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
@@ -269,6 +281,10 @@ class Extraction:
         self.layers = list(layers)
         self.compute = compute
         self.preprocessing_name = preprocessing_name or model.default_preprocessing
+        check_preprocessing(self.preprocessing_name)
+        if input_size < 0:
+            raise InvalidArgument(f"{input_size} is negative (0 = the dataset's image size)",
+                                  "model.input_size")
         self.requested_size = input_size
         self.clips = list(clips or [])
         self.max_bad_fraction = max_bad_fraction
@@ -279,14 +295,13 @@ class Extraction:
             model.identity, self.preprocessing_name, input_size, self.dataset_key, compute
         )
         # Set while running.
-        self._model: nn.Module | None = None
         self._prep: Preprocessing | None = None
         self._tap: LayerTap | None = None
         self._encoders: list[ClipEncoder] = []
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dry_run = False
         self._active: set[str] = set()
-        self._buffers: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._chunk: _ChunkBuffers | None = None
         self._prefix: int | None = None
         self.images_forwarded = 0
 
@@ -352,16 +367,12 @@ class Extraction:
         )
         self._prep = preprocessing(self.preprocessing_name, size)
         self._prefix = prefix_tokens_of(model)
-        self._model = model
         self._tap = layer_tap(model, pending, self._on_output)
         self._dry_run = True
         try:
             dry = torch.zeros(1, 3, size, size, device=self.device)
             with torch.inference_mode():
-                if isinstance(self._tap, HookTap):
-                    self._tap.calibrate(dry)
-                else:
-                    self._tap(dry)
+                self._tap.calibrate(dry)
         except RuntimeError as exc:
             raise InvalidArgument(
                 f"{self.model_source.label} fails on {size}×{size} inputs: {str(exc)[:300]}",
@@ -380,21 +391,40 @@ class Extraction:
                 )
 
     def _on_output(self, layer: str, output: Any) -> None:
-        """Tap callback: buffer a batch's (B, U, h, w) output and its pooled statistics."""
+        """Tap callback: copy a batch's (B, U, h, w) output and its pooled statistics.
+
+        Three passes over the output: min and max, mean, and one copy that converts to the
+        stored dtype straight into the range's CPU buffer (clamped to the float16 range
+        only when a value lies outside it).
+        """
         grid = unit_map(output, self._prefix)
         if self._dry_run:
             self._shapes[layer] = tuple(grid.shape[1:]) if grid is not None else ()
             return
-        if grid is None or layer not in self._active:
+        chunk = self._chunk
+        if grid is None or chunk is None or layer not in self._active:
             return
         values = grid.float()
-        mean = values.mean(dim=(2, 3))
-        peak = values.amax(dim=(2, 3))
-        if self.dtype == torch.float16:
-            stored = values.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
-        else:
-            stored = values.clone()
-        self._buffers[layer].append((stored.contiguous().cpu(), mean.cpu(), peak.cpu()))
+        flat = values.flatten(2)
+        low, high = torch.aminmax(flat, dim=2)
+        if self.dtype == torch.float16 and (
+            float(high.max()) > FLOAT16_MAX or float(low.min()) < -FLOAT16_MAX
+        ):
+            values = values.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+        buffer = chunk.layers.get(layer)
+        if buffer is None:
+            rows = (self.compute.image_chunk, *values.shape[1:])
+            buffer = _LayerBuffer(
+                acts=torch.empty(rows, dtype=self.dtype),
+                mean=torch.empty(rows[:2], dtype=torch.float32),
+                max=torch.empty(rows[:2], dtype=torch.float32),
+            )
+            chunk.layers[layer] = buffer
+        rows_of = slice(buffer.filled, buffer.filled + values.shape[0])
+        buffer.acts[rows_of].copy_(values)
+        buffer.mean[rows_of].copy_(flat.mean(dim=2))
+        buffer.max[rows_of].copy_(high)
+        buffer.filled += values.shape[0]
 
     def _stream(
         self,
@@ -446,18 +476,18 @@ class Extraction:
                 state.names.append(loaded.row.name)
                 start = index - index % self.compute.image_chunk
                 if state.chunk is not None and start != state.chunk.i0:
-                    self._flush(state, writer)
+                    self._flush(state, pending, writer)
                 if state.chunk is None:
-                    state.chunk = _ChunkBuffers(start, {layer: [] for layer in pending})
+                    state.chunk = _ChunkBuffers(start)
                 state.batch.append(loaded)
                 if len(state.batch) >= self.compute.batch_size:
-                    self._run_batch(state)
+                    self._run_batch(state, pending)
                 if time.monotonic() - last_progress >= PROGRESS_INTERVAL_S:
                     last_progress = time.monotonic()
                     rows_done = len(state.names) + len(state.bad) if table is None else index + 1
                     yield Progress(rows_done, total, "extracting")
             if state.chunk is not None:
-                self._flush(state, writer)
+                self._flush(state, pending, writer)
         except BaseException:
             # Keep the first error; writes already queued still complete and stay valid.
             loader.close()
@@ -476,13 +506,13 @@ class Extraction:
                      labels_pending)
         yield self._result(table, False, embedding_keys)
 
-    def _run_batch(self, state: _PassState) -> None:
+    def _run_batch(self, state: _PassState, pending: list[str]) -> None:
         """Forward the pending batch for the layers its range still lacks; embed; keep labels."""
         chunk, batch = state.chunk, state.batch
         if chunk is None or not batch:
             return
-        self._buffers = chunk.acts
-        self._active = {layer for layer in chunk.acts if chunk.i0 not in state.done[layer]}
+        self._chunk = chunk
+        self._active = {layer for layer in pending if chunk.i0 not in state.done[layer]}
         if self._active:
             self._forward(batch)
         for k, (encoder, out) in enumerate(zip(self._encoders, state.embeddings, strict=True)):
@@ -491,17 +521,18 @@ class Extraction:
             chunk.labels.extend(b.labels for b in batch if b.labels is not None)
         state.batch = []
 
-    def _flush(self, state: _PassState, writer: ChunkWriter) -> None:
+    def _flush(self, state: _PassState, pending: list[str], writer: ChunkWriter) -> None:
         """Hand the finished image range's activations and labels to the writer."""
-        self._run_batch(state)
+        self._run_batch(state, pending)
         chunk, store = state.chunk, self.store
         if chunk is None:
             return
-        for layer, parts in chunk.acts.items():
-            if not parts:
-                continue
-            acts, mean, peak = (torch.cat(p).numpy() for p in zip(*parts, strict=True))
-            piece = ActivationChunk(self.acts_key, layer, chunk.i0, acts, mean, peak)
+        for layer, buffer in chunk.layers.items():
+            n = buffer.filled
+            piece = ActivationChunk(
+                self.acts_key, layer, chunk.i0, buffer.acts[:n].numpy(),
+                buffer.mean[:n].numpy(), buffer.max[:n].numpy(),
+            )
             writer.submit(functools.partial(
                 write_activation_chunk, store, piece, self.compute.unit_block))
         if chunk.labels:
@@ -511,7 +542,7 @@ class Extraction:
                 np.stack([image for _, image in chunk.labels]),
             )
             writer.submit(functools.partial(write_label_chunk, store, self.dataset_key, labels))
-        state.chunk = None
+        state.chunk = self._chunk = None
 
     def _known_rows(
         self, table: ConceptTable, done: dict[str, set[int]], clips: bool

@@ -114,6 +114,10 @@ class LayerTap(abc.ABC):
     def __call__(self, inputs: torch.Tensor) -> None:
         """Run the model on (B, 3, S, S) inputs, calling back once per layer call."""
 
+    def calibrate(self, inputs: torch.Tensor) -> None:
+        """A first, complete forward pass (the dry run); taps may learn from it."""
+        self(inputs)
+
     @abc.abstractmethod
     def close(self) -> None:
         """Remove whatever the tap installed."""

@@ -10,7 +10,8 @@ Weights come from:
   `torch.hub.get_dir()/checkpoints/<file name of the weights enum's DEFAULT url>`;
 - timm: `model.weights_uri` (a state dict, checkpoint or .safetensors file);
 - torchscript: `model.weights_uri`, the TorchScript archive itself;
-- toy: the toy world's trained-and-cached models (or `model.weights_uri`).
+- toy: `toynet`, trained by the toy world on first use and cached under its recipe's
+  content key (or `model.weights_uri`); `planted`, built from code (no weights).
 
 A state dict may be wrapped in a checkpoint dict under `state_dict` (or `model`);
 `module.` prefixes left by DataParallel are stripped. Checkpoints load with
@@ -35,11 +36,15 @@ from torch import nn
 from services.common import keys
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.settings import Settings
-from services.extractor import toy_models
 from services.extractor.local_paths import local_path
+from services.extractor.toyworld import planted
+from services.extractor.toyworld.planted import planted_model
+from services.extractor.toyworld.toynet import ToyNet, ToyNetRecipe, load_toynet, toynet_key
 
 MODEL_SOURCES = ("torchvision", "timm", "torchscript", "toy")
+TOY_MODELS = ("toynet", "planted")
 DEFAULT_INPUT_SIZE = 224
+TOY_INPUT_SIZE = ToyNetRecipe().image_size
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 _DIGESTS_LOCK = threading.Lock()
@@ -214,25 +219,30 @@ def _torchscript(name: str, weights: Path | None) -> ModelSource:
 
 
 def _toy(name: str, weights: Path | None, settings: Settings) -> ModelSource:
-    if name not in toy_models.TOY_MODELS:
-        allowed = ", ".join(repr(n) for n in toy_models.TOY_MODELS)
+    """`toynet` (trained on first use and cached by the toy world) or `planted` (built)."""
+    if name == "planted":
+        if weights is not None:
+            raise InvalidArgument("the planted model has no weights to load", "model.weights_uri")
+        # Built from code alone: its source file is its identity.
+        identity = keys.content_key("toy", name, keys.file_digest(planted.__file__))
+        return ModelSource("toy", name, identity, "imagenet", TOY_INPUT_SIZE, planted_model)
+    if name != "toynet":
+        allowed = ", ".join(repr(n) for n in TOY_MODELS)
         raise InvalidArgument(f"{name!r} is not a toy model; use one of {allowed}", "model.name")
+    recipe = ToyNetRecipe()
     cache_dir = Path(settings.cache_dir)
-    if weights is None:
-        identity = keys.content_key("toy", name, toy_models.identity(name))
-    else:
-        identity = keys.content_key("toy", name, weights_digest(weights))
     path = weights
 
     def build() -> nn.Module:
         if path is None:
-            return toy_models.load(name, cache_dir)
-        model = toy_models.architecture(name)
-        load_weights(model, path, f"toy/{name}")
+            return load_toynet(cache_dir, recipe)[0]
+        model = ToyNet(recipe.widths)
+        load_weights(model, path, "toy/toynet")
         return model
 
-    size = toy_models.INPUT_SIZE
-    return ModelSource("toy", name, identity, "imagenet", size, build)
+    trained = toynet_key(recipe) if path is None else weights_digest(path)
+    identity = keys.content_key("toy", name, trained)
+    return ModelSource("toy", name, identity, "imagenet", TOY_INPUT_SIZE, build)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

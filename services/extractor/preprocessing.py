@@ -71,8 +71,19 @@ class Preprocessing:
 PREPROCESSING = ("imagenet", "netdissect", "clip")
 
 
+def check_preprocessing(name: str) -> None:
+    """InvalidArgument (field `model.preprocessing`) unless `name` is a known preprocessing."""
+    if name not in PREPROCESSING:
+        allowed = ", ".join(repr(p) for p in PREPROCESSING)
+        raise InvalidArgument(
+            f"{name!r} is not a preprocessing; use one of {allowed} (empty: the model's default)",
+            field="model.preprocessing",
+        )
+
+
 def preprocessing(name: str, size: int) -> Preprocessing:
     """The named preprocessing at input size `size` (pixels, square)."""
+    check_preprocessing(name)
     if size < 1:
         raise InvalidArgument(f"{size} is not a positive size", field="model.input_size")
     if name == "imagenet":
@@ -85,10 +96,4 @@ def preprocessing(name: str, size: int) -> Preprocessing:
         )
         scale = (NETDISSECT_SCALE, NETDISSECT_SCALE, NETDISSECT_SCALE)
         return Preprocessing(name, size, mean, scale)
-    if name == "clip":
-        return Preprocessing(name, size, CLIP_MEAN, CLIP_STD, Image.Resampling.BICUBIC)
-    allowed = ", ".join(repr(p) for p in PREPROCESSING)
-    raise InvalidArgument(
-        f"{name!r} is not a preprocessing; use one of {allowed} (empty: the model's default)",
-        field="model.preprocessing",
-    )
+    return Preprocessing(name, size, CLIP_MEAN, CLIP_STD, Image.Resampling.BICUBIC)

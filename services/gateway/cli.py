@@ -46,7 +46,6 @@ from rich.progress import (
     Progress,
     TaskID,
     TextColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 
@@ -89,7 +88,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 # -- progress display ----------------------------------------------------------------------
 
 class JobProgress:
-    """A rich progress bar per stage, fed with Job messages from WatchJob."""
+    """A rich progress bar per stage with the gateway's ETA, fed by WatchJob."""
 
     def __init__(self) -> None:
         self.progress = Progress(
@@ -97,7 +96,7 @@ class JobProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[unit]}"),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[eta]}"),
             TextColumn("{task.fields[message]}", style="dim"),
             console=console,
         )
@@ -121,13 +120,15 @@ class JobProgress:
             total = max(stage.total, 1)
             if stage.stage not in self.tasks:
                 self.tasks[stage.stage] = self.progress.add_task(
-                    stage.stage, total=total, unit="", message=""
+                    stage.stage, total=total, unit="", eta="", message=""
                 )
+            eta = stage.eta_seconds if stage.done < stage.total else 0.0
             self.progress.update(
                 self.tasks[stage.stage],
                 completed=stage.done,
                 total=total,
                 unit=stage.unit,
+                eta=f"eta {eta:.0f}s" if eta > 0 else "",
                 message=stage.message[:60],
             )
 

@@ -15,8 +15,8 @@ import torch
 import torchvision
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from neurodissect.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
+
 from services.common.activations import read_manifest
 from services.common.client import open_channel, wait_healthy
 from services.common.settings import Settings

@@ -7,7 +7,6 @@ import torch
 from services.captioner.captioner import Captioner, captions_csv
 from services.captioner.decoder import CaptionDecoder
 from services.captioner.decoding import (
-    CaptionResult,
     beam_search,
     decode_units,
     evaluating,
@@ -193,5 +192,7 @@ def test_captioner_captions_units_from_images_and_masks(vocabulary: Vocabulary) 
 
 
 def test_captions_csv() -> None:
-    results = [CaptionResult("red, round", ("red", ",", "round"), -1.0, -2.0)]
-    assert captions_csv("layer4", [7], results) == 'layer,unit,description\nlayer4,7,"red, round"\n'
+    expected = 'layer,unit,description\nlayer4,7,"red, round"\n'
+    assert captions_csv("layer4", [7], ["red, round"]) == expected
+    with pytest.raises(InvalidArgument, match="units"):
+        captions_csv("layer4", [7, 8], ["red, round"])

@@ -32,7 +32,10 @@ def similarity_of(method: str, activations: np.ndarray, s: np.ndarray, block: in
     """The layer's (U, C) similarity through the two-step block API."""
     prepared = prepare_concepts(method, s)
     n_units = activations.shape[1]
-    rows = [unit_rows(method, activations[:, u0 : u0 + block], prepared) for u0 in range(0, n_units, block)]
+    rows = [
+        unit_rows(method, activations[:, u0 : u0 + block], prepared)
+        for u0 in range(0, n_units, block)
+    ]
     return layer_similarity(method, np.concatenate(rows))
 
 
@@ -114,7 +117,9 @@ def test_embeddings_are_unit_rows_and_batching_does_not_matter() -> None:
     text = encode_concepts(model, tokenize, concepts, batch_size=2)
     assert text.shape == (5, 3) and text.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(text, encode_concepts(model, tokenize, concepts, batch_size=64), rtol=1e-6)
+    np.testing.assert_allclose(
+        text, encode_concepts(model, tokenize, concepts, batch_size=64), rtol=1e-6
+    )
 
     images = [np.full((4, 4, 3), i, dtype=np.float32) for i in range(5)]
 
@@ -154,12 +159,17 @@ def test_labels_and_rows_do_not_depend_on_block_size(
     if pass_elements is not None:  # a few units per pass: exercises passes inside a block
         monkeypatch.setattr(clip_dissect, "_PASS_ELEMENTS", pass_elements)
     s, activations, _ = planted(n_images=300, n_concepts=80, n_units=64, seed=1)
-    activations = activations + np.random.default_rng(2).standard_normal(activations.shape).astype(np.float32)
+    activations = activations + np.random.default_rng(2).standard_normal(activations.shape).astype(
+        np.float32
+    )
     prepared = prepare_concepts(method, s)
     results = []
     for block in (1, 7, 64):
         rows = np.concatenate(
-            [unit_rows(method, activations[:, u0 : u0 + block], prepared) for u0 in range(0, 64, block)]
+            [
+                unit_rows(method, activations[:, u0 : u0 + block], prepared)
+                for u0 in range(0, 64, block)
+            ]
         )
         results.append((rows, layer_similarity(method, rows).argmax(axis=1)))
     for rows, labels in results[1:]:
@@ -185,14 +195,17 @@ def test_soft_wpmi_is_invariant_to_increasing_transforms() -> None:
             sim.argmax(axis=1), similarity_of("soft_wpmi", activations, s, block=16).argmax(axis=1)
         )
         np.testing.assert_array_equal(
-            unit_rows("soft_wpmi", transformed.astype(np.float32), s), unit_rows("soft_wpmi", activations, s)
+            unit_rows("soft_wpmi", transformed.astype(np.float32), s),
+            unit_rows("soft_wpmi", activations, s),
         )
 
 
 # --- each similarity function against the formula, by hand ------------------------
 
 
-def small_input(n_images: int = 150, n_concepts: int = 6, n_units: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def small_input(
+    n_images: int = 150, n_concepts: int = 6, n_units: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(7)
     s = rng.uniform(-0.3, 0.5, size=(n_images, n_concepts)).astype(np.float32)
     activations = rng.standard_normal((n_images, n_units)).astype(np.float32)
@@ -224,7 +237,9 @@ def wpmi_by_hand(s: np.ndarray, activations: np.ndarray, params: WpmiParams) -> 
         for m in range(n_concepts):
             column = [big_l[q][m] for q in range(n_units)]
             top = max(column)
-            log_marginal = top + math.log(sum(math.exp(v - top) for v in column)) - math.log(n_units)
+            log_marginal = (
+                top + math.log(sum(math.exp(v - top) for v in column)) - math.log(n_units)
+            )
             row.append(big_l[k][m] - params.lam * log_marginal)
         sim.append(row)
     return sim
@@ -241,28 +256,39 @@ def cos_by_hand(s: np.ndarray, activations: np.ndarray, cubed: bool) -> list[lis
         return [v / norm for v in column]
 
     concept_columns = [transform([float(v) for v in s[:, m]]) for m in range(s.shape[1])]
-    unit_columns = [transform([float(v) for v in activations[:, k]]) for k in range(activations.shape[1])]
-    return [[sum(a * b for a, b in zip(u, c, strict=True)) for c in concept_columns] for u in unit_columns]
+    unit_columns = [
+        transform([float(v) for v in activations[:, k]]) for k in range(activations.shape[1])
+    ]
+    return [
+        [sum(a * b for a, b in zip(u, c, strict=True)) for c in concept_columns]
+        for u in unit_columns
+    ]
 
 
 @pytest.mark.parametrize(("method", "params"), [("soft_wpmi", SOFT_WPMI), ("wpmi", WPMI)])
 def test_wpmi_functions_match_the_formula(method: str, params: WpmiParams) -> None:
     s, activations = small_input()
     expected = wpmi_by_hand(s, activations, params)
-    np.testing.assert_allclose(similarity_of(method, activations, s, block=2), expected, rtol=2e-6, atol=2e-4)
+    np.testing.assert_allclose(
+        similarity_of(method, activations, s, block=2), expected, rtol=2e-6, atol=2e-4
+    )
 
 
 def test_fewer_images_than_kappa_uses_every_image() -> None:
     s, activations = small_input(n_images=40, n_concepts=4, n_units=3)
     expected = wpmi_by_hand(s, activations, SOFT_WPMI)
-    np.testing.assert_allclose(similarity_of("soft_wpmi", activations, s, block=3), expected, atol=2e-4)
+    np.testing.assert_allclose(
+        similarity_of("soft_wpmi", activations, s, block=3), expected, atol=2e-4
+    )
 
 
 @pytest.mark.parametrize(("method", "cubed"), [("cos", False), ("cos_cubed", True)])
 def test_cosine_functions_match_the_formula(method: str, cubed: bool) -> None:
     s, activations = small_input(n_images=30)
     expected = cos_by_hand(s, activations, cubed)
-    np.testing.assert_allclose(similarity_of(method, activations, s, block=2), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        similarity_of(method, activations, s, block=2), expected, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_cos_of_a_dead_unit_is_zero_not_nan() -> None:
@@ -277,7 +303,8 @@ def test_cos_of_a_dead_unit_is_zero_not_nan() -> None:
 
 def test_describe_units_gives_argmax_max_and_sorted_top_five() -> None:
     sim = np.array(
-        [[0.1, 0.9, 0.3, 0.9, 0.5, 0.2, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0]], dtype=np.float32
+        [[0.1, 0.9, 0.3, 0.9, 0.5, 0.2, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0]],
+        dtype=np.float32,
     )
     names = ["a", "b", "c", "d", "e", "f", "g"]
     first, second = describe_units(sim, names, first_unit=10)

@@ -22,7 +22,7 @@ from services.explainer.linear import (
     format_explanation,
     greedy_selection,
     label_matrix,
-    rank_concepts,
+    ranking_weights,
     split_images,
 )
 
@@ -56,7 +56,11 @@ def enet_reference(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
 
     bounds = [(0, None)] * (2 * c) + [(None, None)]
     found = minimize(
-        objective, np.zeros(2 * c + 1), jac=True, method="L-BFGS-B", bounds=bounds,
+        objective,
+        np.zeros(2 * c + 1),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=bounds,
         options={"maxiter": 50_000, "ftol": 1e-16, "gtol": 1e-13, "maxcor": 50},
     )
     return found.x[:c] - found.x[c : 2 * c], float(found.fun)
@@ -104,7 +108,9 @@ def test_elastic_net_meets_its_optimality_conditions_tightly() -> None:
 
 def test_elastic_net_solves_every_unit_as_if_alone() -> None:
     p = binary_concepts(300, 10, seed=3)
-    y = p @ np.random.default_rng(4).standard_normal((10, 6)) + np.random.default_rng(5).standard_normal((300, 6))
+    y = p @ np.random.default_rng(4).standard_normal((10, 6)) + np.random.default_rng(
+        5
+    ).standard_normal((300, 6))
     x, ys = standardised(p, y)
     gram, cross = x.T @ x / 300, x.T @ ys / 300
     together = elastic_net(gram, cross, L1, L2)
@@ -113,25 +119,38 @@ def test_elastic_net_solves_every_unit_as_if_alone() -> None:
         np.testing.assert_allclose(together[:, unit], alone[:, 0], atol=1e-8)
 
 
-def test_rank_concepts_orders_by_signed_weight_on_standardised_train_data() -> None:
-    rng = np.random.default_rng(6)
-    p = binary_concepts(500, 8, seed=7)
-    y = p[:, [3, 5, 6]] @ np.array([[2.0], [-1.0], [0.7]]) + rng.standard_normal((500, 1))
-    split = split_images(500, seed=1)
-    moments = concept_moments(p, split)
+def train_statistics(
+    p: np.ndarray, y: np.ndarray, split: ImageSplit
+) -> tuple[np.ndarray, np.ndarray]:
+    """(C, B) train cross-covariances and (B,) train variances of the units."""
     y_train = y[split.train]
     cross = (p[split.train].astype(np.float64).T @ (y_train - y_train.mean(axis=0))) / len(y_train)
-    order = rank_concepts(moments.train_cov, cross, y_train.var(axis=0))
-    x, ys = standardised(p[split.train], y_train)
+    return cross, y_train.var(axis=0)
+
+
+def test_ranking_weights_are_the_elastic_net_on_standardised_train_data() -> None:
+    rng = np.random.default_rng(6)
+    p = binary_concepts(500, 8, seed=7)
+    y = p[:, [3, 5, 6]] @ np.array([[2.0, 0.0], [-1.0, 0.0], [0.7, 0.0]]) + rng.standard_normal(
+        (500, 2)
+    )
+    y[:, 1] = 4.0  # a dead unit
+    split = split_images(500, seed=1)
+    cross, variance = train_statistics(p, y, split)
+    weights = ranking_weights(concept_moments(p, split).train_cov, cross, variance)
+    x, ys = standardised(p[split.train], y[split.train, :1])
     expected, _ = enet_reference(x, ys[:, 0])
-    assert order[0, 0] == 3 and order[0, -1] == 5
-    np.testing.assert_array_equal(order[0], np.argsort(-np.round(expected, 6), kind="stable"))
+    np.testing.assert_allclose(weights[:, 0], expected, atol=2e-6)
+    assert np.argmax(weights[:, 0]) == 3 and np.argmin(weights[:, 0]) == 5
+    assert not weights[:, 1].any()
 
 
 # --- greedy selection and whole fits ---------------------------------------------------
 
 
-def fit(p: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[list[linear.LinearExplanation], ImageSplit]:
+def fit(
+    p: np.ndarray, y: np.ndarray, seed: int = 0
+) -> tuple[list[linear.LinearExplanation], ImageSplit]:
     split = split_images(len(p), seed)
     return fit_units(p, y, split, concept_moments(p, split)), split
 
@@ -161,9 +180,9 @@ def greedy_by_hand(
         candidates = [int(c) for c in ranking if c not in selected and c not in rejected][:10]
         results = []
         for c in candidates:
-            design = np.column_stack([p_train[:, selected + [c]], np.ones(len(p_train))])
+            design = np.column_stack([p_train[:, [*selected, c]], np.ones(len(p_train))])
             fitted = np.linalg.lstsq(design, y_train, rcond=None)[0]
-            prediction = p_val[:, selected + [c]] @ fitted[:-1] + fitted[-1]
+            prediction = p_val[:, [*selected, c]] @ fitted[:-1] + fitted[-1]
             rho = float(np.corrcoef(prediction, y_val)[0, 1]) if prediction.std() > 1e-9 else 0.0
             results.append((c, rho, fitted))
         if selected:
@@ -184,17 +203,18 @@ def test_batched_greedy_equals_the_literal_algorithm() -> None:
     truth = rng.standard_normal((40, 8)) * (rng.random((40, 8)) < 0.3)
     y = p @ truth + rng.standard_normal((1500, 8)) * np.array([0.5, 1, 2, 4, 8, 0.2, 1, 3])
     explanations, split = fit(p, y, seed=11)
-    moments = concept_moments(p, split)
-    y_train = y[split.train]
-    cross = (p[split.train].astype(np.float64).T @ (y_train - y_train.mean(axis=0))) / len(y_train)
-    ranking = rank_concepts(moments.train_cov, cross, y_train.var(axis=0))
+    cross, variance = train_statistics(p, y, split)
+    weights = ranking_weights(concept_moments(p, split).train_cov, cross, variance)
+    ranking = np.argsort(-weights.T, axis=1, kind="stable")
     lengths = set()
     for unit, explanation in enumerate(explanations):
         selected, coef, rho = greedy_by_hand(p, y[:, unit], split, ranking[unit])
         lengths.add(len(selected))
         by_concept = dict(zip(selected, coef[:-1], strict=True))
         assert sorted(explanation.concepts) == sorted(selected)
-        np.testing.assert_allclose(explanation.weights, [by_concept[c] for c in explanation.concepts], atol=1e-6)
+        np.testing.assert_allclose(
+            explanation.weights, [by_concept[c] for c in explanation.concepts], atol=1e-6
+        )
         assert explanation.bias == pytest.approx(coef[-1], abs=1e-6)
         assert explanation.val_correlation == pytest.approx(rho, abs=1e-9)
     assert len(lengths) > 2  # the units stop after different numbers of steps
@@ -213,12 +233,16 @@ def test_ten_concepts_are_named_right_and_predict_their_own_correlation() -> Non
     # the stored concepts and weights themselves reproduce the stored val correlation
     columns = p[split.val][:, list(explanation.concepts)].astype(np.float64)
     prediction = columns @ np.array(explanation.weights) + explanation.bias
-    assert np.corrcoef(prediction, y[split.val, 0])[0, 1] == pytest.approx(explanation.val_correlation, abs=1e-9)
+    assert np.corrcoef(prediction, y[split.val, 0])[0, 1] == pytest.approx(
+        explanation.val_correlation, abs=1e-9
+    )
 
 
 def test_dead_unit_gets_an_empty_explanation() -> None:
     p = binary_concepts(400, 10, seed=14)
-    y = np.column_stack([np.full(400, 2.5), p[:, 4] + 0.1 * np.random.default_rng(0).standard_normal(400)])
+    y = np.column_stack(
+        [np.full(400, 2.5), p[:, 4] + 0.1 * np.random.default_rng(0).standard_normal(400)]
+    )
     dead, live = fit(p, y)[0]
     assert dead.concepts == () and dead.weights == () and dead.val_correlation == 0.0
     assert dead.bias == pytest.approx(2.5)

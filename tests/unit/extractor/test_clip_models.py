@@ -1,7 +1,12 @@
-"""CLIP image embeddings during extraction, and EmbedText (open_clip with local weights)."""
+"""CLIP image embeddings during extraction, and EmbedText (open_clip with local weights).
+
+The CLIP model is an open_clip architecture registered from a tiny config (2 layers of
+width 64 per tower), so the real open_clip loading path runs in a fraction of a second.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +19,36 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.settings import Settings
 from services.common.store import LocalStore
 from services.extractor.broden import read_broden
-from services.extractor.clip_models import ClipSource, resolve_clip
+from services.extractor.clip_models import ClipEncoder, ClipSource, resolve_clip
 from services.extractor.extraction import ComputeConfig, Extraction, ExtractionResult
 from services.extractor.models import ModelSource
 from services.extractor.servicer import ExtractorServicer
 from services.extractor.text_embeddings import read_concept_set
 
-ARCH = "ViT-S-32"
+ARCH = "nd-tiny-test"
+DIM = 32
+TINY_CONFIG = {
+    "embed_dim": DIM,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2},
+}
 
 
 @pytest.fixture(scope="module")
-def clip_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> ClipEncoder:
+    """A random-weight tiny CLIP, built directly with open_clip (no project code)."""
+    configs = tmp_path_factory.mktemp("clip-configs")
+    (configs / f"{ARCH}.json").write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(configs)
     torch.manual_seed(0)
-    model, _, _ = open_clip.create_model_and_transforms(ARCH)
-    path = tmp_path_factory.mktemp("clip") / "vit_s_32.pt"
-    torch.save(model.state_dict(), path)
+    model, _, preprocess = open_clip.create_model_and_transforms(ARCH)
+    return ClipEncoder(model.eval(), preprocess, open_clip.get_tokenizer(ARCH))
+
+
+@pytest.fixture(scope="module")
+def clip_weights(tmp_path_factory: pytest.TempPathFactory, reference: ClipEncoder) -> Path:
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
+    torch.save(reference.model.state_dict(), path)
     return path
 
 
@@ -45,7 +65,7 @@ def _run(extraction: Extraction) -> ExtractionResult:
 
 def test_image_embeddings_match_the_clip_model(
     tmp_path: Path, toy_root: Path, clip_weights: Path, settings: Settings,
-    conv_source: ModelSource,
+    conv_source: ModelSource, reference: ClipEncoder,
 ) -> None:
     dataset = read_broden(toy_root, limit=12)
     store = LocalStore(tmp_path / "store")
@@ -54,27 +74,22 @@ def test_image_embeddings_match_the_clip_model(
     result = _run(Extraction(store, dataset, conv_source, ["0"], config, clips=[clip]))
     key = result.image_embedding_keys[f"{ARCH}|{clip_weights}"]
     embeddings = store.get_array(key)
-    assert embeddings.shape == (12, 384) and embeddings.dtype == np.float32
+    assert embeddings.shape == (12, DIM) and embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
-    model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(clip_weights))
-    images = torch.stack([preprocess(dataset.load_image(row)) for row in dataset.rows[:3]])
+    images = torch.stack([reference.preprocess(dataset.load_image(r)) for r in dataset.rows[:3]])
     with torch.no_grad():
-        expected = torch.nn.functional.normalize(model.eval().encode_image(images), dim=-1)
+        expected = torch.nn.functional.normalize(reference.model.encode_image(images), dim=-1)
     np.testing.assert_allclose(embeddings[:3], expected.numpy(), atol=1e-4)
     # Cached the second time; a cached layer with a new CLIP model needs no forward pass.
     again = Extraction(store, dataset, conv_source, ["0"], config, clips=[clip])
     assert _run(again).cached
-    other = _clip_copy(clip)
+    other = ClipSource(ARCH, "another", "another-key", lambda: reference)
     added = _run(Extraction(store, dataset, conv_source, ["0"], config, clips=[clip, other]))
     assert not added.cached and added.images_forwarded == 0
     assert set(added.image_embedding_keys) == {clip.label, other.label}
 
 
-def _clip_copy(clip: ClipSource) -> ClipSource:
-    return ClipSource(clip.arch, clip.weights_uri + "#copy", clip.key + "-copy", clip.builder)
-
-
-def test_clip_request_errors(settings: Settings, tmp_path: Path) -> None:
+def test_clip_request_errors(settings: Settings, tmp_path: Path, reference: ClipEncoder) -> None:
     with pytest.raises(InvalidArgument, match=r"clip_models\[1\].arch.*'ViT-B-32'"):
         resolve_clip("ViT-B-33", "x", settings, "clip_models[1]")
     with pytest.raises(FailedPrecondition, match=r"clip.weights_uri"):
@@ -94,7 +109,7 @@ def test_concept_set_line_endings(tmp_path: Path) -> None:
 
 def test_embed_text_stores_named_normalised_embeddings_once(
     tmp_path: Path, toy_root: Path, clip_weights: Path, settings: Settings,
-    conv_source: ModelSource, monkeypatch: pytest.MonkeyPatch,
+    conv_source: ModelSource, reference: ClipEncoder, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = LocalStore(tmp_path / "store")
     servicer = ExtractorServicer(settings, store)
@@ -105,15 +120,16 @@ def test_embed_text_stores_named_normalised_embeddings_once(
     stored = store.get_arrays(response.key)
     assert stored["names"].tolist() == ["red", "a blue square"]
     np.testing.assert_allclose(np.linalg.norm(stored["embeddings"], axis=1), 1.0, rtol=1e-5)
-    model, _, _ = open_clip.create_model_and_transforms(ARCH, pretrained=str(clip_weights))
     with torch.no_grad():
-        tokens = open_clip.get_tokenizer(ARCH)(["a blue square"])
-        expected = torch.nn.functional.normalize(model.eval().encode_text(tokens), dim=-1)
+        tokens = reference.tokenizer(["a blue square"])
+        expected = torch.nn.functional.normalize(reference.model.encode_text(tokens), dim=-1)
     np.testing.assert_allclose(stored["embeddings"][1], expected[0].numpy(), atol=1e-4)
-    # The same texts again: the stored object is returned without loading CLIP.
+    # Later calls reuse the loaded encoder; the same texts again are not even embedded.
     monkeypatch.setattr(ClipSource, "load", lambda self: pytest.fail("CLIP loaded again"))
+    monkeypatch.setattr(ClipEncoder, "encode_texts", lambda *a: pytest.fail("embedded again"))
     assert servicer.EmbedText(request, None).key == response.key  # type: ignore[arg-type]
     monkeypatch.undo()
+    monkeypatch.setattr(ClipSource, "load", lambda self: pytest.fail("CLIP loaded again"))
     # A concept set file, and a dataset's label names.
     concepts = tmp_path / "set.txt"
     concepts.write_text("red\r\rcircle\n")

@@ -41,26 +41,26 @@ def test_toy_world_at_a_given_uri(settings: Settings, tmp_path: Path) -> None:
     target = tmp_path / "mine"
     open_dataset(_toy(uri=str(target)), settings)
     assert (target / "index.csv").is_file()
-    with pytest.raises(FailedPrecondition, match="generated with"):
+    with pytest.raises(FailedPrecondition, match=r"generated with"):
         open_dataset(DatasetRequest(kind="toyworld", uri=str(target), toy_n_images=13,
                                     toy_image_size=32), settings)
     clutter = tmp_path / "clutter"
     clutter.mkdir()
     (clutter / "notes.txt").write_text("mine")
-    with pytest.raises(FailedPrecondition, match="index.csv is missing"):
+    with pytest.raises(FailedPrecondition, match=r"index.csv is missing"):
         open_dataset(_toy(uri=str(clutter)), settings)
 
 
 def test_kinds_and_paths(settings: Settings, tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgument, match="dataset.kind.*'broden', 'imagefolder'"):
+    with pytest.raises(InvalidArgument, match=r"dataset.kind.*'broden', 'imagefolder'"):
         open_dataset(DatasetRequest(kind="coco", uri=str(tmp_path)), settings)
-    with pytest.raises(NotFound, match="dataset.uri"):
+    with pytest.raises(NotFound, match=r"dataset.uri"):
         open_dataset(DatasetRequest(kind="broden", uri=str(tmp_path / "nope")), settings)
-    with pytest.raises(InvalidArgument, match="only local paths"):
+    with pytest.raises(InvalidArgument, match=r"only local paths"):
         open_dataset(DatasetRequest(kind="broden", uri="s3://bucket/broden"), settings)
     with pytest.raises(InvalidArgument, match=r"may not contain '\.\.'"):
         open_dataset(DatasetRequest(kind="broden", uri=f"{tmp_path}/../x"), settings)
-    with pytest.raises(FailedPrecondition, match="index.csv is missing"):
+    with pytest.raises(FailedPrecondition, match=r"index.csv is missing"):
         open_dataset(DatasetRequest(kind="broden", uri=f"file://{tmp_path}"), settings)
     folder = tmp_path / "folder" / "cat"
     folder.mkdir(parents=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from neurodissect.v1 import common_pb2, extractor_pb2
 from PIL import Image
 
-from neurodissect.v1 import common_pb2, extractor_pb2
 from services.common import keys
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.settings import Settings

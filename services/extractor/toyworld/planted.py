@@ -1,0 +1,76 @@
+"""A model whose `colors` units are exact colour detectors by construction (no training).
+
+Input: (N, 3, H, W) float32 RGB with ImageNet normalisation (`preprocessing.imagenet_normalize`,
+torchvision's mean and std); the model inverts it first. Layers:
+
+- `colors`: (N, 9, H/2, W/2). Unit k < 8 is `exp(-|rgb - c_k|² / 2σ²)` for palette colour
+  c_k (σ = 0.06 in [0, 1] RGB, so any other palette colour gives < 1e-5), times a fixed
+  pseudo-random gain in [0.5, 1] per pixel position, then 2×2 average pooling. Unit 8 is dead
+  (always 0). The gain spreads a unit's top-quantile pixels evenly over its colour: with
+  exact palette colours every matching pixel would otherwise tie at the maximum, and a
+  threshold at the top 0.5% would select none of them or all of them.
+- `pool`: (N, 9) spatial mean of `colors`, the model's output.
+
+`planted_units()` says what each planted unit must be dissected as.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from services.extractor.toyworld.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from services.extractor.toyworld.world import WORLD
+
+SIGMA = 0.06
+GAIN_SIZE = 256
+DEAD_UNIT = len(WORLD.colors)
+
+
+def planted_units() -> dict[int, str]:
+    """Unit index of layer `colors` -> the label name it detects (every unit but the dead one)."""
+    return dict(enumerate(WORLD.color_names))
+
+
+class ColorUnits(nn.Module):
+    """(N, 3, H, W) RGB in [0, 1] -> (N, 9, H/2, W/2) colour-match maps (last unit dead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        palette = torch.tensor([rgb for _, rgb in WORLD.colors], dtype=torch.float32) / 255.0
+        self.register_buffer("palette", palette.view(1, -1, 3, 1, 1), persistent=False)
+        generator = torch.Generator().manual_seed(0)
+        gain = 0.5 + 0.5 * torch.rand((GAIN_SIZE, GAIN_SIZE), generator=generator)
+        self.register_buffer("gain", gain, persistent=False)
+        self.pool = nn.AvgPool2d(2)
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> (N, 9, H // 2, W // 2) float32."""
+        distance2 = ((rgb.unsqueeze(1) - self.palette) ** 2).sum(dim=2)
+        match = torch.exp(-distance2 / (2 * SIGMA**2))
+        h, w = rgb.shape[-2:]
+        tiles = (-(-h // GAIN_SIZE), -(-w // GAIN_SIZE))
+        match = match * self.gain.repeat(*tiles)[:h, :w]
+        dead = torch.zeros_like(match[:, :1])
+        return self.pool(torch.cat([match, dead], dim=1))
+
+
+class PlantedNet(nn.Module):
+    """Undo ImageNet normalisation, detect palette colours (`colors`), average them (`pool`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.colors = ColorUnits()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) ImageNet-normalised -> (N, 9) mean unit activations."""
+        rgb = x * self.std + self.mean
+        return self.pool(self.colors(rgb)).flatten(1)
+
+
+def planted_model() -> PlantedNet:
+    """The planted model in eval mode (it holds no trained weights)."""
+    return PlantedNet().eval()
