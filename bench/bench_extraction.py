@@ -65,8 +65,8 @@ def _cases() -> list[_Case]:
     toynet = ToyNet().eval()
     resnet = torchvision.models.resnet18().eval()
     return [
-        _Case("toynet", toynet, 64, 512, ["conv1", "layer1", "layer2", "layer3"]),
-        _Case("resnet18", resnet, 112, 128, ["layer1", "layer2", "layer3", "layer4"]),
+        _Case("toynet", toynet, 64, 512, ["layer2", "layer3"]),
+        _Case("resnet18", resnet, 112, 128, ["layer3", "layer4"]),
     ]
 
 

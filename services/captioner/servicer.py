@@ -253,14 +253,9 @@ class ExtractorThumbnails:
     """Stores thumbnails through the extractor's Materialize (deadlines, token, retries)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._peer: Peer | None = None
-
-    def _extractor(self) -> Peer:
-        if self._peer is None:
-            channel = open_channel(self.settings.extractor_addr, self.settings)
-            self._peer = Peer(extractor_pb2_grpc.ExtractorStub(channel), self.settings)
-        return self._peer
+        # The channel connects on first use, so the extractor need not be up yet.
+        channel = open_channel(settings.extractor_addr, settings)
+        self.extractor = Peer(extractor_pb2_grpc.ExtractorStub(channel), settings)
 
     def __call__(self, plan: CaptionPlan, image_ids: Sequence[int], size: int) -> None:
         """Materialize `image_ids` of the plan's dataset, longer side `size` pixels."""
@@ -278,7 +273,7 @@ class ExtractorThumbnails:
                 size=size,
             )
             try:
-                self._extractor().unary("Materialize", request)
+                self.extractor.unary("Materialize", request)
             except grpc.RpcError as exc:
                 error = _PEER_ERRORS.get(exc.code(), Unavailable)
                 raise error(f"extractor Materialize: {exc.details()}", "dataset") from exc

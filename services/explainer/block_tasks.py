@@ -14,17 +14,27 @@ counts Ray's retries.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from neurodissect.v1 import common_pb2
 
 from services.common.activations import iter_units
 from services.common.probe_format import ConceptTable, read_label_chunk
 from services.common.settings import Settings
-from services.explainer import clip_dissect, compositional, linear, netdissect, results_io
+from services.explainer import (
+    clip_dissect,
+    compositional,
+    linear,
+    netdissect,
+    results_io,
+    simulation,
+)
 from services.explainer.explain_plan import ExplainPlan
 from services.explainer.method_params import CompositionalSettings, NetDissectSettings
 from services.explainer.sharding import BlockOutcome, attempt_number, block_task
 from services.explainer.shared_inputs import LinearConcepts
+from services.explainer.simulated_predictions import Simulator, block_predictions
 
 
 @block_task
@@ -195,4 +205,41 @@ def compositional_block(
         for k, e in enumerate(explanations)
     ]
     results_io.write_block(store, plan.job_id, plan.layer, "compositional", u0, u1, rows)
+    return BlockOutcome(u0, u1, attempt_number(), computed=True)
+
+
+@block_task
+def simulation_block(
+    settings: Settings,
+    plan: ExplainPlan,
+    sim: Simulator,
+    test_activations: np.ndarray,
+    rows: dict[str, list[dict[str, Any] | None]],
+    u0: int,
+    u1: int,
+) -> BlockOutcome:
+    """Simulation scores of units [u0, u1): Pearson ρ per method on the test images.
+
+    `sim` is P_sim on the test images, `test_activations` the layer's (n_test, U)
+    pooled means there, `rows[method][k]` the stored explanation of unit u0 + k.
+    A dead unit (constant on the test images) is stored with `dead` and NaN scores.
+    """
+    store = settings.open_store()
+    if results_io.block_stored(store, plan.job_id, plan.layer, "simulation", u0, u1):
+        return BlockOutcome(u0, u1, attempt_number(), computed=False)
+    y = test_activations[:, u0:u1]
+    dead = np.ptp(y, axis=0) == 0
+    scores = {
+        method: simulation.unit_correlations(block_predictions(method, method_rows, sim), y)
+        for method, method_rows in rows.items()
+    }
+    out = []
+    for k in range(u1 - u0):
+        rhos = {
+            m: float(rho[k])
+            for m, rho in scores.items()
+            if rows[m][k] is not None and (dead[k] or np.isfinite(rho[k]))
+        }
+        out.append(results_io.simulation_row(u0 + k, rhos, bool(dead[k])))
+    results_io.write_block(store, plan.job_id, plan.layer, "simulation", u0, u1, out)
     return BlockOutcome(u0, u1, attempt_number(), computed=True)

@@ -18,8 +18,9 @@ Memory of `unit_rows` for (soft-)WPMI is bounded by its block, never by N: only 
 top images of each unit enter L, so it gathers S rows for a few units' top images at a
 time, takes their softmax over concepts in row chunks, and never builds the dense
 (N, C) softmax. Σ_j log(·) is evaluated as a sum of logs of products of up to a dozen
-factors (each factor lies in [1e-7, 1], so a product of that many stays far from float32
-underflow), which is exact up to float32 rounding and needs a tenth of the logarithms.
+factors (a factor lies between min_prob and 1 + min_prob, and the group size keeps their
+product above e^-80, far from float32 underflow), which is exact up to float32 rounding
+and needs a tenth of the logarithms.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ CSV_HEADER = ("layer", "unit", "description", "similarity")
 
 # Floats of P̃ rows held for one pass of units (64 MiB).
 _PASS_ELEMENTS = 1 << 24
+# A pass computes each distinct image's softmax row once when its units' top images hold
+# at most this fraction of distinct ones; above it, gathering would cost more than it saves.
+_SHARED_BELOW = 0.5
 # Floats per working buffer of one step (4 MiB), small enough to stay in cache.
 _STEP_ELEMENTS = 1 << 20
 # A product of factors is kept above exp(-80), well inside float32 (smallest normal ~ e^-87.3).
@@ -94,7 +98,7 @@ class WpmiParams:
             raise InvalidArgument(f"must be positive, got {self.min_prob}", field="min_prob")
 
     def position_weights(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return (p, c), two (k,) float32 arrays: factor j is c_j + p_j·P̃, c_j = 1 - p_j + min_prob."""
+        """(p, c), (k,) float32 each: factor j is c_j + p_j·P̃ with c_j = 1 - p_j + min_prob."""
         p = self.p_start - np.arange(k) / k * (self.p_start - self.p_end)
         return p.astype(np.float32), (1.0 - p + self.min_prob).astype(np.float32)
 
@@ -240,7 +244,8 @@ def unit_rows(method: str, activations: np.ndarray, prepared: np.ndarray) -> np.
     A row depends only on its own unit's activations, never on the other units of the block.
     """
     check_method(method)
-    activations = np.asarray(activations, dtype=np.float32)
+    # a block is often a column slice of the layer's (N, U) array: copy it compactly once
+    activations = np.ascontiguousarray(activations, dtype=np.float32)
     if activations.ndim != 2 or prepared.ndim != 2 or len(activations) != len(prepared):
         raise InvalidArgument(
             f"activations {activations.shape} and concept matrix {prepared.shape} must be "
@@ -316,48 +321,65 @@ def top_indices(values: np.ndarray, k: int) -> np.ndarray:
     """
     n_rows, size = values.shape
     out = np.empty((n_rows, k), dtype=np.int64)
-    step = max(1, _STEP_ELEMENTS // size)
+    step = max(1, _PASS_ELEMENTS // size)
     for r0 in range(0, n_rows, step):
-        chunk = np.ascontiguousarray(values[r0 : r0 + step])
-        kth = np.partition(chunk, size - k, axis=1)[:, size - k : size - k + 1]
-        above = chunk > kth
-        tied = chunk == kth
-        room = k - above.sum(axis=1, keepdims=True)
-        chosen = above | (tied & (np.cumsum(tied, axis=1) <= room))
-        index = np.nonzero(chosen)[1].reshape(len(chunk), k)
-        order = np.argsort(-np.take_along_axis(chunk, index, axis=1), axis=1, kind="stable")
-        out[r0 : r0 + len(chunk)] = np.take_along_axis(index, order, axis=1)
+        rows = np.ascontiguousarray(values[r0 : r0 + step])
+        chunk = torch.from_numpy(rows)
+        found_values, found = torch.topk(chunk, k, dim=1)
+        kth = found_values[:, -1:].numpy()
+        # where a value equal to the k-th was left out, torch chose among ties: redo those rows
+        left_out = np.count_nonzero(rows == kth, axis=1) > np.count_nonzero(
+            found_values.numpy() == kth, axis=1
+        )
+        for row in np.flatnonzero(left_out):
+            found[row] = torch.from_numpy(_top_set_lowest_ties(rows[row], k))
+        found = torch.sort(found, dim=1).values
+        order = torch.argsort(-torch.gather(chunk, 1, found), dim=1, stable=True)
+        out[r0 : r0 + len(rows)] = torch.gather(found, 1, order).numpy()
     return out
+
+
+def _top_set_lowest_ties(values: np.ndarray, k: int) -> np.ndarray:
+    """The k largest entries of (M,) `values` as a sorted index set (k,), ties to lower indices."""
+    kth = np.partition(values, len(values) - k)[len(values) - k]
+    above = values > kth
+    tied = values == kth
+    return np.flatnonzero(above | (tied & (np.cumsum(tied) <= k - np.count_nonzero(above))))
 
 
 def _wpmi_rows(activations: np.ndarray, similarity: np.ndarray, params: WpmiParams) -> np.ndarray:
     """L[k, m] for the units of (N, B) `activations` against (N, C) float32 S: (B, C) float32.
 
-    Units go in passes whose top images together need at most `_PASS_ELEMENTS` floats of
-    P̃ rows, so an image shared by several units of a pass gets one softmax. Each unit's row
-    is computed the same way whatever pass it falls in.
+    Units go in passes whose top images together fit `_PASS_ELEMENTS` floats. When a pass's
+    units share many top images (few images, many units), the pass computes each distinct
+    image's softmax row once and gathers it per unit; otherwise each unit's rows are
+    computed where they are used, in cache. Either way a unit's row comes out bit for bit
+    the same, whatever block or pass it falls in.
     """
     n_images, n_units = activations.shape
     n_concepts = similarity.shape[1]
     k = min(params.top_k, n_images)
     top = top_indices(activations.T, k)
     p, c = params.position_weights(k)
-    p_col = torch.from_numpy(p)[:, None]
+    p_row = torch.from_numpy(p)
     c_col = torch.from_numpy(c)[:, None]
     # factors lie in [min c, 1 + min_prob]: `group` of them multiply to at least e^-80
     group = min(k, max(1, int(_LOG_PRODUCT_FLOOR // max(-math.log(float(c.min())), 1e-3))))
     per_step = max(1, _STEP_ELEMENTS // (group * n_concepts))
     # buffers are reused: a fresh large tensor costs a page fault per 4 KiB
-    probs_buffer = torch.empty((max(k, _PASS_ELEMENTS // n_concepts), n_concepts))
-    scratch = np.empty((max(1, _STEP_ELEMENTS // n_concepts), n_concepts), dtype=np.float32)
     factors_buffer = torch.empty(per_step * group * n_concepts)
     product_buffer = torch.empty(per_step * n_concepts)
+    shared_buffer = torch.empty((0, n_concepts))
     rows = torch.empty((n_units, n_concepts))
-    for u0, u1 in _unit_passes(top, n_images, len(probs_buffer)):
+    for u0, u1 in _unit_passes(top, n_images, max(k, _PASS_ELEMENTS // n_concepts)):
         images, where = np.unique(top[u0:u1], return_inverse=True)
-        probs = probs_buffer[: len(images)]
-        _softmax_rows(similarity, images, params.a, scratch, probs)
-        position = torch.from_numpy(where.reshape(u1 - u0, k))
+        shared = len(images) <= _SHARED_BELOW * (u1 - u0) * k
+        if shared:
+            if len(shared_buffer) < len(images):
+                shared_buffer = torch.empty((len(images), n_concepts))
+            exps = shared_buffer[: len(images)]
+            exp_sums = _exp_rows(similarity, images, params.a, exps)
+            position = torch.from_numpy(where.reshape(u1 - u0, k))
         for v0 in range(u0, u1, per_step):
             b = min(per_step, u1 - v0)
             acc = rows[v0 : v0 + b]
@@ -365,24 +387,33 @@ def _wpmi_rows(activations: np.ndarray, similarity: np.ndarray, params: WpmiPara
             product = product_buffer[: b * n_concepts].view(b, n_concepts)
             for j0 in range(0, k, group):
                 j1 = min(j0 + group, k)
-                picked = position[v0 - u0 : v0 - u0 + b, j0:j1].reshape(-1)
-                factors = factors_buffer[: len(picked) * n_concepts].view(len(picked), n_concepts)
-                torch.index_select(probs, 0, picked, out=factors)
+                factors = factors_buffer[: b * (j1 - j0) * n_concepts].view(-1, n_concepts)
+                if shared:
+                    picked = position[v0 - u0 : v0 - u0 + b, j0:j1].reshape(-1)
+                    torch.index_select(exps, 0, picked, out=factors)
+                    sums = exp_sums[picked]
+                else:
+                    sums = _exp_rows(similarity, top[v0 : v0 + b, j0:j1].ravel(), params.a, factors)
+                # c_j + p_j·P̃ with P̃ = exp row / its sum
+                scale = (p_row[j0:j1] / sums.view(b, j1 - j0))[..., None]
                 by_unit = factors.view(b, j1 - j0, n_concepts)
-                by_unit.mul_(p_col[j0:j1]).add_(c_col[j0:j1])
+                by_unit.mul_(scale).add_(c_col[j0:j1])
                 torch.prod(by_unit, dim=1, out=product)
                 acc.add_(product.log_())
     return rows.numpy()
 
 
-def _unit_passes(top: np.ndarray, n_images: int, max_rows: int) -> list[tuple[int, int]]:
-    """Cut units into consecutive ranges whose (B, κ) `top` images number at most `max_rows`."""
+def _unit_passes(top: np.ndarray, n_images: int, max_images: int) -> list[tuple[int, int]]:
+    """Cut units into consecutive ranges [u0, u1) needing at most `max_images` distinct images.
+
+    `top` (B, κ) holds each unit's top images.
+    """
     seen = np.zeros(n_images, dtype=bool)
     passes = []
     start, count = 0, 0
     for u, images in enumerate(top):
         new = images[~seen[images]]
-        if count + len(new) > max_rows:
+        if count + len(new) > max_images:
             passes.append((start, u))
             seen[:] = False
             start, count, new = u, 0, images
@@ -392,17 +423,27 @@ def _unit_passes(top: np.ndarray, n_images: int, max_rows: int) -> list[tuple[in
     return passes
 
 
-def _softmax_rows(
-    similarity: np.ndarray, images: np.ndarray, a: float, scratch: np.ndarray, out: torch.Tensor
-) -> None:
-    """Write softmax over concepts of a·S[images] into `out` (len(images), C), in small steps."""
-    step = len(scratch)
+def _exp_rows(
+    similarity: np.ndarray, images: np.ndarray, a: float, out: torch.Tensor
+) -> torch.Tensor:
+    """Write exp(a·(S[i] - max S[i])) for each image i of `images` into `out` (len(images), C).
+
+    These are the softmax rows over concepts before division; returns their (len(images),)
+    sums. Works in cache-sized steps, and uses exp2 of a rescaled argument, which torch
+    computes twice as fast as exp on CPU.
+    """
+    step = max(1, _STEP_ELEMENTS // similarity.shape[1])
+    scale = a / math.log(2.0)
+    target = out.numpy()
+    sums = torch.empty(len(images))
     for r0 in range(0, len(images), step):
         chunk = images[r0 : r0 + step]
-        # mode="clip" (indices are valid anyway) lets numpy write `scratch` without a copy
-        np.take(similarity, chunk, axis=0, out=scratch[: len(chunk)], mode="clip")
-        logits = torch.from_numpy(scratch[: len(chunk)]).mul_(a)
-        torch._softmax(logits, 1, False, out=out[r0 : r0 + len(chunk)])
+        # mode="clip" (indices are valid anyway) lets numpy write into `out` without a copy
+        np.take(similarity, chunk, axis=0, out=target[r0 : r0 + len(chunk)], mode="clip")
+        logits = out[r0 : r0 + len(chunk)]
+        logits.sub_(logits.amax(dim=1, keepdim=True)).mul_(scale).exp2_()
+        torch.sum(logits, dim=1, out=sums[r0 : r0 + len(chunk)])
+    return sums
 
 
 def _log_marginal(rows: np.ndarray) -> np.ndarray:

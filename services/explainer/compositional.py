@@ -346,7 +346,7 @@ class UnitLabelSets:
 
     def add(self, counts: MaskCounts) -> None:
         """Add one chunk already thresholded by `count_masks` with these thresholds."""
-        self._units.append(counts.unit)
+        self._units.append(counts.pair_unit[counts.pair])
         self._rows.append(counts.sets.rows[counts.set])
         self._counts.append(counts.count)
 

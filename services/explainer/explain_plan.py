@@ -143,13 +143,11 @@ def _embeddings(
 
 
 def needs_concepts(plan: ExplainPlan) -> bool:
-    """Tell whether the plan reads the probe set's labels (concept table and label maps)."""
-    return any(
-        m in ("netdissect", "compositional")
-        or (m == "linear" and plan.spec.linear.concepts != "clip")
-        or (m == "simulation" and not plan.simulation.text_key)
-        for m in plan.methods
-    )
+    """Tell whether the plan reads the probe set's labels (concept table and label maps).
+
+    Every method but CLIP-Dissect does: LE(CLIP) and CLIP simulators calibrate on them.
+    """
+    return any(m != "clip_dissect" for m in plan.methods)
 
 
 def plan_request(store: ObjectStore, request: explainer_pb2.ExplainRequest) -> ExplainPlan:

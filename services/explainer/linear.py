@@ -184,8 +184,8 @@ def _chunk_labels(chunk: LabelChunk, column_of: np.ndarray, coverage: bool) -> n
         columns = _columns(labels, column_of)
         keep &= columns >= 0
         counts += np.bincount(image_row[keep] * n_columns + columns[keep], minlength=n * n_columns)
-    values = counts.reshape(n, n_columns).astype(np.float32)
-    values = values / pixels if coverage else (values > 0).astype(np.float32)
+    found = counts.reshape(n, n_columns)
+    values = (found / pixels if coverage else found > 0).astype(np.float32)
     columns = _columns(chunk.image, column_of)
     rows = np.broadcast_to(np.arange(n)[:, None], columns.shape)
     tagged = (chunk.image > 0) & (columns >= 0)

@@ -10,11 +10,14 @@ Per-layer outputs besides the result blocks:
 - `results/{job}/{layer}/netdissect/summary.json`: detectors and unique detector
   labels, in all and per category, over every unit stored so far;
 - `results/{job}/{layer}/netdissect/tally.csv`: NetDissect-Lite's tally, merged from
-  the blocks' parts under `netdissect/tally/`.
+  the blocks' parts under `netdissect/tally/`;
+- `results/{job}/{layer}/simulation/summary.json`: mean ρ ± standard error per
+  method, dead units, the simulator used.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,6 +41,7 @@ from services.explainer.method_params import (
 )
 from services.explainer.sharding import gather
 from services.explainer.shared_inputs import SharedInputs, text_embeddings
+from services.explainer.simulated_predictions import SCORED_METHODS
 
 
 @dataclass
@@ -264,3 +268,70 @@ def linear_stage(stage: Stage) -> Iterator[Progress]:
             stage.settings, plan, concepts_ref, moments, pooled, u0, u1
         ),
     )
+
+
+# -- simulation scoring ---------------------------------------------------------------------
+
+
+def simulation_stage(stage: Stage) -> Iterator[Progress]:
+    """Score every stored explanation of the requested units on the test split.
+
+    Reads what the other methods stored for the layer (run it after them), predicts
+    each unit from P_sim (`shared_inputs.SharedInputs.simulator`) and stores Pearson ρ
+    per method, then the layer's summary over every unit scored so far.
+    """
+    plan, method = stage.plan, "simulation"
+    missing = stage.missing(method)
+    if not missing:
+        yield stage.stored(method)
+        return
+    seed = linear_settings(plan.spec).seed
+    sim = stage.shared.simulator(seed)
+    stored = {
+        m: rows
+        for m in SCORED_METHODS
+        if (rows := results_io.read_rows(stage.store, plan.job_id, plan.layer, m))
+    }
+    test = stage.shared.split(seed).test
+    shared = (ray.put(sim), ray.put(np.ascontiguousarray(stage.shared.pooled("mean")[test])))
+    yield from stage.run_blocks(
+        method,
+        missing,
+        lambda u0, u1: block_tasks.simulation_block.remote(
+            stage.settings,
+            plan,
+            *shared,
+            {m: [rows.get(u) for u in range(u0, u1)] for m, rows in stored.items()},
+            u0,
+            u1,
+        ),
+    )
+    rows = results_io.read_rows(stage.store, plan.job_id, plan.layer, method)
+    summary = {**simulation_summary(rows.values()), "simulator": sim.kind, "test_images": len(test)}
+    stage.store.put_json(keys.result_summary(plan.job_id, plan.layer, method), summary)
+
+
+def simulation_summary(rows: Any) -> dict[str, Any]:
+    """Mean ρ ± standard error (ddof 1) per method over live units; dead units apart.
+
+    `rows` are stored simulation rows (`{"unit", "simulation": {method: ρ}, "dead"}`).
+    """
+    rows = list(rows)
+    scores: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("dead"):
+            continue
+        for m, rho in row.get("simulation", {}).items():
+            if isinstance(rho, float | int) and math.isfinite(rho):
+                scores.setdefault(m, []).append(float(rho))
+    methods = {}
+    for m, values in sorted(scores.items()):
+        n = len(values)
+        mean = sum(values) / n
+        sem = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
+        methods[m] = {"mean": mean, "sem": sem, "units": n}
+    return {
+        "units": len(rows),
+        "dead_units": sum(bool(row.get("dead")) for row in rows),
+        "methods": methods,
+    }

@@ -259,7 +259,7 @@ class IoUTally:
         n_units, n_labels = self._intersection.shape
         rows = counts.sets.rows
         width = rows.shape[1]
-        at = counts.unit[:, None] * n_labels + rows[counts.set]
+        at = counts.pair_unit[counts.pair][:, None] * n_labels + rows[counts.set]
         self._intersection += _weighted_count(
             at.reshape(-1), np.repeat(counts.count, width), n_units * n_labels
         ).reshape(n_units, n_labels)

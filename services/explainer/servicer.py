@@ -32,6 +32,7 @@ STAGES: dict[str, Callable[[Stage], Iterator[explainer_pb2.ExplainProgress]]] = 
     "compositional": method_stages.compositional_stage,
     "clip_dissect": method_stages.clip_dissect_stage,
     "linear": method_stages.linear_stage,
+    "simulation": method_stages.simulation_stage,
 }
 
 

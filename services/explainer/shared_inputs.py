@@ -3,8 +3,8 @@
 Each input is loaded from the store (or derived) at most once per call and put into
 Ray once (`ray.put`), so the tasks on a node map one shared copy instead of each
 reading it: the concept table, the layer's pooled activations, the probe set's
-label matrix, the persisted train/val/test split, and LE's concept matrix with its
-moments.
+label matrix, the persisted train/val/test split, LE's concept matrix, and the
+simulator's concept matrix.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from services.common.store import ObjectStore
 from services.explainer import clip_dissect, linear
 from services.explainer.explain_plan import ExplainPlan, read_table
 from services.explainer.method_params import LinearSettings
+from services.explainer.simulated_predictions import Simulator
 
 
 @dataclass(frozen=True)
@@ -168,24 +169,54 @@ class SharedInputs:
         return self.value("linear_concepts", load)
 
     def _clip_concepts(self, params: LinearSettings) -> tuple[np.ndarray, list[str]]:
-        names, texts = text_embeddings(self.store, self.plan.linear)
-        images = self.store.get_array(self.plan.linear.image_key)
-        similarity = clip_dissect.clip_similarity(images, texts)
+        names, similarity = self.clip_similarity(self.plan.linear)
         a, b = params.a, params.b
         if a is None or b is None:
-            table = self.table()
-            column = {c.name: i for i, c in enumerate(table.labels)}
-            shared = [(m, column[n]) for m, n in enumerate(names) if n in column]
-            if not shared:
+            fitted = self.calibrate(names, similarity)
+            if fitted is None:
                 raise FailedPrecondition(
                     "LE(CLIP) calibrates (a, b) on concepts named like the probe set's labels,"
                     " and none is; set spec.linear.a and spec.linear.b",
                     "spec.linear.a",
                 )
-            concept_at, label_at = (list(t) for t in zip(*shared, strict=True))
-            fitted = linear.calibrate_sigmoid(
-                similarity[:, concept_at], self.label_matrix()[:, label_at]
-            )
             a = fitted[0] if a is None else a
             b = fitted[1] if b is None else b
         return linear.clip_concept_matrix(similarity, a, b), names
+
+    def clip_similarity(
+        self, embeddings: explainer_pb2.ConceptEmbeddings
+    ) -> tuple[list[str], np.ndarray]:
+        """Concept names (C,) and the (N, C) float32 CLIP cosines S of stored embeddings."""
+        names, texts = text_embeddings(self.store, embeddings)
+        images = self.store.get_array(embeddings.image_key)
+        return names, clip_dissect.clip_similarity(images, texts)
+
+    def calibrate(self, names: list[str], similarity: np.ndarray) -> tuple[float, float] | None:
+        """(a, b) of σ(a·(S + b)) fitted to the labels named like concepts; None if none is."""
+        column = {c.name: i for i, c in enumerate(self.table().labels)}
+        shared = [(m, column[n]) for m, n in enumerate(names) if n in column]
+        if not shared:
+            return None
+        concept_at, label_at = (list(t) for t in zip(*shared, strict=True))
+        return linear.calibrate_sigmoid(
+            similarity[:, concept_at], self.label_matrix()[:, label_at]
+        )
+
+    def simulator(self, seed: int) -> Simulator:
+        """P_sim on the test images of the split.
+
+        With the request's `simulation` embeddings: σ(a·(S + b)) of the simulator
+        CLIP's cosines, (a, b) calibrated on the probe labels that share a name with
+        a text (as LE(CLIP)), plain cosines when none does. Without: the label matrix.
+        """
+        test = self.split(seed).test
+        if not self.plan.simulation.text_key:
+            names = [c.name for c in self.table().labels]
+            return Simulator("labels", names, self.label_matrix()[test])
+        names, similarity = self.clip_similarity(self.plan.simulation)
+        fitted = self.calibrate(names, similarity)
+        if fitted is None:
+            return Simulator("clip cosine", names, similarity[test])
+        a, b = fitted
+        matrix = linear.clip_concept_matrix(similarity[test], a, b)
+        return Simulator(f"clip sigmoid a={a:g} b={b:g}", names, matrix)

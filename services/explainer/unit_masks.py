@@ -3,7 +3,7 @@
 A pixel's *label set* is every label covering it: its label in each pixel plane and
 every image-level label of its image (an image-level label covers the whole image),
 restricted to labels of a selected category (`label_categories[l] >= 0`), label 0
-never included. A chunk has few distinct label sets, so counting a unit's mask
+never included. An image has few distinct label sets, so counting a unit's mask
 pixels per label set (instead of per label and plane) is exact and cheap:
 
 - the intersection |M_u ∩ L_c| is the sum of the counts of the sets holding c
@@ -12,8 +12,8 @@ pixels per label set (instead of per label and plane) is exact and cheap:
 
 `count_masks` thresholds one chunk of activations (n, U, h, w) against per-unit
 thresholds, skipping every (image, unit) pair whose raw maximum is at or below the
-threshold (its resized mask is empty, see `upsample`), and resizes only the tiles
-that can hold mask pixels.
+threshold (its resized mask is empty, see `upsample`), and finds the mask pixels
+as runs down band columns; a run inside one label set counts at once.
 """
 
 from __future__ import annotations
@@ -25,27 +25,25 @@ import numpy as np
 from services.common.probe_format import LabelChunk
 from services.explainer.upsample import bilinear_resize
 
-# Dense (unit, label set) counting up to this many bins, sorting beyond.
+# Dense (pair, label set) counting up to this many bins, sorting beyond.
 _DENSE_BINS = 1 << 24
 
 
 @dataclass(frozen=True)
 class LabelSets:
-    """The distinct label sets of one chunk and which set covers each pixel.
+    """The label sets of one chunk's images and which set covers each pixel.
 
-    Rows hold a set's labels in descending order, padded with 0 at the end.
+    Sets are numbered image by image: image i's sets are `first_set[i]` to
+    `first_set[i + 1] - 1`. Rows hold a set's labels in descending order, padded
+    with 0 at the end; two sets may hold the same labels.
     """
 
     rows: np.ndarray  # (A, K) int32
-    pixel_count: np.ndarray  # (A,) int64 pixels of the chunk covered by each set
+    pixel_count: np.ndarray  # (A,) int64 pixels covered by each set
     category_bits: np.ndarray  # (A,) uint64 bit c set when the set holds a label of category c
+    first_set: np.ndarray  # (n + 1,) int64
     pixel_set: np.ndarray  # (n, sh, sw) int32 set index of every pixel
     image_bits: np.ndarray  # (n,) uint64 categories present anywhere in each image
-
-    @property
-    def n_sets(self) -> int:
-        """Number of label sets, A."""
-        return len(self.rows)
 
 
 def canonical_rows(rows: np.ndarray) -> np.ndarray:
@@ -56,14 +54,14 @@ def canonical_rows(rows: np.ndarray) -> np.ndarray:
     rows = -np.sort(-rows, axis=1)
     repeat = np.zeros(rows.shape, dtype=bool)
     repeat[:, 1:] = rows[:, 1:] == rows[:, :-1]
-    pass
+    rows[repeat] = 0
     rows = -np.sort(-rows, axis=1)
     width = int((rows != 0).sum(axis=1).max(initial=0))
     return np.ascontiguousarray(rows[:, :width])
 
 
 def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return (distinct rows (A, K), index (R,) int64 of each input row among them).
+    """Return (distinct rows (A, K) in lexicographic order, index (R,) of each row among them).
 
     `rows` (R, K) non-negative integers. Columns are packed into one int64 key while
     it fits, and factorised when it would not, so only integer keys are sorted.
@@ -92,12 +90,11 @@ def category_bits(rows: np.ndarray, label_categories: np.ndarray) -> np.ndarray:
 
 
 def chunk_label_sets(labels: LabelChunk, label_categories: np.ndarray) -> LabelSets:
-    """Split a chunk's pixels into label sets.
+    """Split a chunk's pixels into label sets, image by image.
 
     `labels.pixel` (n, P, sh, sw) int32 and `labels.image` (n, Q) int32 hold label
     numbers; `label_categories` (L + 1,) int32 is each label's category index, -1 for
-    labels of no selected category (they are dropped). Two set indices may hold the
-    same labels (written in another order); every count stays exact.
+    labels of no selected category (they are dropped).
     """
     n, planes = labels.pixel.shape[:2]
     size = labels.pixel.shape[2] * labels.pixel.shape[3]
@@ -110,28 +107,31 @@ def chunk_label_sets(labels: LabelChunk, label_categories: np.ndarray) -> LabelS
     run_start = np.flatnonzero(start)
     image = run_start // size
     at = image * (planes * size) + run_start % size
-    raw = np.empty((len(run_start), planes + labels.image.shape[1]), dtype=np.int32)
+    # A run's set: its image (which fixes the image-level labels) and its plane labels.
+    key = np.empty((len(run_start), 1 + planes), dtype=np.int64)
+    key[:, 0] = image
     for p in range(planes):
-        raw[:, p] = labels.pixel.reshape(-1)[at + p * size]
-    raw[:, planes:] = labels.image[image]
+        key[:, 1 + p] = labels.pixel.reshape(-1)[at + p * size]
+    distinct, run_set = unique_rows(key)  # sorted by image first
+    raw = np.concatenate([distinct[:, 1:], labels.image[distinct[:, 0]]], axis=1)
     if raw.size and (raw.min() < 0 or raw.max() >= len(label_categories)):
         raise ValueError(
             f"label numbers must lie in [0, {len(label_categories) - 1}], "
             f"got [{raw.min()}, {raw.max()}]"
         )
-    distinct, run_set = unique_rows(raw)
-    rows = canonical_rows(np.where(label_categories[distinct] >= 0, distinct, 0).astype(np.int32))
+    rows = canonical_rows(np.where(label_categories[raw] >= 0, raw, 0).astype(np.int32))
     run_length = np.diff(run_start, append=n * size)
     bits = category_bits(rows, label_categories)
-    first_run = np.searchsorted(image, np.arange(n))
+    first_set = np.searchsorted(distinct[:, 0], np.arange(n + 1))
     return LabelSets(
         rows=rows,
         pixel_count=np.bincount(run_set, weights=run_length, minlength=len(rows)).astype(np.int64),
         category_bits=bits,
+        first_set=first_set,
         pixel_set=np.repeat(run_set.astype(np.int32), run_length).reshape(
             n, *labels.pixel.shape[2:]
         ),
-        image_bits=np.bitwise_or.reduceat(bits[run_set], first_run),
+        image_bits=np.bitwise_or.reduceat(bits, first_set[:-1]),
     )
 
 
@@ -164,15 +164,15 @@ class MaskCounts:
     pair_unit: np.ndarray  # (m,) int64 unit index within the block
     pair_area: np.ndarray  # (m,) int64 |M| of the pair
     pair_bits: np.ndarray  # (m,) uint64 categories of the labels inside the mask
-    unit: np.ndarray  # (k,) int64 ┐ mask pixels of `unit` covered by label set `set`:
-    set: np.ndarray  # (k,) int64  │ one entry per nonzero count, sorted by unit then set
+    pair: np.ndarray  # (k,) int64 ┐ mask pixels of pair `pair` covered by label set `set`,
+    set: np.ndarray  # (k,) int64  │ one entry per nonzero count, sorted by pair
     count: np.ndarray  # (k,) int64 ┘
 
 
 def count_masks(
     acts: np.ndarray, labels: LabelChunk, thresholds: np.ndarray, label_categories: np.ndarray
 ) -> MaskCounts:
-    """Threshold a chunk's activations and count each unit's mask pixels per label set.
+    """Threshold a chunk's activations and count each pair's mask pixels per label set.
 
     `acts` (n, U, h, w) float32 raw activations of images [labels.i0, labels.i1),
     `thresholds` (U,) float32, `label_categories` (L + 1,) int32.
@@ -188,51 +188,46 @@ def count_masks(
     n_bands, (sh, sw) = len(resize.rows.band_start), sets.pixel_set.shape[1:]
     raw_max = acts.reshape(n, n_units, -1).max(axis=2)
     pair_image, pair_unit = np.nonzero(raw_max > thresholds)
-    m = len(pair_image)
-    pair_area = np.zeros(m, dtype=np.int64)
-    pair_bits = np.zeros(m, dtype=np.uint64)
+    # Bins of pair p: one per label set of its image, from base[p] on.
+    image_sets = np.diff(sets.first_set)[pair_image]
+    base = np.cumsum(image_sets) - image_sets
+    offset = base - sets.first_set[pair_image]  # bin = offset[p] + set
     keys, weights = [], []
-    maps = acts[pair_image, pair_unit]
-    for runs in resize.runs_above(maps, thresholds[pair_unit]):
-        pair = runs.index
-        image, unit = pair_image[pair], pair_unit[pair]
+    for runs in resize.runs_above(acts[pair_image, pair_unit], thresholds[pair_unit]):
+        image = pair_image[runs.index]
         run_set = uniform[(image * n_bands + runs.band) * sw + runs.x]
-        bits = np.zeros(len(pair), dtype=np.uint64)
         # Runs inside one label set count at once ...
         whole = np.flatnonzero(run_set >= 0)
-        keys.append(unit[whole] * sets.n_sets + run_set[whole])
+        keys.append(offset[runs.index[whole]] + run_set[whole])
         weights.append(runs.length[whole])
-        bits[whole] = sets.category_bits[run_set[whole]]
         # ... the others pixel by pixel.
         split = np.flatnonzero(run_set < 0)
         length = runs.length[split]
-        offset = np.cumsum(length) - length
-        run = np.repeat(np.arange(len(split)), length)
-        y = np.repeat(runs.y[split], length) + (np.arange(len(run)) - offset[run])
-        label_set = flat_sets[(image[split][run] * sh + y) * sw + runs.x[split][run]]
-        keys.append(unit[split][run] * sets.n_sets + label_set)
+        run = np.repeat(split, length)
+        y = runs.y[run] + np.arange(len(run)) - np.repeat(np.cumsum(length) - length, length)
+        keys.append(offset[runs.index[run]] + flat_sets[(image[run] * sh + y) * sw + runs.x[run]])
         weights.append(np.ones(len(run), dtype=np.int64))
-        if len(split):
-            bits[split] = np.bitwise_or.reduceat(sets.category_bits[label_set], offset)
-        pair_area += np.bincount(pair, weights=runs.length, minlength=m).astype(np.int64)
-        first = np.flatnonzero(np.diff(pair, prepend=-1))
-        if len(first):
-            pair_bits[pair[first]] |= np.bitwise_or.reduceat(bits, first)
     key, count = _count(
         np.concatenate(keys) if keys else np.zeros(0, np.int64),
         np.concatenate(weights) if weights else np.zeros(0, np.int64),
-        n_units * sets.n_sets,
+        int(image_sets.sum()),
     )
+    pair = np.searchsorted(base, key, side="right") - 1
+    label_set = key - offset[pair]
+    first = np.flatnonzero(np.diff(pair, prepend=-1))
+    pair_bits = np.zeros(len(pair_image), dtype=np.uint64)
+    if len(first):
+        pair_bits[pair[first]] = np.bitwise_or.reduceat(sets.category_bits[label_set], first)
     return MaskCounts(
         i0=labels.i0,
         sets=sets,
         raw_max=raw_max,
         pair_image=pair_image,
         pair_unit=pair_unit,
-        pair_area=pair_area,
+        pair_area=np.bincount(pair, weights=count, minlength=len(pair_image)).astype(np.int64),
         pair_bits=pair_bits,
-        unit=key // sets.n_sets,
-        set=key % sets.n_sets,
+        pair=pair,
+        set=label_set,
         count=count,
     )
 

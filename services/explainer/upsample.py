@@ -209,7 +209,9 @@ class BilinearResize:
         wy, wx = rows.patterns[py], cols.patterns[px]  # (ly, Ky), (lx, Kx)
         taps_y = rows.band_taps[band_y]  # (k, Ky)
         taps_x = cols.band_taps[band_x]  # (k, Kx)
-        corners = maps[index[:, None, None], taps_y[:, :, None], taps_x[:, None, :]]  # (k, Ky, Kx)
+        h, w = maps.shape[1:]
+        at = (index * (h * w))[:, None, None] + taps_y[:, :, None] * w + taps_x[:, None, :]
+        corners = maps.reshape(-1)[at]  # (k, Ky, Kx)
         # Horizontal pass over the tile's columns for each source row: (k, Ky, lx).
         horizontal = _accumulate(corners[:, :, None, :], wx[None, None, :, :])
         _, n_taps, lx = horizontal.shape
@@ -253,22 +255,20 @@ def _monotone_runs(
     exact arithmetic confirmed on the rows just inside and just outside the run.
     """
     ly = len(weights)
+    w0, w1 = weights[:, 0], weights[:, 1]
     low, high = column[:, 0], column[:, 1]
     delta = high - low
     falling = delta < 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        # value(r) ≈ low + delta · weights[r, 1] crosses the cut here; flat columns
-        # are all above or all below it.
-        crossing = np.where(delta == 0, np.where(low > cut, -np.inf, np.inf), (cut - low) / delta)
-    edge = np.where(
-        falling,
-        np.searchsorted(weights[:, 1], crossing, side="left"),
-        np.searchsorted(weights[:, 1], crossing, side="right"),
-    )
-    row = np.stack([edge - 1, edge], axis=1).clip(0, ly - 1)  # (c, 2)
-    value = low[:, None] * weights[row, 0] + high[:, None] * weights[row, 1]
-    above = value > cut[:, None]
-    before = above[:, 0] & (edge > 0)  # the row before the edge is above the cut
-    after = above[:, 1] & (edge < ly)  # the row at the edge is above the cut
+        # value(r) ≈ low + delta · w1[r] crosses the cut here.
+        crossing = (cut - low) / delta
+    flat = np.flatnonzero(delta == 0)  # all above or all below
+    crossing[flat] = np.where(low[flat] > cut[flat], -np.inf, np.inf)
+    # Rows with w1 > crossing (rising) or < crossing (falling) are above; a weight
+    # equal to the crossing is caught by the check below.
+    edge = np.searchsorted(w1, crossing, side="right")
+    prev, at = np.maximum(edge - 1, 0), np.minimum(edge, ly - 1)
+    before = (low * w0[prev] + high * w1[prev] > cut) & (edge > 0)  # row edge - 1 is above
+    after = (low * w0[at] + high * w1[at] > cut) & (edge < ly)  # row edge is above
     sure = np.where(falling, (before | (edge == 0)) & ~after, ~before & (after | (edge == ly)))
     return np.where(falling, 0, edge), np.where(falling, edge, ly), sure

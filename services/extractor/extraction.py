@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -77,6 +78,7 @@ ACTIVATION_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FLOAT16_MAX = 65504.0
 BAD_EXAMPLES = 10
 PROGRESS_INTERVAL_S = 1.0
+LOAD_GROUP = 8
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -453,16 +455,18 @@ class Extraction:
             total = table.n_images
         with_labels = table is None
 
-        def load(item: tuple[ProbeRow, int | None]) -> _Loaded:
-            return self._load(item[0], item[1], with_labels)
+        def load(group: list[tuple[ProbeRow, int | None]]) -> list[_Loaded]:
+            return [self._load(row, index, with_labels) for row, index in group]
 
-        loader = _prefetched(
-            load, work, self.compute.loader_threads, max(2 * self.compute.batch_size, 16)
-        )
+        # Rows are decoded in groups: one task per row would make the loader threads fight
+        # the forward pass for the GIL on every image.
+        groups = [work[i : i + LOAD_GROUP] for i in range(0, len(work), LOAD_GROUP)]
+        depth = max(2, 2 * self.compute.batch_size // LOAD_GROUP)
+        loader = _prefetched(load, groups, self.compute.loader_threads, depth)
         writer = ChunkWriter(self.compute.writer_threads, self.compute.max_pending_writes)
         last_progress = time.monotonic()
         try:
-            for loaded in loader:
+            for loaded in itertools.chain.from_iterable(loader):
                 if loaded.error:
                     if table is not None:
                         raise FailedPrecondition(

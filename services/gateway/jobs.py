@@ -40,14 +40,6 @@ TERMINAL: frozenset[State] = frozenset(
     {common_pb2.SUCCEEDED, common_pb2.FAILED, common_pb2.CANCELLED}
 )
 
-# The stages that run, in order, and the state a job is in while each runs.
-STAGE_STATES: dict[str, State] = {
-    "extract": common_pb2.EXTRACTING,
-    "explain": common_pb2.EXPLAINING,
-    "caption": common_pb2.CAPTIONING,
-    "report": common_pb2.REPORTING,
-}
-
 _ORDER: list[State] = [
     common_pb2.QUEUED,
     common_pb2.EXTRACTING,

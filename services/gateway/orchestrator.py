@@ -57,7 +57,7 @@ from services.gateway import results
 from services.gateway.jobs import TERMINAL, JobStore, State, is_before
 from services.gateway.peers import Peers, peer_error
 from services.gateway.report import render_report
-from services.gateway.validation import EXPLAIN_METHODS
+from services.gateway.validation import EXPLAIN_METHODS, requested_methods
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ class Orchestrator:
 
     def _explain(self, run: _Run, job: common_pb2.Job, image_keys: dict[str, str]) -> None:
         spec = job.spec
-        methods = [m for m in EXPLAIN_METHODS if spec.HasField(m)]
+        methods = [m for m in requested_methods(spec) if m in EXPLAIN_METHODS]
         if not methods:
             return
         self._enter(run, job, common_pb2.EXPLAINING)

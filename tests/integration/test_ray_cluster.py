@@ -117,7 +117,7 @@ def _stop(groups: list[int]) -> None:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    assert not ray.is_initialized()
+    ray.shutdown()  # a Ray left connected by another module would be reused
     temp_dir = tempfile.mkdtemp(prefix="ndx-ray-", dir="/tmp")  # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Token auth would read a token shared by every Ray of the machine; this cluster is private.
@@ -170,7 +170,7 @@ def _task_workers(name: str, groups: list[int]) -> list[int]:
     return [pid for pid, title in _cluster_processes(groups).items() if title.startswith(name)]
 
 
-def test_two_nodes_share_the_blocks(cluster: Cluster) -> None:
+def test_the_cluster_has_two_nodes_of_one_cpu(cluster: Cluster) -> None:
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2
     assert ray.cluster_resources().get("CPU") == 2

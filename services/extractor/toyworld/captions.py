@@ -31,7 +31,8 @@ def phrases(spec: ImageSpec) -> list[str]:
     CLIP-Dissect embeds) land near the images they describe.
     """
     texture = spec.texture.kind
-    out = [caption(spec), describe_background(spec), spec.background, texture]
+    scene = WORLD.scenes[spec.scene]
+    out = [caption(spec), describe_background(spec), spec.background, texture, scene]
     out += [f"a {WORLD.adjective(texture)} background", f"a {spec.background} background"]
     for shape in spec.shapes:
         out += [

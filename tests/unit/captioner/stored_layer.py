@@ -55,7 +55,7 @@ def store_layer(
     dtype: str = "float32",
 ) -> StoredLayer:
     """Store (N, U, h, w) activations in chunks, the pooled summary, the manifest (last)."""
-    n, units = acts.shape[:2]
+    n = acts.shape[0]
     manifest = ActivationManifest(
         ACTS_KEY, LAYER, acts.shape, dtype, unit_block, image_chunk, DATASET_KEY
     )

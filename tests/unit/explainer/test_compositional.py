@@ -46,7 +46,9 @@ def dense_label_masks(
     return masks
 
 
-def dense_mask(formula: Formula, masks: dict[int, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+def dense_mask(
+    formula: Formula, masks: dict[int, np.ndarray], shape: tuple[int, ...]
+) -> np.ndarray:
     if isinstance(formula, Leaf):
         return masks.get(formula.label, np.zeros(shape, bool))
     if isinstance(formula, Not):
@@ -74,8 +76,9 @@ def dense_search(
     primitive = {label: score(dense_mask(Leaf(label), masks, shape)) for label in labels}
     if settings.top_k is not None:
         labels = sorted(sorted(labels, key=lambda x: (-primitive[x][1], x))[: settings.top_k])
-    # entries: (formula, length, iou, rank)
-    beam = [(Leaf(x), 1, primitive[x][1], primitive[x][1]) for x in labels if primitive[x][0]]
+    beam: list[tuple[Formula, int, float, float]] = [  # (formula, length, iou, rank)
+        (Leaf(x), 1, primitive[x][1], primitive[x][1]) for x in labels if primitive[x][0]
+    ]
     beam = sorted(beam, key=lambda e: -e[3])[: settings.beam]
     for length in range(2, settings.max_length + 1):
         pool = list(beam)
@@ -193,13 +196,14 @@ def test_search_matches_dense_reference() -> None:
     candidates = [x for x in range(1, 26) if label_categories[x] >= 0]
     masks = dense_label_masks(pixel, image, label_categories)
     unit_masks = dense_unit_masks(acts, thresholds, (16, 16))
-    for settings in (SearchSettings(), SearchSettings(beam=3, max_length=4),
+    for settings in (SearchSettings(), SearchSettings(beam=3, max_length=4), SearchSettings(beam=2),
                      SearchSettings(top_k=6), SearchSettings(length_penalty=0.9)):
         found = explain_units(tables, dataset, np.array(candidates), settings)
         for u in range(10):
             assert final_beam(found[u]) == dense_search(unit_masks[u], masks, candidates, settings)
-            if found[u].formula is not None:
-                rescored = score_formula(found[u].formula, tables[u], dataset)
+            formula = found[u].formula
+            if formula is not None:
+                rescored = score_formula(formula, tables[u], dataset)
                 assert rescored.iou == found[u].iou
                 assert found[u].mask_area == unit_masks[u].sum()
 

@@ -321,7 +321,9 @@ def test_label_matrix_marks_pixel_and_image_labels() -> None:
 
 def test_label_matrix_coverage_counts_a_pixel_once() -> None:
     p = label_matrix(chunks(), 3, concept_numbers=[7, 5, 3, 9], coverage=True)
-    np.testing.assert_allclose(p, [[0.25, 0.5, 0, 0.25], [1.0, 0, 1, 0], [0, 0, 1, 0]])
+    np.testing.assert_allclose(
+        p, [[0.25, 0.5, 0.0, 0.25], [1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
+    )
 
 
 @pytest.mark.parametrize("which", ["missing", "repeated"])

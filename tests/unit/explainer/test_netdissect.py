@@ -105,7 +105,8 @@ def brute_force_tally(
         for c, m in masks.items():
             out["label_area"][c] += m.sum()
         for u in range(n_units):
-            resized = np.asarray(Image.fromarray(acts[i, u]).resize((sw, sh), Image.BILINEAR))
+            image_u = Image.fromarray(acts[i, u])
+            resized = np.asarray(image_u.resize((sw, sh), Image.Resampling.BILINEAR))
             mask = resized > thresholds[u]
             area = int(mask.sum())
             out["mask_area"][u] += area
@@ -147,7 +148,8 @@ def test_resize_equals_pil_bilinear(in_size: tuple[int, int], out_size: tuple[in
     maps = (rng.standard_normal((4, *in_size)) * 3).astype(np.float32)
     ours = BilinearResize(in_size, out_size)(maps)
     pil = np.stack([
-        np.asarray(Image.fromarray(m).resize(out_size[::-1], Image.BILINEAR)) for m in maps
+        np.asarray(Image.fromarray(m).resize(out_size[::-1], Image.Resampling.BILINEAR))
+        for m in maps
     ])
     assert ours.shape == pil.shape
     np.testing.assert_allclose(ours, pil, rtol=0, atol=1e-5)
@@ -214,6 +216,11 @@ def test_thresholds_equal_np_quantile() -> None:
         )
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, expected)
+    # Few, spread values: the interpolation's rounding shows in the last bit.
+    few = rng.standard_normal((7, 1, 1, 1)).astype(np.float32)
+    for top_quantile in rng.uniform(0, 1, 200).tolist():
+        got = unit_thresholds(lambda: iter([few]), top_quantile)
+        np.testing.assert_array_equal(got, [np.quantile(few.ravel(), 1 - top_quantile)])
 
 
 def test_thresholds_need_the_same_chunks_twice() -> None:
@@ -275,7 +282,7 @@ def test_unit_blocks_give_the_rows_of_the_whole_layer() -> None:
         for u0 in range(0, 70, block):
             u1 = min(u0 + block, 70)
             part = [c[:, u0:u1] for c in chunks]
-            thresholds = unit_thresholds(lambda part=part: iter(part))
+            thresholds = unit_thresholds(part.__iter__)
             np.testing.assert_array_equal(thresholds, whole_thresholds[u0:u1])
             got = run_tally(acts[:, u0:u1], pixel, image, thresholds, label_categories,
                             chunk=8, first_unit=u0)

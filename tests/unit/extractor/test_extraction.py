@@ -15,12 +15,14 @@ from services.common import keys
 from services.common.activations import iter_units, read_manifest, read_pooled
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.probe_format import read_concepts, read_label_chunk
+from services.common.settings import Settings
 from services.common.store import LocalStore
 from services.extractor.broden import read_broden
 from services.extractor.extraction import ComputeConfig, Extraction, ExtractionResult
-from services.extractor.models import ModelSource
+from services.extractor.models import ModelSource, resolve_model
 from services.extractor.preprocessing import preprocessing
 from services.extractor.probe_dataset import ProbeDataset
+from services.extractor.toyworld.planted import planted_units
 
 N_IMAGES = 64  # the `toy_root` fixture: 64 images at 32 px
 SIZE = 32
@@ -283,3 +285,26 @@ def test_layer_without_feature_map_is_refused(tmp_path: Path, toy_root: Path) ->
                             ComputeConfig())
     with pytest.raises(InvalidArgument, match=r"does not output a feature map"):
         run(extraction)
+
+
+def test_planted_colour_units_line_up_with_the_colour_labels(
+    tmp_path: Path, toy_root: Path
+) -> None:
+    """Known answer: unit k of the planted model fires exactly where colour k is labelled."""
+    store = LocalStore(tmp_path / "store")
+    source = resolve_model("toy", "planted", "", 0, Settings(cache_dir=str(tmp_path)))
+    result = run(Extraction(store, read_broden(toy_root), source, ["colors"], ComputeConfig()))
+    table = read_concepts(store, result.dataset_key)
+    labels = read_label_chunk(store, result.dataset_key, 0, N_IMAGES)
+    colour = labels.pixel[:, table.plane_categories.index("color")]  # (N, 16, 16)
+    acts = stored(store, result.acts_keys["colors"], "colors")  # (N, 9, 16, 16), same grid
+    assert acts.shape == (N_IMAGES, 9, SIZE // 2, SIZE // 2)
+    _, peak = read_pooled(store, result.acts_keys["colors"], "colors")
+    for unit, name in planted_units().items():
+        number = next(c.number for c in table.labels if c.name == name)
+        # Per image: the unit fires iff the colour is labelled somewhere.
+        np.testing.assert_array_equal(peak[:, unit] > 0.1, (colour == number).any(axis=(1, 2)))
+        # Per pixel: the maps overlap (edges differ: a 2×2 block pooled at the mask grid).
+        fired, truth = acts[:, unit] > 0.3, colour == number
+        assert (fired & truth).sum() / (fired | truth).sum() > 0.7, name
+    assert peak[:, 8].max() == 0.0  # the dead unit

@@ -14,6 +14,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.settings import Settings
 from services.extractor.hooks import HookTap, ScriptTap, check_layers, describe
 from services.extractor.models import resolve_model
+from services.extractor.toyworld.toynet import ToyNet
 
 
 @pytest.fixture()
@@ -130,3 +131,24 @@ def _load_fresh(source: object) -> nn.Module:
     return source.load()  # type: ignore[attr-defined, no-any-return]
 
 
+
+
+def test_toy_models(settings: Settings, tmp_path: Path) -> None:
+    planted = resolve_model("toy", "planted", "", 0, settings)
+    assert planted.identity == resolve_model("toy", "planted", "", 0, settings).identity
+    assert planted.default_input_size == 64
+    shapes = {s.name: s for s in describe(planted.load(), torch.zeros(1, 3, 64, 64))}
+    assert shapes["colors"].shape == (9, 32, 32) and shapes["pool"].shape == (9, 1, 1)
+    with pytest.raises(InvalidArgument, match="no weights"):
+        resolve_model("toy", "planted", str(tmp_path), 0, settings)
+    with pytest.raises(InvalidArgument, match=r"'toynet', 'planted'"):
+        resolve_model("toy", "resnet18", "", 0, settings)
+    # Without a file, toynet is named by its training recipe (resolving trains nothing).
+    trained = resolve_model("toy", "toynet", "", 0, settings)
+    assert not (tmp_path / "cache" / "toyworld").exists()
+    path = tmp_path / "toynet.pth"
+    torch.save(ToyNet().state_dict(), path)
+    from_file = resolve_model("toy", "toynet", str(path), 0, settings)
+    assert from_file.identity != trained.identity
+    shapes = {s.name: s for s in describe(from_file.load(), torch.zeros(1, 3, 64, 64))}
+    assert shapes["layer3"].shape == (64, 8, 8) and shapes["fc"].shape == (18, 1, 1)
