@@ -47,8 +47,10 @@ def main() -> None:
     print("-" * len(header))
     for r in records:
         ok = "yes" if r["ratio"] >= r["target"] else "no"
-        print(f"{r['name']:<24}{r['ours']:>14.4g}{r['baseline']:>14.4g}  {r['unit']:<12}"
-              f"{r['ratio']:>9.2f}{r['target']:>8.2f}  {ok}")
+        print(
+            f"{r['name']:<24}{r['ours']:>14.4g}{r['baseline']:>14.4g}  {r['unit']:<12}"
+            f"{r['ratio']:>9.2f}{r['target']:>8.2f}  {ok}"
+        )
         if r["notes"]:
             print(f"    {r['notes']}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -86,8 +86,10 @@ def dense_search(
 def run() -> list[dict[str, object]]:
     categories = label_categories()
     raw = synthetic_labels(7, IMAGES)
-    labels = [LabelChunk(i0, raw.pixel[i0 : i0 + CHUNK], raw.image[i0 : i0 + CHUNK])
-              for i0 in range(0, IMAGES, CHUNK)]
+    labels = [
+        LabelChunk(i0, raw.pixel[i0 : i0 + CHUNK], raw.image[i0 : i0 + CHUNK])
+        for i0 in range(0, IMAGES, CHUNK)
+    ]
     acts = synthetic_acts(7, raw)[:, :UNITS]
     thresholds = unit_thresholds(lambda: iter([acts]))
     candidates = np.flatnonzero(categories >= 0)
@@ -107,10 +109,12 @@ def run() -> list[dict[str, object]]:
     masks: dict[int, np.ndarray] = {}
     for label in np.unique(np.r_[raw.pixel.ravel(), raw.image.ravel()]):
         if label > 0 and categories[label] >= 0:
-            masks[int(label)] = ((raw.pixel == label).any(axis=1)
-                                 | (raw.image == label).any(axis=1)[:, None, None])
-    resized = BilinearResize(acts.shape[2:], (sh, sw))(acts[:, :BASELINE_UNITS].transpose(
-        1, 0, 2, 3).reshape(-1, *acts.shape[2:])).reshape(BASELINE_UNITS, IMAGES, sh, sw)
+            masks[int(label)] = (raw.pixel == label).any(axis=1) | (raw.image == label).any(axis=1)[
+                :, None, None
+            ]
+    resized = BilinearResize(acts.shape[2:], (sh, sw))(
+        acts[:, :BASELINE_UNITS].transpose(1, 0, 2, 3).reshape(-1, *acts.shape[2:])
+    ).reshape(BASELINE_UNITS, IMAGES, sh, sw)
     started = time.process_time()
     expected = [
         dense_search(resized[u] > thresholds[u], masks, candidates.tolist())
@@ -121,23 +125,27 @@ def run() -> list[dict[str, object]]:
         if (found[u].formula, found[u].iou) != (formula, value):
             raise AssertionError(f"unit {u}: {found[u].formula} != dense {formula}")
     lengths = np.bincount([e.length for e in found], minlength=4)
-    print(f"compositional_search: ours {ours:.2f} units/s, baseline {baseline:.4f} units/s "
-          f"({BASELINE_UNITS} units, extrapolated); dataset table {dataset_seconds:.2f} s once "
-          f"({len(dataset.rows)} label sets for {IMAGES} images)")
+    print(
+        f"compositional_search: ours {ours:.2f} units/s, baseline {baseline:.4f} units/s "
+        f"({BASELINE_UNITS} units, extrapolated); dataset table {dataset_seconds:.2f} s once "
+        f"({len(dataset.rows)} label sets for {IMAGES} images)"
+    )
     print(f"formula lengths over {UNITS} units: {lengths.tolist()} (index = leaves)")
-    return [{
-        "name": "compositional_search",
-        "ours": ours,
-        "baseline": baseline,
-        "unit": "units/s",
-        "ratio": ours / baseline,
-        "target": TARGET,
-        "notes": (
-            f"length 3, beam 5, {len(candidates)} candidate labels, {IMAGES} images at "
-            f"{sh}x{sw}; CPU time; dense baseline on {BASELINE_UNITS} units, extrapolated; "
-            f"same formulas and IoUs asserted; dataset table {dataset_seconds:.2f} s once"
-        ),
-    }]
+    return [
+        {
+            "name": "compositional_search",
+            "ours": ours,
+            "baseline": baseline,
+            "unit": "units/s",
+            "ratio": ours / baseline,
+            "target": TARGET,
+            "notes": (
+                f"length 3, beam 5, {len(candidates)} candidate labels, {IMAGES} images at "
+                f"{sh}x{sw}; CPU time; dense baseline on {BASELINE_UNITS} units, extrapolated; "
+                f"same formulas and IoUs asserted; dataset table {dataset_seconds:.2f} s once"
+            ),
+        }
+    ]
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ of this process (the machine is shared).
 
 from __future__ import annotations
 
+import functools
 import time
 import tracemalloc
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -89,8 +91,10 @@ def unit_preferences(seed: int, units: int) -> tuple[np.ndarray, np.ndarray, np.
     plane = rng.choice([0, 0, 0, 1, 2], units)
     label = np.select(
         [plane == 0, plane == 1],
-        [FIRST["object"] + _zipf(rng, SIZES["object"], units),
-         FIRST["part"] + _zipf(rng, SIZES["part"], units)],
+        [
+            FIRST["object"] + _zipf(rng, SIZES["object"], units),
+            FIRST["part"] + _zipf(rng, SIZES["part"], units),
+        ],
         FIRST["color"] + rng.integers(0, SIZES["color"], units),
     )
     return plane, label, rng.uniform(1.5, 3.0, units).astype(np.float32)
@@ -152,8 +156,12 @@ def baseline_tally(
                 tally_units_cat[unit_id] += len(indexes) * (tally_cat > 0)
     tally_both[:, 0] = 0
     tally_labels[0] = 0
-    return {"intersection": tally_both, "label_area": tally_labels, "mask_area": tally_units,
-            "mask_area_lite": tally_units_cat}
+    return {
+        "intersection": tally_both,
+        "label_area": tally_labels,
+        "mask_area": tally_units,
+        "mask_area_lite": tally_units_cat,
+    }
 
 
 def _tally(
@@ -169,6 +177,12 @@ def _tally(
     return tally.result(), spent
 
 
+def _block_chunks(acts: np.ndarray, u0: int) -> Iterator[np.ndarray]:
+    """The activation chunks of units [u0, u0 + BLOCK), as a block task reads them."""
+    for i0 in range(0, len(acts), CHUNK):
+        yield acts[i0 : i0 + CHUNK, u0 : u0 + BLOCK]
+
+
 def _chunks(first: int, last: int) -> list[LabelChunk]:
     out = []
     for i0 in range(first, last, CHUNK):
@@ -181,7 +195,7 @@ def _block_task_peak_mib(acts: np.ndarray, chunks: list[LabelChunk]) -> float:
     """Peak memory allocated by one block task (thresholds + tally for BLOCK units)."""
     tracemalloc.start()
     try:
-        thresholds = unit_thresholds(lambda: (acts[c.i0 : c.i1, :BLOCK] for c in chunks))
+        thresholds = unit_thresholds(functools.partial(_block_chunks, acts, 0))
         tally = IoUTally(thresholds, label_categories(), len(CATEGORIES))
         for chunk in chunks:
             tally.update(acts[chunk.i0 : chunk.i1, :BLOCK], chunk)
@@ -193,11 +207,18 @@ def _block_task_peak_mib(acts: np.ndarray, chunks: list[LabelChunk]) -> float:
 
 def run() -> list[dict[str, object]]:
     acts = np.concatenate(
-        [synthetic_acts(i0, synthetic_labels(i0, min(CHUNK, IMAGES - i0)))
-         for i0 in range(0, IMAGES, CHUNK)]
+        [
+            synthetic_acts(i0, synthetic_labels(i0, min(CHUNK, IMAGES - i0)))
+            for i0 in range(0, IMAGES, CHUNK)
+        ]
     )
     started = time.process_time()
-    thresholds = unit_thresholds(lambda: (acts[i : i + CHUNK] for i in range(0, IMAGES, CHUNK)))
+    thresholds = np.concatenate(
+        [  # one Ray block task after another
+            unit_thresholds(functools.partial(_block_chunks, acts, u0))
+            for u0 in range(0, UNITS, BLOCK)
+        ]
+    )
     threshold_rate = IMAGES / (time.process_time() - started)
     chunks = _chunks(0, IMAGES)
     _tally(acts[:CHUNK], chunks[:1], thresholds)  # warm-up: caches and allocator
@@ -214,39 +235,52 @@ def run() -> list[dict[str, object]]:
             raise AssertionError(f"tally differs from the baseline in {name}")
 
     firing = float((acts.max(axis=(2, 3)) > thresholds).mean())
-    labels_per_image = np.mean([
-        len(set(np.unique(c.pixel[i])) | set(c.image[i])) - 1 for c in chunks[:1] for i in
-        range(50)
-    ])
+    labels_per_image = np.mean(
+        [
+            len(set(np.unique(c.pixel[i])) | set(c.image[i])) - 1
+            for c in chunks[:1]
+            for i in range(50)
+        ]
+    )
     block_chunks = chunks[:3]
     peak = _block_task_peak_mib(acts[: block_chunks[-1].i1], block_chunks)
-    chunk_mib = (acts[:CHUNK, :BLOCK].nbytes + chunks[0].pixel.nbytes + chunks[0].image.nbytes)
-    print(f"iou_tally: ours {ours:.0f} images/s, baseline {baseline:.1f} images/s "
-          f"({BASELINE_IMAGES} images, extrapolated), thresholds {threshold_rate:.0f} images/s")
-    print(f"projected Broden ({BRODEN_IMAGES} images), ResNet-18 layer4 ({UNITS} units), one "
-          f"core: tally {BRODEN_IMAGES / ours / 60:.1f} min (+ thresholds "
-          f"{BRODEN_IMAGES / threshold_rate / 60:.1f} min), baseline "
-          f"{BRODEN_IMAGES / baseline / 60:.1f} min")
-    print(f"one block task ({BLOCK} units, chunks of {CHUNK} images): peak {peak:.0f} MiB "
-          f"allocated, plus its input chunk {chunk_mib / 2**20:.0f} MiB")
-    print(f"firing (image, unit) pairs {firing:.1%}, labels per image {labels_per_image:.1f}, "
-          f"mean mask pixels per image {counts.mask_area.sum() / IMAGES:.0f}")
-    return [{
-        "name": "iou_tally",
-        "ours": ours,
-        "baseline": baseline,
-        "unit": "images/s",
-        "ratio": ours / baseline,
-        "target": TARGET,
-        "notes": (
-            f"512 units 7x7 -> 112x112, {len(label_categories()) - 1} labels, "
-            f"{labels_per_image:.0f}/image, {firing:.0%} of pairs fire; CPU time; baseline "
-            f"(NetDissect-Lite loop with PIL) on {BASELINE_IMAGES} images, extrapolated; "
-            f"identical counts asserted; Broden projection: ours "
-            f"{BRODEN_IMAGES / ours / 60:.1f} min, baseline "
-            f"{BRODEN_IMAGES / baseline / 60:.0f} min; block task peak {peak:.0f} MiB"
-        ),
-    }]
+    chunk_mib = acts[:CHUNK, :BLOCK].nbytes + chunks[0].pixel.nbytes + chunks[0].image.nbytes
+    print(
+        f"iou_tally: ours {ours:.0f} images/s, baseline {baseline:.1f} images/s "
+        f"({BASELINE_IMAGES} images, extrapolated), thresholds {threshold_rate:.0f} images/s"
+    )
+    print(
+        f"projected Broden ({BRODEN_IMAGES} images), ResNet-18 layer4 ({UNITS} units), one "
+        f"core: tally {BRODEN_IMAGES / ours / 60:.1f} min (+ thresholds "
+        f"{BRODEN_IMAGES / threshold_rate / 60:.1f} min), baseline "
+        f"{BRODEN_IMAGES / baseline / 60:.1f} min"
+    )
+    print(
+        f"one block task ({BLOCK} units, chunks of {CHUNK} images): peak {peak:.0f} MiB "
+        f"allocated, plus its input chunk {chunk_mib / 2**20:.0f} MiB"
+    )
+    print(
+        f"firing (image, unit) pairs {firing:.1%}, labels per image {labels_per_image:.1f}, "
+        f"mean mask pixels per image {counts.mask_area.sum() / IMAGES:.0f}"
+    )
+    return [
+        {
+            "name": "iou_tally",
+            "ours": ours,
+            "baseline": baseline,
+            "unit": "images/s",
+            "ratio": ours / baseline,
+            "target": TARGET,
+            "notes": (
+                f"512 units 7x7 -> 112x112, {len(label_categories()) - 1} labels, "
+                f"{labels_per_image:.0f}/image, {firing:.0%} of pairs fire; CPU time; baseline "
+                f"(NetDissect-Lite loop with PIL) on {BASELINE_IMAGES} images, extrapolated; "
+                f"identical counts asserted; Broden projection: ours "
+                f"{BRODEN_IMAGES / ours / 60:.1f} min, baseline "
+                f"{BRODEN_IMAGES / baseline / 60:.0f} min; block task peak {peak:.0f} MiB"
+            ),
+        }
+    ]
 
 
 if __name__ == "__main__":

@@ -435,15 +435,17 @@ def _exp_rows(
     step = max(1, _STEP_ELEMENTS // similarity.shape[1])
     scale = a / math.log(2.0)
     target = out.numpy()
-    sums = torch.empty(len(images))
+    sums = np.empty(len(images), dtype=np.float32)
     for r0 in range(0, len(images), step):
         chunk = images[r0 : r0 + step]
         # mode="clip" (indices are valid anyway) lets numpy write into `out` without a copy
         np.take(similarity, chunk, axis=0, out=target[r0 : r0 + len(chunk)], mode="clip")
         logits = out[r0 : r0 + len(chunk)]
         logits.sub_(logits.amax(dim=1, keepdim=True)).mul_(scale).exp2_()
-        torch.sum(logits, dim=1, out=sums[r0 : r0 + len(chunk)])
-    return sums
+        # numpy sums each row alone in a fixed order; a torch reduction may split a long row
+        # across threads, and a unit's row must not depend on what else shares its chunk
+        np.sum(target[r0 : r0 + len(chunk)], axis=1, out=sums[r0 : r0 + len(chunk)])
+    return torch.from_numpy(sums)
 
 
 def _log_marginal(rows: np.ndarray) -> np.ndarray:

@@ -65,6 +65,8 @@ from services.explainer.unit_masks import (
 DEFAULT_BEAM = 5
 DEFAULT_MAX_LENGTH = 3
 DEFAULT_LENGTH_PENALTY = 1.0
+# Co-occurrence vectors a table keeps (one per monomial met, e.g. 10 per unit searched).
+_CACHE_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,8 @@ class LabelSetTable:
     def cooccurrence(self, labels: frozenset[int]) -> np.ndarray:
         """(L + 1,) int64: per label l, pixels whose set holds l and every label in `labels`."""
         if labels not in self._cache:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
             sets = self.sets_with(labels)
             width = self.rows.shape[1]
             counts = np.bincount(
@@ -470,10 +474,12 @@ def explain_unit(
 
     `unit` counts the unit's mask pixels per label set, `dataset` every pixel's.
     """
+    labels = np.unique(np.asarray(candidates, dtype=np.int64))
+    if len(labels) and (labels[0] < 1 or labels[-1] >= dataset.n_labels):
+        raise ValueError(f"candidate labels must lie in [1, {dataset.n_labels - 1}]")
     mask = unit.total()
     label_area = dataset.cooccurrence(frozenset())
     label_inside = unit.cooccurrence(frozenset())
-    labels = np.unique(np.asarray(candidates, dtype=np.int64))
     primitive = _iou(label_inside[labels], mask + label_area[labels] - label_inside[labels])
     if settings.top_k is not None and settings.top_k < len(labels):
         labels = np.sort(labels[np.lexsort((labels, -primitive))[: settings.top_k]])

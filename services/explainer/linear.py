@@ -57,7 +57,7 @@ _ROW_CHUNK = 4096
 _CALIBRATION_BINS = 8192
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ImageSplit:
     """A seeded train/val/test split of the probe images (sorted index arrays)."""
 
@@ -86,7 +86,7 @@ class ImageSplit:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConceptMoments:
     """Means and covariances (divided by n) of P's columns on train and on val."""
 
@@ -460,7 +460,7 @@ def _solve_supports(
     l2: float,
     tolerance: float,
 ) -> None:
-    """For each unspent unit, solve (G_SS + l2·I)·w_S = r_S − l1·sign(w_S) on its support S.
+    """For each unit not yet optimal, solve (G_SS + l2·I)·w_S = r_S − l1·sign(w_S) on its support S.
 
     A unit takes the solution (in `weights` and `residual`, in place) when it keeps the signs
     and lowers the unit's largest optimality violation.
@@ -521,7 +521,7 @@ def greedy_selection(
     blocked = np.zeros((n_units, n_concepts), dtype=bool)  # selected or rejected
     live = np.arange(n_units)
     for step in range(MAX_CONCEPTS):
-        if not live.size:
+        if not live.size or not width:
             break
         available = ~np.take_along_axis(blocked[live], ranking[live], axis=1)
         rank = np.cumsum(available, axis=1)

@@ -119,7 +119,7 @@ class UnitQuantile:
         unit = (keys >> np.uint64(32)).astype(np.int64)
         seen = np.bincount(unit, weights=counts, minlength=self.n_units)
         if np.any(seen != self._bracket[3]):
-            raise RuntimeError("collect() saw different data than count()")
+            raise RuntimeError("pass 2 (collect) did not see the values of pass 1 (count)")
         cumulative = np.cumsum(counts)
         start = np.searchsorted(unit, np.arange(self.n_units))
         base = np.where(start > 0, cumulative[np.maximum(start - 1, 0)], 0)
@@ -237,6 +237,8 @@ class IoUTally:
     ) -> None:
         if n_categories > 64:
             raise ValueError(f"at most 64 categories are supported, got {n_categories}")
+        if np.max(label_categories, initial=-1) >= n_categories:
+            raise ValueError(f"label_categories holds categories beyond {n_categories - 1}")
         self.thresholds = np.asarray(thresholds, dtype=np.float32)
         self.label_categories = np.asarray(label_categories, dtype=np.int32)
         self.first_unit = first_unit

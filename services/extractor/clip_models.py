@@ -23,9 +23,16 @@ from torch import nn
 from services.common import keys
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.settings import Settings
-from services.extractor import toy_models
 from services.extractor.local_paths import local_path
-from services.extractor.models import weights_digest
+from services.extractor.models import load_weights, weights_digest
+from services.extractor.toyworld.clip import (
+    ClipRecipe,
+    build_toy_clip,
+    load_toy_clip,
+    toy_clip_key,
+    toy_clip_preprocess,
+    toy_clip_tokenizer,
+)
 
 TEXT_BATCH = 256
 
@@ -130,15 +137,18 @@ def resolve_clip(arch: str, weights_uri: str, settings: Settings, field: str) ->
 
 
 def _toy_clip(weights_uri: str, settings: Settings, field: str) -> ClipSource:
+    """The toy world's tiny CLIP: trained on first use and cached, or from a local file."""
     path = local_path(weights_uri, f"{field}.weights_uri", settings) if weights_uri else None
+    recipe = ClipRecipe()
     cache_dir = Path(settings.cache_dir)
-    if path is None:
-        identity = keys.content_key("toy-clip", toy_models.clip_identity())
-    else:
-        identity = keys.content_key("toy-clip", weights_digest(path))
+    trained = toy_clip_key(recipe) if path is None else weights_digest(path)
 
     def build() -> ClipEncoder:
-        model, preprocess, tokenizer = toy_models.load_clip(cache_dir, path)
-        return ClipEncoder(model, preprocess, tokenizer)
+        if path is None:
+            model, preprocess, tokenizer = load_toy_clip(cache_dir, recipe)
+            return ClipEncoder(model, preprocess, tokenizer)
+        model = build_toy_clip(recipe)
+        load_weights(model, path, "the toy CLIP", f"{field}.weights_uri")
+        return ClipEncoder(model, toy_clip_preprocess(recipe.image_size), toy_clip_tokenizer())
 
-    return ClipSource("toy", weights_uri, identity, build)
+    return ClipSource("toy", weights_uri, keys.content_key("toy-clip", trained), build)

@@ -19,6 +19,9 @@ preprocessing, the requested input size, the dataset key, the dtype and the chun
 A layer whose manifest exists is not recomputed; when every layer, the labels and the
 embeddings exist, nothing is loaded and no forward pass runs (`cached=True`).
 
+Image files are taken as immutable: the dataset key hashes the index files and the
+selection, not every image.
+
 Resume: an image range whose pooled chunk exists is complete for that layer (the pooled
 chunk is written after its unit blocks). A restarted extraction skips the forward pass
 for ranges complete in every layer still pending; CLIP embeddings, stored as one object,
@@ -49,7 +52,7 @@ import torch
 
 from services.common import keys
 from services.common.activations import ActivationManifest
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.metrics import BAD_IMAGES, IMAGES_EXTRACTED
 from services.common.probe_format import (
     ConceptTable,
@@ -591,8 +594,14 @@ class Extraction:
         assert self._tap is not None and self._prep is not None
         pixels = torch.stack([b.pixels for b in batch if b.pixels is not None])
         inputs = self._prep.normalize(pixels.to(self.device, non_blocking=True))
-        with torch.inference_mode():
-            self._tap(inputs)
+        try:
+            with torch.inference_mode():
+                self._tap(inputs)
+        except torch.OutOfMemoryError:
+            raise ResourceExhausted(
+                f"out of memory on {self.device} at {len(batch)} images per batch; "
+                "lower compute.batch_size", field="compute.batch_size"
+            ) from None
         self.images_forwarded += len(batch)
         IMAGES_EXTRACTED.inc(len(batch))
 

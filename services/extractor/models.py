@@ -245,7 +245,7 @@ def _toy(name: str, weights: Path | None, settings: Settings) -> ModelSource:
     return ModelSource("toy", name, identity, "imagenet", TOY_INPUT_SIZE, build)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, field: str = "model.weights_uri") -> dict[str, torch.Tensor]:
     """The tensors of a weight file: .safetensors, a state dict, or a checkpoint holding one.
 
     Checkpoints load with `torch.load(weights_only=True)`; a `state_dict` (or `model`)
@@ -260,8 +260,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise InvalidArgument(
-                f"{str(path)!r} is not a loadable PyTorch checkpoint: {exc}",
-                field="model.weights_uri",
+                f"{str(path)!r} is not a loadable PyTorch checkpoint: {exc}", field=field
             ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -269,19 +268,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InvalidArgument(
-            f"{str(path)!r} holds no state dict (a mapping of names to tensors)",
-            field="model.weights_uri",
+            f"{str(path)!r} holds no state dict (a mapping of names to tensors)", field=field
         )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_weights(model: nn.Module, path: Path, label: str) -> None:
+def load_weights(
+    model: nn.Module, path: Path, label: str, field: str = "model.weights_uri"
+) -> None:
     """Load the weight file at `path` into `model`, strictly; InvalidArgument on mismatch."""
-    state = read_state_dict(path)
+    state = read_state_dict(path, field)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = str(exc).replace("\n", " ")[:600]
-        raise InvalidArgument(
-            f"{path.name} does not fit {label}: {detail}", field="model.weights_uri"
-        ) from None
+        raise InvalidArgument(f"{path.name} does not fit {label}: {detail}", field=field) from None

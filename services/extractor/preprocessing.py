@@ -50,13 +50,13 @@ class Preprocessing:
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) uint8 -> (B, 3, S, S) float32 model input, on the pixels' device.
 
-        (x/255 − mean)/std computed as x·(1/(255·std)) − mean/std, in place.
+        (x/255 − mean)/std computed as x·(1/(255·std)) + (−mean/std): two passes.
         """
         mean = torch.tensor(self.mean, dtype=torch.float64)
         std = torch.tensor(self.std, dtype=torch.float64)
         scale = (1.0 / (255.0 * std)).float().to(pixels.device).view(1, 3, 1, 1)
-        shift = (mean / std).float().to(pixels.device).view(1, 3, 1, 1)
-        return pixels.float().mul_(scale).sub_(shift)
+        offset = (-mean / std).float().to(pixels.device).view(1, 3, 1, 1)
+        return torch.addcmul(offset, pixels.float(), scale)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """An RGB PIL image -> (3, size, size) float32 model input."""

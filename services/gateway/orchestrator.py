@@ -66,7 +66,7 @@ T = TypeVar("T")
 # Deadline of one stage RPC (a whole layer's explanation can take hours at scale).
 STAGE_DEADLINE_S = 24 * 3600.0
 # Exemplar thumbnails shown per unit in the report, their side in pixels, and a cap
-# on distinct images so that the self-contained page stays small.
+# on the distinct images copied next to it.
 REPORT_EXEMPLARS = 3
 REPORT_THUMBNAIL_PX = 48
 REPORT_MAX_IMAGES = 600
@@ -547,7 +547,9 @@ class Orchestrator:
                 )
             done[layer] = n_units[layer]
 
-    def _simulate(self, run: _Run, job: common_pb2.Job, image_keys: dict[str, str]) -> None:
+    def _simulate(
+        self, run: _Run, job: common_pb2.Job, image_keys: dict[str, str], clock: _StageClock
+    ) -> None:
         """Score every explanation by simulation, per layer (skipping scored layers)."""
         spec = job.spec
         n_units = {layer: self._n_units(job, layer) for layer in spec.layers}
@@ -558,7 +560,6 @@ class Orchestrator:
         ]
         total = sum(n_units.values())
         done = {layer: n for layer, n in n_units.items() if layer not in todo}
-        clock = _StageClock("report", "units")
         self._save(run, job, clock.progress(sum(done.values()), total, "simulation"))
         if not todo:
             return
@@ -596,11 +597,12 @@ class Orchestrator:
 
     def _thumbnails(
         self, run: _Run, job: common_pb2.Job, layers: dict[str, list[common_pb2.UnitResult]]
-    ) -> dict[int, bytes]:
-        """PNG bytes of the units' top exemplars, materialized by the extractor.
+    ) -> dict[int, str]:
+        """Copy the units' top exemplars next to the report; return image id -> relative path.
 
-        The report is still written without images when the extractor cannot
-        provide them; that is logged, not a job failure.
+        The thumbnails are materialized by the extractor. The report is still
+        written without images when it cannot provide them; that is logged, not a
+        job failure.
         """
         wanted = list(dict.fromkeys(
             image_id
@@ -618,8 +620,12 @@ class Orchestrator:
         )
         try:
             stored = self._retrying(run, "extractor", lambda: self.peers.materialize(request))
-            pairs = zip(wanted, stored, strict=True)
-            return {image_id: self.store.get(key) for image_id, key in pairs}
+            images = {}
+            for image_id, key in zip(wanted, stored, strict=True):
+                name = f"images/{image_id}.png"
+                self.store.put(keys.report(job.id, name), self.store.get(key))
+                images[image_id] = name
+            return images
         except (NeurodissectError, ValueError) as exc:
             log.warning("job %s: report without thumbnails: %s", job.id, exc)
             return {}
@@ -627,8 +633,9 @@ class Orchestrator:
     def _report(self, run: _Run, job: common_pb2.Job, image_keys: dict[str, str]) -> None:
         self._enter(run, job, common_pb2.REPORTING)
         spec = job.spec
+        clock = _StageClock("report", "units")
         if spec.HasField("simulation"):
-            self._simulate(run, job, image_keys)
+            self._simulate(run, job, image_keys, clock)
         layers = {
             layer: results.unit_results(self.store, job.id, layer) for layer in spec.layers
         }
@@ -637,11 +644,10 @@ class Orchestrator:
             results.layer_summary(layer, self._n_units(job, layer), units)
             for layer, units in layers.items()
         )
-        thumbnails = self._thumbnails(run, job, layers)
+        images = self._thumbnails(run, job, layers)
         run.check()
         report_key = keys.report(job.id, "index.html")
-        self.store.put(report_key, render_report(job, layers, thumbnails).encode())
+        self.store.put(report_key, render_report(job, layers, images).encode())
         job.report_key = report_key
         total = sum(s.units for s in job.summary)
-        clock = _StageClock("report", "units")
         self._save(run, job, clock.progress(total, total, "report written"))

@@ -1,13 +1,13 @@
 """The HTML report of a finished dissection: `reports/{job_id}/index.html`.
 
-One self-contained page (thumbnails inlined as data URIs, so it reads the same
-from a local store or downloaded from S3): the job's spec and figures, then per
-layer the summary table and one row per unit with every method's answer.
+One page, with the units' exemplar thumbnails beside it under
+`reports/{job_id}/images/` (relative links, so the folder reads the same from a
+local store or copied out of S3): the job's spec and figures, then per layer the
+summary table and one row per unit with every method's answer.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 from collections.abc import Mapping, Sequence
 
@@ -70,24 +70,23 @@ def _answers(unit: common_pb2.UnitResult) -> list[str]:
     return cells
 
 
-def _images(unit: common_pb2.UnitResult, thumbnails: Mapping[int, bytes]) -> str:
-    tags = []
-    for image_id in unit.netdissect.exemplars:
-        png = thumbnails.get(image_id)
-        if png is not None:
-            data = base64.b64encode(png).decode()
-            tags.append(f'<img alt="image {image_id}" src="data:image/png;base64,{data}">')
-    return "".join(tags)
+def _images(unit: common_pb2.UnitResult, images: Mapping[int, str]) -> str:
+    return "".join(
+        f'<img alt="image {image_id}" src="{_e(images[image_id])}">'
+        for image_id in unit.netdissect.exemplars
+        if image_id in images
+    )
 
 
 def render_report(
     job: common_pb2.Job,
     layers: Mapping[str, Sequence[common_pb2.UnitResult]],
-    thumbnails: Mapping[int, bytes],
+    images: Mapping[int, str],
 ) -> str:
     """The report page of `job`, from its per-layer unit results and exemplar thumbnails.
 
-    `thumbnails` maps probe image ids to PNG bytes; exemplars without one are left out.
+    `images` maps probe image ids to thumbnail paths relative to the page;
+    exemplars without one are left out.
     """
     title = f"neurodissect report — {job.spec.name or job.id}"
     spec = json_format.MessageToJson(job.spec, preserving_proto_field_name=True, indent=1)
@@ -113,7 +112,7 @@ def render_report(
             cells = "".join(f"<td>{cell}</td>" for cell in _answers(unit))
             parts.append(
                 f"<tr{marker}><td class=num>{unit.unit}</td>"
-                f"<td>{_images(unit, thumbnails)}</td>{cells}</tr>"
+                f"<td>{_images(unit, images)}</td>{cells}</tr>"
             )
         parts.append("</table>")
     parts.append("</body></html>")

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import open_clip
 import pytest
 import torch
 import torchvision
@@ -21,6 +20,7 @@ from services.common.activations import read_manifest
 from services.common.client import open_channel, wait_healthy
 from services.common.settings import Settings
 from services.common.store import LocalStore
+from services.extractor.toyworld.clip import ClipRecipe, build_toy_clip
 from tests.fixtures.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,9 +84,9 @@ def test_describe_extract_materialize_embed(
     shapes = {layer.name: list(layer.shape) for layer in described.layers}
     assert shapes["layer4"] == [512, 7, 7] and described.input_size == 224
 
-    clip_weights = root / "vit_s_32.pt"
-    torch.save(open_clip.create_model_and_transforms("ViT-S-32")[0].state_dict(), clip_weights)
-    clip = common_pb2.ClipModelSpec(arch="ViT-S-32", weights_uri=str(clip_weights))
+    clip_weights = root / "toy_clip.pt"  # random weights: training is not what is tested here
+    torch.save(build_toy_clip(ClipRecipe()).state_dict(), clip_weights)
+    clip = common_pb2.ClipModelSpec(arch="toy", weights_uri=str(clip_weights))
     model.input_size = 32
     request = extractor_pb2.ExtractRequest(
         job_id="j1",
@@ -108,8 +108,8 @@ def test_describe_extract_materialize_embed(
     store = LocalStore(root / "store")
     manifest = read_manifest(store, final.acts_keys["layer4"], "layer4")
     assert manifest.shape == (40, 512, 1, 1) and manifest.dataset_key == final.dataset_key
-    embeddings_key = final.image_embedding_keys[f"ViT-S-32|{clip_weights}"]
-    assert store.get_array(embeddings_key).shape == (40, 384)
+    embeddings_key = final.image_embedding_keys[f"toy|{clip_weights}"]
+    assert store.get_array(embeddings_key).shape == (40, ClipRecipe().embed_dim)
     again = list(stub.Extract(request, timeout=120))[-1]
     assert again.finished and again.cached and again.acts_keys == final.acts_keys
 

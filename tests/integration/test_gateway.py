@@ -74,7 +74,8 @@ def test_a_job_runs_every_stage_and_its_results_merge(world: FakeWorld) -> None:
     assert simulated and "a conv1-label0 thing" in simulated[0].texts
     assert "sky" in simulated[0].texts
     report = world.store.get(keys.report(job.id, "index.html")).decode()
-    assert "conv2-label1" in report and "data:image/png;base64" in report
+    assert "conv2-label1" in report and 'src="images/3.png"' in report
+    assert world.store.get(keys.report(job.id, "images/3.png")) == b"\x89PNG fake"
 
 
 def test_every_progress_and_transition_is_persisted_and_watched(world: FakeWorld) -> None:

@@ -1,20 +1,25 @@
 """The explainer on a real multi-process Ray cluster started by the test.
 
 `ray start --head` plus a second node (`ray start --address=...`), one CPU each, with
-their own temp dir and free ports. A worker process executing a block task is killed
-with SIGKILL mid-job; Ray retries the task and the job ends with results identical
-to an undisturbed run.
+their own temp dir and free ports; the explainer runs as a real process
+(`neurodissect serve explainer`) whose RAY_ADDRESS points at the head, and is called
+over gRPC. A worker process executing a block task is killed with SIGKILL mid-job;
+Ray retries the task, the job completes with results identical to an undisturbed
+run, and the explainer's metrics count the retry.
 
-The cluster is stopped by killing exactly its processes — the process groups of the
-two `ray start` calls (each runs in its own session) and their descendants (Ray
-workers get process groups of their own) — not with `ray stop --force`, which kills
-every Ray process of the machine, other tests' and other users' included.
+Every Ray process here belongs to this test, and the test process itself never
+joins a Ray: the explainer is the driver. The cluster is stopped by killing exactly
+its processes — the process groups of the two `ray start` calls (each runs in its
+own session) and their descendants (Ray workers get process groups of their own) —
+not with `ray stop --force`, which kills every Ray process of the machine, other
+tests' and other users' included.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,31 +27,41 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
-import ray
-from neurodissect.v1 import common_pb2, explainer_pb2
-from prometheus_client import REGISTRY
+from neurodissect.v1 import common_pb2, explainer_pb2, explainer_pb2_grpc
 
+from services.common.client import wait_healthy
 from services.common.settings import Settings
 from services.common.store import LocalStore
-from services.explainer import results_io, sharding
-from services.explainer.explain_plan import plan_request
-from services.explainer.servicer import explain
+from services.explainer import results_io
 from tests.fixtures.planted_layer import PlantedLayer, write_planted
 from tests.fixtures.ports import free_port
 
-RAY = str(Path(sys.executable).with_name("ray"))
+BIN = Path(sys.executable).parent
 KILLED_TASK = "ray::netdissect_block"
+METHODS = ["netdissect", "clip_dissect", "linear"]
 
 
 @dataclass
 class Cluster:
     address: str
     groups: list[int]  # process group ids of the two `ray start` sessions
+    env: dict[str, str]  # the environment every process of the cluster runs with
+
+
+@dataclass
+class Explainer:
+    stub: explainer_pb2_grpc.ExplainerStub
+    metrics_port: int
+    store: LocalStore
+    planted: PlantedLayer
+    log: Path
 
 
 def _node_ports() -> list[str]:
@@ -63,9 +78,10 @@ def _node_ports() -> list[str]:
 
 
 def _ray_start(args: list[str], env: dict[str, str], temp_dir: str) -> int:
+    """Run `ray start` in a session of its own; return its process group id."""
     command = [
-        RAY, "start", "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        "--node-ip-address=127.0.0.1", *args, *_node_ports(),
+        str(BIN / "ray"), "start", "--num-cpus=1", f"--temp-dir={temp_dir}",
+        "--disable-usage-stats", "--node-ip-address=127.0.0.1", *args, *_node_ports(),
     ]
     process = subprocess.Popen(
         command, env=env, start_new_session=True, stdout=subprocess.PIPE,
@@ -76,11 +92,6 @@ def _ray_start(args: list[str], env: dict[str, str], temp_dir: str) -> int:
         _stop([process.pid])
         raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
     return process.pid
-
-
-def _kill_group(group: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGKILL)
 
 
 def _cluster_processes(groups: list[int]) -> dict[int, str]:
@@ -106,7 +117,8 @@ def _cluster_processes(groups: list[int]) -> dict[int, str]:
 
 def _stop(groups: list[int]) -> None:
     for group in groups:
-        _kill_group(group)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while (left := _cluster_processes(groups)) and time.monotonic() < deadline:
         for pid in left:
@@ -117,49 +129,84 @@ def _stop(groups: list[int]) -> None:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    ray.shutdown()  # a Ray left connected by another module would be reused
     temp_dir = tempfile.mkdtemp(prefix="ndx-ray-", dir="/tmp")  # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # Token auth would read a token shared by every Ray of the machine; this cluster is private.
+    # A private cluster: no token shared with the machine's other Rays.
     env["RAY_AUTH_MODE"] = "disabled"
     groups: list[int] = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_AUTH_MODE", "disabled")
-        patch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        port = free_port()
+        groups.append(_ray_start(
+            ["--head", f"--port={port}", "--include-dashboard=false",
+             "--ray-client-server-port", str(free_port()), "--dashboard-port", str(free_port())],
+            env, temp_dir,
+        ))
+        address = f"127.0.0.1:{port}"
+        groups.append(_ray_start([f"--address={address}"], env, temp_dir))
+        yield Cluster(address, groups, env)
+    finally:
+        _stop(groups)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def explainer(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Explainer]:
+    root = tmp_path_factory.mktemp("cluster")
+    store = LocalStore(root / "store")
+    planted = write_planted(store, n_images=1200, n_units=8, image_chunk=100)
+    port, metrics_port = free_port(), free_port()
+    env = dict(cluster.env)
+    env.update(
+        RAY_ADDRESS=cluster.address,
+        NEURODISSECT_PORT=str(port),
+        NEURODISSECT_HOST="127.0.0.1",
+        NEURODISSECT_STORE_URL=store.url,
+        NEURODISSECT_METRICS_PORT=str(metrics_port),
+    )
+    log = root / "explainer.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(BIN / "neurodissect"), "serve", "explainer"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_healthy(address, Settings(), timeout=180)
+        with grpc.insecure_channel(address) as channel:
+            stub = explainer_pb2_grpc.ExplainerStub(channel)
+            yield Explainer(stub, metrics_port, store, planted, log)
+    finally:
+        process.terminate()
         try:
-            port = free_port()
-            groups.append(_ray_start(
-                ["--head", f"--port={port}", "--include-dashboard=false",
-                 "--ray-client-server-port", str(free_port()),
-                 "--dashboard-port", str(free_port())],
-                env, temp_dir,
-            ))
-            address = f"127.0.0.1:{port}"
-            groups.append(_ray_start([f"--address={address}"], env, temp_dir))
-            sharding.connect(Settings(ray_address=address))
-            deadline = time.monotonic() + 60
-            while len([n for n in ray.nodes() if n["Alive"]]) < 2:
-                assert time.monotonic() < deadline, ray.nodes()
-                time.sleep(0.5)
-            yield Cluster(address, groups)
-        finally:
-            ray.shutdown()
-            _stop(groups)
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, log.read_text()[-3000:]
 
 
-def _explain(store: LocalStore, planted: PlantedLayer, job: str) -> dict[str, dict[int, dict]]:
-    methods = ["netdissect", "clip_dissect"]
+def _explain(explainer: Explainer, job: str) -> dict[str, dict[int, dict]]:
+    planted = explainer.planted
     spec = common_pb2.DissectionSpec(compute=common_pb2.ComputeSpec(unit_block_size=2))
-    for method in methods:
+    for method in METHODS:
         getattr(spec, method).SetInParent()
     request = explainer_pb2.ExplainRequest(
-        job_id=job, layer=planted.layer, methods=methods, spec=spec,
+        job_id=job, layer=planted.layer, methods=METHODS, spec=spec,
         dataset_key=planted.dataset_key, acts_key=planted.acts_key, clip_dissect=planted.clip,
     )
-    progress = list(explain(Settings(store_url=store.url), store, plan_request(store, request)))
+    progress = list(explainer.stub.Explain(request, timeout=300))
     assert progress[-1].finished
-    return {m: results_io.read_rows(store, job, planted.layer, m) for m in methods}
+    return {m: results_io.read_rows(explainer.store, job, planted.layer, m) for m in METHODS}
+
+
+def _retries(explainer: Explainer) -> float:
+    """The explainer's `neurodissect_ray_task_retries_total`, scraped from its /metrics."""
+    url = f"http://127.0.0.1:{explainer.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(r"^neurodissect_ray_task_retries_total ([0-9.e+]+)$", text, re.M)
+    assert found, text
+    return float(found.group(1))
 
 
 def _task_workers(name: str, groups: list[int]) -> list[int]:
@@ -170,25 +217,24 @@ def _task_workers(name: str, groups: list[int]) -> list[int]:
     return [pid for pid, title in _cluster_processes(groups).items() if title.startswith(name)]
 
 
-def test_the_cluster_has_two_nodes_of_one_cpu(cluster: Cluster) -> None:
-    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    assert len(nodes) == 2
-    assert ray.cluster_resources().get("CPU") == 2
+def test_cluster_has_two_nodes_and_the_explainer_drives_it(
+    cluster: Cluster, explainer: Explainer
+) -> None:
+    raylets = [t for t in _cluster_processes(cluster.groups).values() if "raylet" in t]
+    assert len(raylets) == 2
+    assert "Ray connected: 127.0.0.1:" in explainer.log.read_text()
 
 
 def test_killed_worker_is_retried_and_results_are_identical(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, explainer: Explainer
 ) -> None:
-    store = LocalStore(tmp_path / "store")
-    planted = write_planted(store, n_images=1200, n_units=8, image_chunk=100)
-    calm = _explain(store, planted, "calm")
-    retries = REGISTRY.get_sample_value("neurodissect_ray_task_retries_total") or 0.0
-
+    calm = _explain(explainer, "calm")
+    retries = _retries(explainer)
     outcome: dict[str, object] = {}
 
     def run() -> None:
         try:
-            outcome["rows"] = _explain(store, planted, "killed")
+            outcome["rows"] = _explain(explainer, "killed")
         except BaseException as exc:  # reported by the main thread
             outcome["error"] = exc
 
@@ -206,4 +252,4 @@ def test_killed_worker_is_retried_and_results_are_identical(
     assert killed is not None, "no worker was caught executing a block task"
     assert "error" not in outcome, outcome.get("error")
     assert outcome["rows"] == calm
-    assert (REGISTRY.get_sample_value("neurodissect_ray_task_retries_total") or 0.0) > retries
+    assert _retries(explainer) > retries

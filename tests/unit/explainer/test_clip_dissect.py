@@ -265,7 +265,16 @@ def cos_by_hand(s: np.ndarray, activations: np.ndarray, cubed: bool) -> list[lis
     ]
 
 
-@pytest.mark.parametrize(("method", "params"), [("soft_wpmi", SOFT_WPMI), ("wpmi", WPMI)])
+# the spec's constants, written out rather than taken from the module under test
+SPEC_SOFT_WPMI = WpmiParams(top_k=100, a=10.0, lam=1.0, p_start=0.998, p_end=0.97, min_prob=1e-7)
+SPEC_WPMI = WpmiParams(top_k=28, a=2.0, lam=0.6, p_start=1.0, p_end=1.0, min_prob=1e-7)
+
+
+def test_module_parameters_are_the_spec_ones() -> None:
+    assert (SOFT_WPMI, WPMI) == (SPEC_SOFT_WPMI, SPEC_WPMI)
+
+
+@pytest.mark.parametrize(("method", "params"), [("soft_wpmi", SPEC_SOFT_WPMI), ("wpmi", SPEC_WPMI)])
 def test_wpmi_functions_match_the_formula(method: str, params: WpmiParams) -> None:
     s, activations = small_input()
     expected = wpmi_by_hand(s, activations, params)
@@ -276,7 +285,7 @@ def test_wpmi_functions_match_the_formula(method: str, params: WpmiParams) -> No
 
 def test_fewer_images_than_kappa_uses_every_image() -> None:
     s, activations = small_input(n_images=40, n_concepts=4, n_units=3)
-    expected = wpmi_by_hand(s, activations, SOFT_WPMI)
+    expected = wpmi_by_hand(s, activations, SPEC_SOFT_WPMI)
     np.testing.assert_allclose(
         similarity_of("soft_wpmi", activations, s, block=3), expected, atol=2e-4
     )

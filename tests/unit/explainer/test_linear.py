@@ -250,6 +250,13 @@ def test_dead_unit_gets_an_empty_explanation() -> None:
     assert live.concepts[0] == 4
 
 
+def test_no_concept_left_after_filtering_gives_bias_only_explanations() -> None:
+    y = np.random.default_rng(1).standard_normal((100, 2))
+    explanations, split = fit(np.zeros((100, 0), dtype=np.float32), y)
+    assert [e.concepts for e in explanations] == [(), ()]
+    np.testing.assert_allclose([e.bias for e in explanations], y[split.train].mean(axis=0))
+
+
 def test_greedy_stops_without_a_positive_first_candidate() -> None:
     ranking = np.array([[0, 1]])
     cov = np.eye(2)

@@ -24,6 +24,7 @@ from services.extractor.extraction import ComputeConfig, Extraction, ExtractionR
 from services.extractor.models import ModelSource
 from services.extractor.servicer import ExtractorServicer
 from services.extractor.text_embeddings import read_concept_set
+from services.extractor.toyworld.clip import ClipRecipe, build_toy_clip
 
 ARCH = "nd-tiny-test"
 DIM = 32
@@ -144,3 +145,26 @@ def test_embed_text_stores_named_normalised_embeddings_once(
     assert store.get_arrays(by_labels.key)["names"].tolist()[:2] == ["red", "orange"]
     with pytest.raises(InvalidArgument, match=r"texts"):
         servicer.EmbedText(extractor_pb2.EmbedTextRequest(clip=clip), None)  # type: ignore[arg-type]
+
+
+def test_toy_clip_from_a_local_file(
+    tmp_path: Path, toy_root: Path, settings: Settings, conv_source: ModelSource
+) -> None:
+    recipe = ClipRecipe()
+    untrained = resolve_clip("toy", "", settings, "clip")  # named by its recipe; trains nothing
+    assert not (tmp_path / "cache" / "toyworld").exists()
+    torch.manual_seed(0)
+    path = tmp_path / "toy_clip.pt"
+    torch.save(build_toy_clip(recipe).state_dict(), path)
+    clip = resolve_clip("toy", str(path), settings, "clip")
+    assert clip.key != untrained.key and clip.label == f"toy|{path}"
+    store = LocalStore(tmp_path / "store")
+    dataset = read_broden(toy_root, limit=6)
+    result = _run(Extraction(store, dataset, conv_source, ["0"], ComputeConfig(), clips=[clip]))
+    embeddings = store.get_array(result.image_embedding_keys[clip.label])
+    assert embeddings.shape == (6, recipe.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"weight": torch.zeros(2)}, wrong)
+    with pytest.raises(InvalidArgument, match=r"clip\.weights_uri.*does not fit the toy CLIP"):
+        resolve_clip("toy", str(wrong), settings, "clip").load()
