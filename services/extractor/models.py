@@ -21,6 +21,7 @@ A state dict may be wrapped in a checkpoint dict under `state_dict` (or `model`)
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import threading
 import warnings
@@ -73,6 +74,9 @@ class ModelSource:
     default_preprocessing: str
     default_input_size: int
     builder: Callable[[], nn.Module] = field(repr=False, compare=False)
+    # The same architecture without its trained weights, where loading could mean
+    # training first (toynet): shapes are all DescribeModel needs.
+    untrained: Callable[[], nn.Module] | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -82,6 +86,10 @@ class ModelSource:
     def load(self) -> nn.Module:
         """Build the model with its weights, in eval mode, on the CPU."""
         return self.builder().eval()
+
+    def load_for_shapes(self) -> nn.Module:
+        """A model with the right layer shapes, in eval mode, never training one first."""
+        return (self.untrained or self.builder)().eval()
 
 
 def fixed_input_size(model: nn.Module) -> int | None:
@@ -242,7 +250,10 @@ def _toy(name: str, weights: Path | None, settings: Settings) -> ModelSource:
 
     trained = toynet_key(recipe) if path is None else weights_digest(path)
     identity = keys.content_key("toy", name, trained)
-    return ModelSource("toy", name, identity, "imagenet", TOY_INPUT_SIZE, build)
+    return ModelSource(
+        "toy", name, identity, "imagenet", TOY_INPUT_SIZE, build,
+        untrained=functools.partial(ToyNet, recipe.widths) if path is None else None,
+    )
 
 
 def read_state_dict(path: Path, field: str = "model.weights_uri") -> dict[str, torch.Tensor]:

@@ -177,7 +177,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
     ) -> common_pb2.DescribeModelResponse:
         """Every named module of the model with its stored and raw output shapes."""
         source = self._model(request.model)
-        model = source.load()
+        model = source.load_for_shapes()
         size = request.model.input_size or fixed_input_size(model) or source.default_input_size
         if size < 1:
             raise InvalidArgument(f"{size} is not a positive size", field="model.input_size")

@@ -82,3 +82,10 @@ def test_timm_model_from_local_safetensors(settings: Settings, tmp_path: Path) -
                        weights_uri=str(path))
     assert list(layers["blocks.9.mlp.fc1"].shape) == [768, 14, 14]
     assert list(layers["blocks.9.mlp.fc1"].raw_shape) == [197, 768]
+
+
+def test_describe_toynet_without_training_it(settings: Settings, tmp_path: Path) -> None:
+    layers = _describe(settings, tmp_path, source="toy", name="toynet")
+    assert list(layers["layer3"].shape) == [64, 8, 8]
+    assert list(layers["conv1"].shape) == [16, 64, 64]
+    assert not (tmp_path / "cache").exists()  # shapes need no trained weights
