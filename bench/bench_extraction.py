@@ -65,7 +65,7 @@ def _cases() -> list[_Case]:
     toynet = ToyNet().eval()
     resnet = torchvision.models.resnet18().eval()
     return [
-        _Case("toynet", toynet, 64, 512, ["layer2", "layer3"]),
+        _Case("toynet", toynet, 64, 2048, ["layer2", "layer3"]),
         _Case("resnet18", resnet, 112, 128, ["layer3", "layer4"]),
     ]
 

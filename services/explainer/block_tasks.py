@@ -5,8 +5,11 @@ from them, receive the `ExplainPlan`, and get the read-only inputs shared by all
 blocks of a request as Ray object refs (`ray.put` once by the driver). A task that
 owns a result block first looks whether the block is stored already, and writes it
 whole at the end (`results_io.write_block`), so running it twice is harmless.
-Memory is bounded by the block and one image chunk: activations and label maps
-are streamed chunk by chunk (`activations.iter_units`, `probe_format.read_label_chunk`).
+
+Memory is bounded by the block and one image chunk, never by the dataset: the
+mask-based methods stream activations and label maps chunk by chunk
+(`activations.iter_units`, `probe_format.read_label_chunk`); the others slice
+their block's columns out of shared (N, ·) arrays that Ray maps without copying.
 
 Every task returns a `BlockOutcome` that carries its attempt number, so the driver
 counts Ray's retries.

@@ -18,7 +18,7 @@ Per-layer outputs besides the result blocks:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ from services.explainer.method_params import (
     netdissect_settings,
 )
 from services.explainer.sharding import gather
-from services.explainer.shared_inputs import SharedInputs, text_embeddings
+from services.explainer.shared_inputs import SharedInputs
 from services.explainer.simulated_predictions import SCORED_METHODS
 
 
@@ -117,7 +117,7 @@ def netdissect_stage(stage: Stage) -> Iterator[Progress]:
     )
 
 
-def netdissect_summary(rows: Any, categories: list[str]) -> dict[str, Any]:
+def netdissect_summary(rows: Iterable[Mapping[str, Any]], categories: list[str]) -> dict[str, Any]:
     """Detectors and unique detector labels, in all and per category of the best label.
 
     `rows` are stored NetDissect rows (`{"unit", "label", "category", "detector", ...}`).
@@ -193,14 +193,9 @@ def clip_dissect_stage(stage: Stage) -> Iterator[Progress]:
         return
     done = plan.units_total - sum(u1 - u0 for u0, u1 in missing)
     params = clip_dissect_settings(plan.spec)
-    names, texts = text_embeddings(stage.store, plan.clip_dissect)
-    images = stage.store.get_array(plan.clip_dissect.image_key)
-    prepared = ray.put(
-        clip_dissect.prepare_concepts(
-            params.similarity, clip_dissect.clip_similarity(images, texts)
-        )
-    )
-    del images
+    names, similarity = stage.shared.clip_similarity(plan.clip_dissect)
+    prepared = ray.put(clip_dissect.prepare_concepts(params.similarity, similarity))
+    del similarity
     pooled = stage.shared.pooled_ref(params.pooling)
     refs = [
         block_tasks.clip_dissect_rows.remote(params.similarity, pooled, prepared, u0, u1)
@@ -282,9 +277,11 @@ def simulation_stage(stage: Stage) -> Iterator[Progress]:
     """
     plan, method = stage.plan, "simulation"
     missing = stage.missing(method)
+    summary_key = keys.result_summary(plan.job_id, plan.layer, method)
     if not missing:
         yield stage.stored(method)
-        return
+        if stage.store.exists(summary_key):
+            return
     seed = linear_settings(plan.spec).seed
     sim = stage.shared.simulator(seed)
     stored = {
@@ -307,11 +304,11 @@ def simulation_stage(stage: Stage) -> Iterator[Progress]:
         ),
     )
     rows = results_io.read_rows(stage.store, plan.job_id, plan.layer, method)
-    summary = {**simulation_summary(rows.values()), "simulator": sim.kind, "test_images": len(test)}
-    stage.store.put_json(keys.result_summary(plan.job_id, plan.layer, method), summary)
+    summary = simulation_summary(rows.values())
+    stage.store.put_json(summary_key, {**summary, "simulator": sim.kind, "test_images": len(test)})
 
 
-def simulation_summary(rows: Any) -> dict[str, Any]:
+def simulation_summary(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean ρ ± standard error (ddof 1) per method over live units; dead units apart.
 
     `rows` are stored simulation rows (`{"unit", "simulation": {method: ρ}, "dead"}`).

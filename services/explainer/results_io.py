@@ -34,7 +34,6 @@ RESULT_MESSAGES: dict[str, type[Message]] = {
     "compositional": common_pb2.CompositionalResult,
     "clip_dissect": common_pb2.ClipDissectResult,
     "linear": common_pb2.LinearResult,
-    "milan": common_pb2.MilanResult,
 }
 SIMULATION = "simulation"
 

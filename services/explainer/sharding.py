@@ -9,7 +9,10 @@ in the metrics, and cancels what is outstanding when the caller goes away.
 
 Ray local vs cluster is the `ray_address` setting (`RAY_ADDRESS`): empty starts a
 local Ray in this process (`ray_num_cpus` CPUs when > 0), anything else connects to
-that cluster; both go through the same `ray.init` call.
+that cluster; both go through the same `ray.init` call. A cluster with token
+authentication (Ray's default for `ray start`) needs `RAY_AUTH_MODE=token` and its
+token (`RAY_AUTH_TOKEN`, or the token file) in the explainer's environment: Ray
+never turns token auth on by itself for an explicit address.
 """
 
 from __future__ import annotations
@@ -69,13 +72,19 @@ def connect(settings: Settings) -> None:
             return
         address = settings.ray_address or "local"
         local = address == "local"
-        ray.init(
-            address=address,
-            num_cpus=settings.ray_num_cpus if local and settings.ray_num_cpus > 0 else None,
-            include_dashboard=False if local else None,
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-        )
+        try:
+            ray.init(
+                address=address,
+                num_cpus=settings.ray_num_cpus if local and settings.ray_num_cpus > 0 else None,
+                include_dashboard=False if local else None,
+                logging_level=logging.WARNING,
+            )
+        except (ConnectionError, RuntimeError) as exc:
+            raise Unavailable(
+                f"cannot reach the Ray cluster at {address!r}: {exc} (a cluster with token"
+                " authentication needs RAY_AUTH_MODE=token and its token)",
+                field="RAY_ADDRESS",
+            ) from exc
         log.info("Ray %s: %s", "started locally" if local else "connected", address)
 
 
@@ -104,8 +113,8 @@ class BlockOutcome:
     """What a block task reports back.
 
     `computed` is False when the block's result was already stored and the task
-    only found it there. `value` carries a task's in-memory answer (for example
-    CLIP-Dissect's per-block partials), None for tasks that only write the store.
+    only found it there. `value` carries a task's in-memory answer (CLIP-Dissect's
+    rows of the block), None for tasks that write their results to the store.
     """
 
     u0: int

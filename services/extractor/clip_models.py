@@ -106,6 +106,13 @@ def resolve_clip(arch: str, weights_uri: str, settings: Settings, field: str) ->
         raise InvalidArgument(
             f"{arch!r} is not an open_clip architecture; e.g. {shown}", field=f"{field}.arch"
         )
+    text_config = (open_clip.get_model_config(arch) or {}).get("text_cfg", {})
+    if text_config.get("hf_model_name") or text_config.get("hf_tokenizer_name"):
+        raise FailedPrecondition(
+            f"open_clip {arch} needs Hugging Face files (text tower or tokenizer), which are "
+            "never downloaded; use an architecture with open_clip's own text tower",
+            field=f"{field}.arch",
+        )
     if not weights_uri:
         raise FailedPrecondition(
             f"open_clip {arch} needs a local checkpoint in {field}.weights_uri "

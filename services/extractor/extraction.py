@@ -202,6 +202,8 @@ class _PassState:
     embeddings: list[list[np.ndarray]]
     bad: list[str]
     names: list[str] = field(default_factory=list)
+    # Per layer, by range start: the (n, U) mean and max computed in this pass.
+    pooled: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     batch: list[_Loaded] = field(default_factory=list)
     chunk: _ChunkBuffers | None = None
 
@@ -509,8 +511,7 @@ class Extraction:
                 self.dataset_key, self.compute.image_chunk, state.names, state.bad
             )
         yield Progress(total, total, "finishing")
-        self._finish(table, pending, pending_clips, state.embeddings, embedding_keys,
-                     labels_pending)
+        self._finish(table, pending, pending_clips, state, embedding_keys, labels_pending)
         yield self._result(table, False, embedding_keys)
 
     def _run_batch(self, state: _PassState, pending: list[str]) -> None:
@@ -540,6 +541,7 @@ class Extraction:
                 self.acts_key, layer, chunk.i0, buffer.acts[:n].numpy(),
                 buffer.mean[:n].numpy(), buffer.max[:n].numpy(),
             )
+            state.pooled.setdefault(layer, {})[chunk.i0] = (piece.mean, piece.max)
             writer.submit(functools.partial(
                 write_activation_chunk, store, piece, self.compute.unit_block))
         if chunk.labels:
@@ -610,37 +612,61 @@ class Extraction:
         table: ConceptTable,
         pending: list[str],
         pending_clips: list[ClipSource],
-        embeddings: list[list[np.ndarray]],
+        state: _PassState,
         embedding_keys: dict[str, str],
         labels_pending: bool,
     ) -> None:
-        """Write the consolidated objects, each kind's completion marker last."""
-        store = self.store
+        """Write the consolidated objects, each kind's completion marker last.
+
+        The concept table goes first (a manifest implies a complete dataset); then, in
+        parallel, each CLIP model's embeddings and each layer's pooled.npz and manifest.
+        """
         if labels_pending:
-            write_concepts(store, table)
-        for clip, parts in zip(pending_clips, embeddings, strict=True):
-            store.put_array(embedding_keys[clip.label], np.concatenate(parts).astype(np.float32))
-        ranges = table.chunk_ranges()
-        for layer in pending:
-            pooled = [
-                store.get_arrays(keys.pooled_chunk(self.acts_key, layer, i0, i1))
-                for i0, i1 in ranges
-            ]
-            store.put_arrays(
-                keys.pooled(self.acts_key, layer),
-                {
-                    "mean": np.concatenate([p["mean"] for p in pooled]),
-                    "max": np.concatenate([p["max"] for p in pooled]),
-                },
-            )
-            units, height, width = self._shapes[layer]
-            manifest = ActivationManifest(
-                acts_key=self.acts_key,
-                layer=layer,
-                shape=(table.n_images, units, height, width),
-                dtype=self.compute.dtype,
-                unit_block=self.compute.unit_block,
-                image_chunk=self.compute.image_chunk,
-                dataset_key=self.dataset_key,
-            )
-            store.put_json(keys.manifest(self.acts_key, layer), manifest.to_json())
+            write_concepts(self.store, table)
+        tasks = len(pending) + len(pending_clips)
+        writer = ChunkWriter(max(2, self.compute.writer_threads), max(1, tasks))
+        try:
+            for clip, parts in zip(pending_clips, state.embeddings, strict=True):
+                writer.submit(functools.partial(
+                    self.store.put_array, embedding_keys[clip.label], np.concatenate(parts)))
+            for layer in pending:
+                writer.submit(functools.partial(
+                    self._finish_layer, table, layer, state.pooled.get(layer, {})))
+        finally:
+            writer.close()
+
+    def _finish_layer(
+        self,
+        table: ConceptTable,
+        layer: str,
+        computed: dict[int, tuple[np.ndarray, np.ndarray]],
+    ) -> None:
+        """Store a layer's (N, U) pooled mean and max, then its manifest.
+
+        `computed`: (n, U) mean and max of the ranges pooled in this pass, by range start;
+        the other ranges' come from the store (an earlier, interrupted pass).
+        """
+        parts = []
+        for i0, i1 in table.chunk_ranges():
+            if i0 not in computed:
+                stored = self.store.get_arrays(keys.pooled_chunk(self.acts_key, layer, i0, i1))
+                computed[i0] = (stored["mean"], stored["max"])
+            parts.append(computed[i0])
+        self.store.put_arrays(
+            keys.pooled(self.acts_key, layer),
+            {
+                "mean": np.concatenate([mean for mean, _ in parts]),
+                "max": np.concatenate([peak for _, peak in parts]),
+            },
+        )
+        units, height, width = self._shapes[layer]
+        manifest = ActivationManifest(
+            acts_key=self.acts_key,
+            layer=layer,
+            shape=(table.n_images, units, height, width),
+            dtype=self.compute.dtype,
+            unit_block=self.compute.unit_block,
+            image_chunk=self.compute.image_chunk,
+            dataset_key=self.dataset_key,
+        )
+        self.store.put_json(keys.manifest(self.acts_key, layer), manifest.to_json())

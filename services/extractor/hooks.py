@@ -307,12 +307,8 @@ def describe(model: nn.Module, inputs: torch.Tensor) -> list[LayerShape]:
             stored[layer] = tuple(grid.shape[1:]) if grid is not None else ()
 
     names = module_paths(model)
-    tap = layer_tap(model, names, record)
-    try:
-        with torch.inference_mode():
-            tap(inputs)
-    finally:
-        tap.close()
+    with layer_tap(model, names, record) as tap, torch.inference_mode():
+        tap(inputs)
     return [
         LayerShape(
             name=name,

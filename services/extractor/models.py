@@ -243,7 +243,7 @@ def _toy(name: str, weights: Path | None, settings: Settings) -> ModelSource:
 
     def build() -> nn.Module:
         if path is None:
-            return load_toynet(cache_dir, recipe)[0]
+            return load_toynet(cache_dir, recipe)
         model = ToyNet(recipe.widths)
         load_weights(model, path, "toy/toynet")
         return model

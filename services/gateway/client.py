@@ -9,7 +9,8 @@ with NeurodissectClient() as client:              # settings from NEURODISSECT_*
     rows = client.results(job.id, layer="conv3")   # [{"unit": 0, "netdissect": {...}, ...}]
 ```
 
-Every call has a deadline (`settings.rpc_timeout_s`; streams a long one) and
+Every call has a deadline (`settings.rpc_timeout_s`; DescribeModel and submit, which
+may wait for a model to load, and streams a longer one) and
 carries the bearer token; TLS is used when the settings name certificates.
 Unary calls are retried on UNAVAILABLE. `submit` gives a spec without an
 idempotency key a fresh one, so that such a retry can never create two jobs.
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
 from google.protobuf import json_format
 from neurodissect.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -33,9 +36,12 @@ from services.common.errors import InvalidArgument, NotFound
 from services.common.settings import Settings
 from services.gateway import results
 from services.gateway.jobs import TERMINAL
+from services.gateway.peers import DESCRIBE_TIMEOUT_S
 
 # Deadline of a WatchJob or ListUnits stream.
 STREAM_TIMEOUT_S = 7 * 24 * 3600.0
+# Times in a row a broken WatchJob stream is opened again before giving up.
+WATCH_RECONNECTS = 8
 
 EXPORT_FORMATS = ("tally", "clip_dissect", "milan")
 
@@ -111,11 +117,10 @@ class NeurodissectClient:
         """Close the channel."""
         self.channel.close()
 
-    def _unary(self, method: str, request: Any) -> Any:
+    def _unary(self, method: str, request: Any, timeout: float = 0.0) -> Any:
         call = getattr(self.stub, method)
-        return with_retry(
-            lambda: call(request, timeout=self.settings.rpc_timeout_s, metadata=self.metadata)
-        )
+        deadline = max(timeout, self.settings.rpc_timeout_s)
+        return with_retry(lambda: call(request, timeout=deadline, metadata=self.metadata))
 
     def submit(
         self, spec: common_pb2.DissectionSpec | Mapping[str, Any] | str | Path
@@ -130,7 +135,7 @@ class NeurodissectClient:
             message = spec_from_dict(spec)
         if not message.idempotency_key:
             message.idempotency_key = f"client-{uuid.uuid4().hex}"
-        job: common_pb2.Job = self._unary("SubmitDissection", message)
+        job: common_pb2.Job = self._unary("SubmitDissection", message, DESCRIBE_TIMEOUT_S)
         return job
 
     def get(self, job_id: str) -> common_pb2.Job:
@@ -139,14 +144,26 @@ class NeurodissectClient:
         return job
 
     def watch(self, job_id: str) -> Iterator[common_pb2.Job]:
-        """The job on every change (state, progress, ETA) until it is terminal."""
-        stream = self.stub.WatchJob(
-            gateway_pb2.GetJobRequest(job_id=job_id),
-            timeout=STREAM_TIMEOUT_S,
-            metadata=self.metadata,
-        )
-        for event in stream:
-            yield event.job
+        """The job on every change (state, progress, ETA) until it is terminal.
+
+        A stream broken by UNAVAILABLE (a gateway restart, a dropped connection) is
+        opened again; the first event after that is the job as it is then.
+        """
+        request = gateway_pb2.GetJobRequest(job_id=job_id)
+        failures = 0
+        while True:
+            try:
+                for event in self.stub.WatchJob(
+                    request, timeout=STREAM_TIMEOUT_S, metadata=self.metadata
+                ):
+                    failures = 0
+                    yield event.job
+                return
+            except grpc.RpcError as exc:
+                failures += 1
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or failures > WATCH_RECONNECTS:
+                    raise
+                time.sleep(min(5.0, 0.2 * 2**failures))
 
     def wait(self, job_id: str) -> common_pb2.Job:
         """Follow the job until it is terminal and return it."""
@@ -205,7 +222,7 @@ class NeurodissectClient:
         if not isinstance(model, common_pb2.ModelSpec):
             model = json_format.ParseDict(dict(model), common_pb2.ModelSpec())
         response: common_pb2.DescribeModelResponse = self._unary(
-            "DescribeModel", common_pb2.DescribeModelRequest(model=model)
+            "DescribeModel", common_pb2.DescribeModelRequest(model=model), DESCRIBE_TIMEOUT_S
         )
         return response
 

@@ -65,6 +65,11 @@ T = TypeVar("T")
 
 # Deadline of one stage RPC (a whole layer's explanation can take hours at scale).
 STAGE_DEADLINE_S = 24 * 3600.0
+# Backoff of calls to an unavailable peer; an attempt that lasted longer than
+# RETRY_RESET_S before failing starts the backoff and the retry budget afresh.
+RETRY_FIRST_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 15.0
+RETRY_RESET_S = 30.0
 # Exemplar thumbnails shown per unit in the report, their side in pixels, and a cap
 # on the distinct images copied next to it.
 REPORT_EXEMPLARS = 3
@@ -336,10 +341,15 @@ class Orchestrator:
             run.attach(None)
 
     def _retrying(self, run: _Run, peer: str, attempt: Callable[[], T]) -> T:
-        """Run `attempt`, retrying with backoff while the peer is unavailable."""
-        deadline = time.monotonic() + self.retry_budget_s
-        delay = 0.5
+        """Run `attempt`, retrying with backoff while the peer is unavailable.
+
+        The retry budget counts from the first of consecutive quick failures: a
+        stream that ran for a while before it broke starts a fresh budget.
+        """
+        failing_since = 0.0
+        delay = RETRY_FIRST_DELAY_S
         while True:
+            started = time.monotonic()
             try:
                 return attempt()
             except grpc.RpcError as exc:
@@ -348,15 +358,18 @@ class Orchestrator:
             except Unavailable as exc:
                 run.check()
                 error = exc
+            now = time.monotonic()
+            if not failing_since or now - started > RETRY_RESET_S:
+                failing_since, delay = now, RETRY_FIRST_DELAY_S
             # A peer that restarts drops its streams as UNAVAILABLE or CANCELLED.
             retryable = isinstance(error, Unavailable | Cancelled)
-            if not retryable or time.monotonic() + delay > deadline:
+            if not retryable or now + delay > failing_since + self.retry_budget_s:
                 raise error
             log.warning("job %s: %s unavailable (%s); retrying in %.1fs", run.job_id, peer,
                         error, delay)
             if run.stopped.wait(delay):
                 raise _Stopped()
-            delay = min(delay * 2, 15.0)
+            delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
     def _n_units(self, job: common_pb2.Job, layer: str) -> int:
         try:

@@ -21,8 +21,9 @@ from services.common import errors
 from services.common.client import Peer, open_channel
 from services.common.settings import Settings
 
-# DescribeModel loads a model once: allow it more time than an ordinary call.
-DESCRIBE_TIMEOUT_S = 300.0
+# DescribeModel loads a model (a toy model is trained on first use, minutes on 2 cores):
+# allow it, and the submission that waits for it, more time than an ordinary call.
+DESCRIBE_TIMEOUT_S = 900.0
 
 _ERRORS: dict[grpc.StatusCode, type[errors.NeurodissectError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 
@@ -239,3 +240,21 @@ def test_list_units_refuses_bad_ranges(world: FakeWorld) -> None:
             client.get("0123456789abcdef")
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         assert job.state in TERMINAL
+
+
+def test_a_watch_survives_a_gateway_restart(world: FakeWorld) -> None:
+    world.behaviour.block_delay_s = 0.1
+    world.start_gateway()
+    states: list[int] = []
+    with world.client() as client:
+        job = client.submit(fake_spec())
+        follower = threading.Thread(
+            target=lambda: states.extend(j.state for j in client.watch(job.id)))
+        follower.start()
+        wait_until(lambda: len(world.behaviour.computed) >= 2, what="some blocks")
+        world.stop_gateway()
+        world.behaviour.block_delay_s = 0.0
+        world.start_gateway()
+        follower.join(timeout=30)
+    assert not follower.is_alive()
+    assert states[-1] == common_pb2.SUCCEEDED

@@ -24,20 +24,24 @@ def caption(spec: ImageSpec) -> str:
     return f"{things} on {describe_background(spec)}"
 
 
-def phrases(spec: ImageSpec) -> list[str]:
-    """Short phrases true of the image, from bare label names to the full caption.
+def concept_names(spec: ImageSpec) -> list[str]:
+    """Bare label names true of the image: background colour, texture, scene, shape kinds.
 
-    Used to train the tiny CLIP so that both captions and bare concept names (what
-    CLIP-Dissect embeds) land near the images they describe.
+    A bare colour word names the background (the image's dominant colour); these are the
+    raw concept strings CLIP-Dissect embeds.
     """
-    texture = spec.texture.kind
-    scene = WORLD.scenes[spec.scene]
-    out = [caption(spec), describe_background(spec), spec.background, texture, scene]
-    out += [f"a {WORLD.adjective(texture)} background", f"a {spec.background} background"]
+    names = [spec.background, spec.texture.kind, WORLD.scenes[spec.scene]]
+    return names + [shape.kind for shape in spec.shapes]
+
+
+def phrases(spec: ImageSpec) -> list[str]:
+    """Descriptive phrases true of the image, from `a red shape` to the full caption."""
+    texture = WORLD.adjective(spec.texture.kind)
+    out = [caption(spec), describe_background(spec)]
+    out += [f"a {texture} background", f"a {spec.background} background"]
     for shape in spec.shapes:
         out += [
             describe_shape(shape),
-            shape.kind,
             f"a {shape.kind}",
             f"a {shape.color} shape",
             f"{shape.color} {shape.kind}",

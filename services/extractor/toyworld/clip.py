@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from services.common.keys import content_key
-from services.extractor.toyworld.captions import phrases
+from services.extractor.toyworld.captions import concept_names, phrases
 from services.extractor.toyworld.generator import FORMAT_VERSION
 from services.extractor.toyworld.model_cache import StateDict, cache_root, cached_weights
 from services.extractor.toyworld.raster import render_images
@@ -60,7 +60,6 @@ class ClipRecipe:
     text_layers: int = 2
     steps: int = 500
     batch_size: int = 128
-    phrases_per_image: int = 2
     lr: float = 2e-3
     weight_decay: float = 0.05
     seed: int = 0
@@ -123,7 +122,7 @@ def toy_clip_tokenizer() -> SimpleTokenizer:
 
 def toy_clip_preprocess(image_size: int = 64) -> Preprocess:
     """PIL image -> (3, S, S) float32: resize, centre crop, OpenAI CLIP normalisation."""
-    return open_clip.image_transform(image_size, is_train=False)  # type: ignore[no-any-return]
+    return open_clip.image_transform(image_size, is_train=False)
 
 
 def clip_normalize(images: np.ndarray) -> torch.Tensor:
@@ -158,7 +157,9 @@ def load_toy_clip(
     return model.eval(), toy_clip_preprocess(recipe.image_size), toy_clip_tokenizer()
 
 
-def toy_clip_metrics(cache_dir: Path | None = None, recipe: ClipRecipe | None = None) -> dict[str, Any]:
+def toy_clip_metrics(
+    cache_dir: Path | None = None, recipe: ClipRecipe | None = None
+) -> dict[str, Any]:
     """What training reported (zero-shot accuracies, seconds); trains if not cached."""
     recipe = recipe or ClipRecipe()
     _, metrics = cached_weights(toy_clip_path(cache_dir, recipe), lambda: train_toy_clip(recipe))
@@ -171,11 +172,14 @@ def train_toy_clip(recipe: ClipRecipe) -> tuple[StateDict, dict[str, Any]]:
     torch.manual_seed(recipe.seed)
     images, specs = render_images(recipe.data_seed, recipe.n_images, recipe.image_size)
     x = clip_normalize(images)
-    true_phrases = [phrases(spec) for spec in specs]
-    true_sets = [set(p) for p in true_phrases]
+    names = [concept_names(spec) for spec in specs]
+    descriptions = [phrases(spec) for spec in specs]
+    true_sets = [set(n) | set(d) for n, d in zip(names, descriptions, strict=True)]
     tokens = _TokenCache(toy_clip_tokenizer())
     model = build_toy_clip(recipe)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
+    )
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.1
     )
@@ -185,8 +189,9 @@ def train_toy_clip(recipe: ClipRecipe) -> tuple[StateDict, dict[str, Any]]:
     loss = torch.tensor(float("nan"))
     for _ in range(recipe.steps):
         batch = torch.randint(recipe.n_images, (recipe.batch_size,), generator=draw).tolist()
+        # One bare concept name and one descriptive phrase per image.
         texts = sorted(
-            {t for i in batch for t in pick.sample(true_phrases[i], recipe.phrases_per_image)}
+            {t for i in batch for t in (pick.choice(names[i]), pick.choice(descriptions[i]))}
         )
         truth = torch.tensor([[t in true_sets[i] for t in texts] for i in batch])
         image_features = F.normalize(model.encode_image(x[batch]), dim=-1)
@@ -202,8 +207,9 @@ def train_toy_clip(recipe: ClipRecipe) -> tuple[StateDict, dict[str, Any]]:
     train_seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
     model.eval()
-    accuracy = zero_shot_accuracy(model, toy_clip_tokenizer(), recipe.eval_seed, recipe.eval_images,
-                                  recipe.image_size)
+    accuracy = zero_shot_accuracy(
+        model, toy_clip_tokenizer(), recipe.eval_seed, recipe.eval_images, recipe.image_size
+    )
     metrics = {
         "zero_shot": accuracy,
         "chance": {"color": 1 / len(WORLD.colors), "shape": 1 / len(WORLD.shapes)},

@@ -81,10 +81,10 @@ def generate(root: Path, n_images: int, image_size: int, seed: int) -> Path:
             size = "small" if shape.small else "large"
             row = [f"{stem}.png", str(k), shape.kind, shape.color, size, describe_shape(shape)]
             object_rows.append(row)
-    _write_csv(root / "index.csv", INDEX_COLUMNS, index_rows)
-    _write_csv(root / "captions.csv", ("image", "caption"), caption_rows)
+    write_csv(root / "index.csv", INDEX_COLUMNS, index_rows)
+    write_csv(root / "captions.csv", ("image", "caption"), caption_rows)
     columns = ("image", "object", "label", "color", "size", "description")
-    _write_csv(root / "objects.csv", columns, object_rows)
+    write_csv(root / "objects.csv", columns, object_rows)
     tally.write(root)
     params = {"format_version": FORMAT_VERSION, "n_images": n_images}
     params |= {"image_size": image_size, "seed": seed}
@@ -154,15 +154,19 @@ class _Tally:
                 [str(code), str(x.number), x.name, *self._stats(category, x.number)]
                 for code, x in enumerate(labels, start=1)
             ]
-            columns = ("code", "number", "name", "frequency", "coverage")
-            _write_csv(root / f"c_{category}.csv", columns, rows)
-            numbers = [x.number for x in labels]
-            category_rows.append(
-                [category, str(min(numbers)), str(max(numbers)), str(len(labels)),
-                 str(self.category_images[category])]
+            write_csv(
+                root / f"c_{category}.csv",
+                ("code", "number", "name", "frequency", "coverage"),
+                rows,
             )
-        columns = ("name", "first", "last", "count", "frequency")
-        _write_csv(root / "category.csv", columns, category_rows)
+            numbers = [x.number for x in labels]
+            first, last, count = str(min(numbers)), str(max(numbers)), str(len(labels))
+            category_rows.append(
+                [category, first, last, count, str(self.category_images[category])]
+            )
+        write_csv(
+            root / "category.csv", ("name", "first", "last", "count", "frequency"), category_rows
+        )
         label_rows = []
         for x in WORLD.labels:
             cell = ";".join(f"{c}({self.frequency[c, x.number]})" for c in x.categories)
@@ -170,8 +174,8 @@ class _Tally:
             best = max(x.categories, key=lambda c: self._mean_coverage(c, x.number))
             frequency, coverage = self._stats(best, x.number)
             label_rows.append([str(x.number), x.name, cell, frequency, coverage, ""])
-        columns = ("number", "name", "category", "frequency", "coverage", "syns")
-        _write_csv(root / "label.csv", columns, label_rows)
+        header = ("number", "name", "category", "frequency", "coverage", "syns")
+        write_csv(root / "label.csv", header, label_rows)
 
     def _mean_coverage(self, category: str, number: int) -> float:
         frequency = self.frequency[category, number]
@@ -206,7 +210,8 @@ def _save_png(pixels: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels).save(path, format="PNG", compress_level=6)
 
 
-def _write_csv(path: Path, columns: tuple[str, ...], rows: list[list[str]]) -> None:
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[list[str]]) -> None:
+    """Write a header and rows, LF line endings (the same bytes on every platform)."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(columns)

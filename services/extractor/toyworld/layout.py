@@ -101,8 +101,6 @@ def _place(
     lo, hi = radius + MARGIN, 1.0 - radius - MARGIN
     for _ in range(50):
         cx, cy = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
-        if all(
-            np.hypot(cx - s.cx, cy - s.cy) > radius + s.radius + MARGIN for s in placed
-        ):
+        if all(np.hypot(cx - s.cx, cy - s.cy) > radius + s.radius + MARGIN for s in placed):
             return cx, cy
     return None

@@ -31,7 +31,7 @@ def cache_root(cache_dir: Path | None = None) -> Path:
 def cached_weights(
     path: Path, train: Callable[[], tuple[StateDict, dict[str, Any]]]
 ) -> tuple[StateDict, dict[str, Any]]:
-    """The state dict at `path` and its metrics, calling `train` and storing its result if absent."""
+    """The state dict at `path` and its metrics; if absent, `train` makes and stores them."""
     metrics_path = path.with_suffix(".json")
     if path.is_file() and metrics_path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -35,6 +35,9 @@ def planted_units() -> dict[int, str]:
 class ColorUnits(nn.Module):
     """(N, 3, H, W) RGB in [0, 1] -> (N, 9, H/2, W/2) colour-match maps (last unit dead)."""
 
+    palette: torch.Tensor
+    gain: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         palette = torch.tensor([rgb for _, rgb in WORLD.colors], dtype=torch.float32) / 255.0
@@ -58,10 +61,14 @@ class ColorUnits(nn.Module):
 class PlantedNet(nn.Module):
     """Undo ImageNet normalisation, detect palette colours (`colors`), average them (`pool`)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
         self.colors = ColorUnits()
         self.pool = nn.AdaptiveAvgPool2d(1)
 

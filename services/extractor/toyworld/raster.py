@@ -118,7 +118,6 @@ def _in_polygon(x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray) ->
     return inside
 
 
-
 def render_images(
     seed: int, n_images: int, size: int, start: int = 0
 ) -> tuple[np.ndarray, list[ImageSpec]]:

@@ -1,4 +1,4 @@
-"""`toynet`: a small CNN trained on the toy world's scene labels (background colour × texture family).
+"""`toynet`: a small CNN trained on the toy world's scene labels (background × texture family).
 
 Layers (for 64 px inputs): `conv1` (N, 16, 64, 64), `layer1` (N, 32, 32, 32),
 `layer2` (N, 64, 16, 16), `layer3` (N, 64, 8, 8), each conv + batch norm + ReLU, then
@@ -87,17 +87,22 @@ def toynet_path(cache_dir: Path | None = None, recipe: ToyNetRecipe | None = Non
     return cache_root(cache_dir) / f"toynet-{toynet_key(recipe)}.pt"
 
 
-def load_toynet(
-    cache_dir: Path | None = None, recipe: ToyNetRecipe | None = None
-) -> tuple[ToyNet, dict[str, Any]]:
-    """The trained toynet in eval mode and its training metrics, training it if not cached."""
+def load_toynet(cache_dir: Path | None = None, recipe: ToyNetRecipe | None = None) -> ToyNet:
+    """The trained toynet in eval mode, training it first if it is not cached."""
     recipe = recipe or ToyNetRecipe()
-    state, metrics = cached_weights(
-        toynet_path(cache_dir, recipe), lambda: train_toynet(recipe)
-    )
+    state, _ = cached_weights(toynet_path(cache_dir, recipe), lambda: train_toynet(recipe))
     model = ToyNet(recipe.widths)
     model.load_state_dict(state)
-    return model.eval(), metrics
+    return model.eval()
+
+
+def toynet_metrics(
+    cache_dir: Path | None = None, recipe: ToyNetRecipe | None = None
+) -> dict[str, Any]:
+    """What training reported (held-out accuracy, chance, seconds); trains if not cached."""
+    recipe = recipe or ToyNetRecipe()
+    _, metrics = cached_weights(toynet_path(cache_dir, recipe), lambda: train_toynet(recipe))
+    return metrics
 
 
 def train_toynet(recipe: ToyNetRecipe) -> tuple[StateDict, dict[str, Any]]:
@@ -109,7 +114,9 @@ def train_toynet(recipe: ToyNetRecipe) -> tuple[StateDict, dict[str, Any]]:
     y = torch.tensor([spec.scene for spec in specs])
     model = ToyNet(recipe.widths)
     steps_per_epoch = max(1, recipe.n_images // recipe.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
+    )
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch
     )

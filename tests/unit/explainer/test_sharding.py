@@ -96,6 +96,21 @@ def _counter(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def test_result_blocks_are_validated_before_they_are_written(store: LocalStore) -> None:
+    good = results_io.message_row(0, common_pb2.CompositionalResult(formula="a", length=1))
+    with pytest.raises(ValueError, match="holds units"):
+        results_io.write_block(store, "j", "conv", "compositional", 0, 2, [good])
+    with pytest.raises(ValueError, match="not valid"):
+        results_io.write_block(store, "j", "conv", "compositional", 0, 1, [{**good, "iou": "x"}])
+    with pytest.raises(ValueError, match="not valid"):
+        results_io.write_block(store, "j", "conv", "simulation", 0, 1, [{"unit": 0, "x": 1}])
+    assert not store.list("results/")
+    results_io.write_block(store, "j", "conv", "compositional", 0, 1, [good])
+    assert store.get_json(keys.result_block("j", "conv", "compositional", 0, 1)) == {
+        "units": [{"unit": 0, "formula": "a", "length": 1}]
+    }
+
+
 # -- Ray plumbing ---------------------------------------------------------------------------
 
 
@@ -129,6 +144,17 @@ def test_cancelled_caller_cancels_outstanding_tasks(local_ray: None) -> None:
     for ref in refs:
         with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
             ray.get(ref, timeout=30)
+
+
+def test_a_failed_block_raises_its_own_error_and_is_counted(
+    local_ray: None, store: LocalStore, planted: PlantedLayer
+) -> None:
+    store.delete(keys.acts_chunk(planted.acts_key, planted.layer, 8, 16, 40, 80))
+    failures = _counter("neurodissect_ray_task_failures_total")
+    with pytest.raises(NotFound, match="acts/"):
+        _run(store, _request(planted, ["netdissect"], 8))
+    assert _counter("neurodissect_ray_task_failures_total") - failures == 1
+    assert not results_io.block_stored(store, "job", planted.layer, "netdissect", 8, 16)
 
 
 # -- explaining through Ray -----------------------------------------------------------------
@@ -244,6 +270,26 @@ def test_simulation_scores_every_method_and_counts_dead_units_apart(
     assert summary["simulator"] == "labels"
     scores = summary["methods"]["clip_dissect"]
     assert scores["units"] == planted.n_units - 1 and scores["mean"] > 0.9 and scores["sem"] > 0
+
+
+def test_clip_concepts_for_linear_explanations_and_the_simulator(
+    local_ray: None, store: LocalStore, planted: PlantedLayer
+) -> None:
+    request = _request(planted, ["linear", "simulation"], 7)
+    request.spec.linear.concepts = "clip"
+    request.linear.CopyFrom(planted.clip)
+    request.simulation.CopyFrom(planted.clip)
+    _run(store, request)
+    rows = _rows(store, "job", planted.layer, "linear")
+    assert {row["concepts"] for row in rows.values()} == {"clip"}
+    assert [rows[u]["terms"][0]["concept"] for u in range(planted.n_units)] == list(
+        planted.planted
+    )
+    summary = store.get_json(keys.result_summary("job", planted.layer, "simulation"))
+    assert summary["simulator"].startswith("clip sigmoid")
+    assert summary["methods"]["linear"]["mean"] > 0.8
+    split = store.get_json(keys.split(planted.dataset_key))
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (84, 12, 24)
 
 
 # -- bad requests ---------------------------------------------------------------------------

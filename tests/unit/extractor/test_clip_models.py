@@ -95,6 +95,8 @@ def test_clip_request_errors(settings: Settings, tmp_path: Path, reference: Clip
         resolve_clip("ViT-B-33", "x", settings, "clip_models[1]")
     with pytest.raises(FailedPrecondition, match=r"clip.weights_uri"):
         resolve_clip(ARCH, "", settings, "clip")
+    with pytest.raises(FailedPrecondition, match=r"clip.arch.*Hugging Face"):
+        resolve_clip("ViT-B-16-SigLIP", str(tmp_path), settings, "clip")
     with pytest.raises(NotFound, match=r"clip.weights_uri"):
         resolve_clip(ARCH, str(tmp_path / "missing.pt"), settings, "clip")
 
