@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from neurodissect.v1 import captioner_pb2, common_pb2
 
-from services.captioner.checkpoint import TOY_CHECKPOINT, toy_checkpoint_path
+from services.captioner.checkpoint import TOY_CHECKPOINT
 from services.captioner.decoding import DEFAULT_BEAM_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_PMI_LAMBDA
 from services.captioner.exemplars import DEFAULT_EXEMPLARS, DEFAULT_MASK_QUANTILE
 from services.common.activations import ActivationManifest, read_manifest
@@ -97,14 +97,9 @@ def checkpoint_path(uri: str, settings: Settings) -> Path:
             field,
         )
     if uri == TOY_CHECKPOINT:
-        path = toy_checkpoint_path(Path(settings.cache_dir))
-        if not path.is_file():
-            raise NotFound(
-                f"the toy captioner is not built in {settings.cache_dir!r}: run "
-                "`neurodissect captioner toy` with the same cache directory",
-                field,
-            )
-        return path
+        from services.captioner.cli import toy_captioner  # the toy world, only when asked for
+
+        return toy_captioner(Path(settings.cache_dir))
     raw = uri.removeprefix("file://")
     if "://" in raw or "\x00" in raw:
         raise InvalidArgument(f"{uri!r}: only local paths or file:// URIs are supported", field)

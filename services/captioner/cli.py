@@ -11,12 +11,13 @@ exemplars with the frozen backbone, fits decoder and language model with early
 stopping (a progress bar per epoch), writes a self-describing checkpoint and, with
 `--report`, the training report (loss curves, validation BLEU, time) as JSON.
 
-`toy_captioner(cache_dir)` writes the toy world's MILANNOTATIONS annotations and
-trains the tiny captioner on them over the trained toynet, cached under a content
-key of the annotations, the backbone weights and the recipe, so a second call costs
-nothing. The Caption RPC finds it as checkpoint "toy". This module is the only
-captioner code that imports the toy world (which lives in the extractor package);
-the service never does.
+`toy_captioner(cache_dir)` writes the toy world's MILANNOTATIONS annotations (one
+concept-detector unit per colour, shape and texture, for several seeded datasets)
+and trains the tiny captioner on them over the trained toynet, cached under a
+content key of the annotations, the backbone weights and the recipe, so a second
+call costs nothing. The Caption RPC finds it as checkpoint "toy" in the same cache
+directory and builds it here on first use. This module is the only captioner code that
+imports the toy world (which lives in the extractor package).
 
 The command line builds its parser from this module for every command, so torch
 and the training code are imported inside the handlers that need them.
@@ -48,14 +49,14 @@ TOY_VERSION = 1
 
 @dataclass(frozen=True)
 class ToyRecipe:
-    """How the toy captioner is made (about a minute of training on 2 cores).
+    """How the toy captioner is made (under a minute of training on 2 cores).
 
     The toy world writes one concept-detector unit per colour, shape and texture;
     its annotations for `annotation_seeds` differently seeded datasets, merged, give
-    every concept several units, so that held-out units name concepts seen in training.
+    every concept many units, so that held-out units have concepts seen in training.
     """
 
-    annotation_seeds: int = 8
+    annotation_seeds: int = 32
     n_images: int = 400
     image_size: int = 64
     exemplars: int = 15
@@ -69,6 +70,15 @@ class ToyRecipe:
     learning_rate: float = 3e-3
     validation_fraction: float = 0.2
     seed: int = 0
+
+    def annotation_params(self) -> dict[str, int]:
+        """The fields that determine the annotations (not the training)."""
+        return {
+            "annotation_seeds": self.annotation_seeds,
+            "n_images": self.n_images,
+            "image_size": self.image_size,
+            "exemplars": self.exemplars,
+        }
 
     def dimensions(self) -> ModelDimensions:
         """The decoder's and language model's sizes."""
@@ -161,15 +171,16 @@ def toy_annotations(cache_dir: Path, recipe: ToyRecipe) -> Path:
     """The toy world's annotations for `recipe.annotation_seeds` datasets, merged and cached.
 
     Layer `L` of the dataset with seed `s` becomes layer `L-s`; `concepts.csv`
-    (`layer,unit,label`) is merged the same way. Cached under a key of the recipe
-    and the toy world's format version; built in a staging folder, renamed at the end.
+    (`layer,unit,label`) is merged the same way. Cached under a key of the recipe's
+    annotation parameters and the toy world's format version; built in a staging
+    folder that is renamed when complete.
     """
     from services.captioner.milannotations import ANNOTATIONS_FILE
     from services.common.keys import content_key
     from services.extractor.toyworld import write_annotations
     from services.extractor.toyworld.generator import FORMAT_VERSION
 
-    key = content_key("toy-annotations", TOY_VERSION, FORMAT_VERSION, asdict(recipe))
+    key = content_key("toy-annotations", TOY_VERSION, FORMAT_VERSION, recipe.annotation_params())
     root = cache_dir / "captioner" / f"toy-annotations-{key}"
     if (root / ANNOTATIONS_FILE).is_file():
         return root
@@ -244,7 +255,16 @@ def toy_captioner(cache_dir: Path, show_progress: bool = False) -> Path:
     checkpoint says it was made from the same annotations, backbone weights and
     recipe. `toy.json` also records the training report and the held-out figures
     (`concept_figures` of the validation units with PMI, λ = 0.2, and greedy, λ = 0).
+    Concurrent callers wait on a lock file for one build.
     """
+    from services.captioner.checkpoint import toy_checkpoint_path
+    from services.common.file_lock import file_lock
+
+    with file_lock(toy_checkpoint_path(cache_dir).with_suffix(".lock")):
+        return _build_toy_captioner(cache_dir, show_progress)
+
+
+def _build_toy_captioner(cache_dir: Path, show_progress: bool) -> Path:
     import torch
 
     from services.captioner.backbones import TOYNET

@@ -151,6 +151,9 @@ class ServiceServer:
                 ("grpc.max_send_message_length", 4 << 20),
                 ("grpc.max_receive_message_length", 4 << 20),
                 ("grpc.so_reuseport", 0),
+                # Clients ping every 30 s during long streams (client.py); accept that.
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
         names = register(self.server)

@@ -35,7 +35,7 @@ import torchvision
 from torch import nn
 
 from services.common import keys
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.settings import Settings
 from services.extractor.local_paths import local_path
 from services.extractor.toyworld import planted
@@ -108,9 +108,10 @@ def resolve_model(
 ) -> ModelSource:
     """Check a model request and find its weights; raise the error a user needs to fix it.
 
-    Unknown source or name → InvalidArgument (`model.source` / `model.name`); a weights
-    path that does not exist → NotFound; no weights where they are needed (torch's cache
-    empty, a timm model without a file) → FailedPrecondition naming where to put them.
+    Unknown source → InvalidArgument (`model.source`); unknown name → NotFound
+    (`model.name`, with close matches); a weights path that does not exist → NotFound;
+    no weights where they are needed (torch's cache empty, a timm model without a file)
+    → FailedPrecondition naming where to put them.
     """
     if num_classes < 0:
         raise InvalidArgument(f"{num_classes} is negative", field="model.num_classes")
@@ -127,11 +128,11 @@ def resolve_model(
     raise InvalidArgument(f"{source!r} is not a model source; use one of {allowed}", "model.source")
 
 
-def _unknown_name(name: str, known: list[str], source: str, examples: list[str]) -> InvalidArgument:
+def _unknown_name(name: str, known: list[str], source: str, examples: list[str]) -> NotFound:
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     shown = ", ".join(repr(c) for c in (close or examples))
     what = "close matches" if close else "e.g."
-    return InvalidArgument(f"{name!r} is not a {source} model; {what}: {shown}", "model.name")
+    return NotFound(f"{name!r} is not a {source} model; {what}: {shown}", "model.name")
 
 
 def _torchvision(name: str, weights: Path | None, num_classes: int) -> ModelSource:
@@ -236,7 +237,7 @@ def _toy(name: str, weights: Path | None, settings: Settings) -> ModelSource:
         return ModelSource("toy", name, identity, "imagenet", TOY_INPUT_SIZE, planted_model)
     if name != "toynet":
         allowed = ", ".join(repr(n) for n in TOY_MODELS)
-        raise InvalidArgument(f"{name!r} is not a toy model; use one of {allowed}", "model.name")
+        raise NotFound(f"{name!r} is not a toy model; use one of {allowed}", "model.name")
     recipe = ToyNetRecipe()
     cache_dir = Path(settings.cache_dir)
     path = weights

@@ -42,10 +42,11 @@ class Preprocessing:
     resample: Image.Resampling = Image.Resampling.BILINEAR
 
     def resize(self, image: Image.Image) -> torch.Tensor:
-        """An RGB PIL image -> (3, size, size) uint8 tensor."""
+        """An RGB PIL image -> (3, size, size) uint8 tensor, contiguous (stacks by memcpy)."""
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), self.resample)
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        pixels = np.asarray(image, dtype=np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) uint8 -> (B, 3, S, S) float32 model input, on the pixels' device.

@@ -61,8 +61,8 @@ EXIT_OK, EXIT_JOB_FAILED, EXIT_REJECTED, EXIT_STACK_FAILED = 0, 1, 2, 3
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
-console = Console()
-errors = Console(stderr=True)
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -510,18 +510,17 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             job = client.submit(demo_spec(layers, methods, args.n, args.size))
             console.print(f"job: {job.id}", markup=False)
             job = follow(client, job.id)
-            if job.state == common_pb2.SUCCEEDED:
-                for layer in job.spec.layers:
-                    units = list(client.units(job.id, layer))
-                    console.print(results_table(layer, units, args.show))
-                print_summary(job)
-            store = stack.settings.store_url
-            console.print(f"outputs: store {store}", markup=False)
-            console.print(f"  results  results/{job.id}/<layer>/<method>/u*.json", markup=False)
-            console.print(f"  report   reports/{job.id}/index.html", markup=False)
-            console.print(f"  again:   neurodissect up, then neurodissect results {job.id}"
-                          f" --layer {job.spec.layers[-1]}", markup=False)
-            return job_outcome(job)
+            if job.state != common_pb2.SUCCEEDED:
+                return job_outcome(job)
+            for layer in job.spec.layers:
+                console.print(results_table(layer, list(client.units(job.id, layer)), args.show))
+            print_summary(job)
+        console.print(f"outputs, in the store {stack.settings.store_url}:", markup=False)
+        console.print(f"  results  results/{job.id}/<layer>/<method>/u*.json", markup=False)
+        console.print(f"  report   reports/{job.id}/index.html", markup=False)
+        console.print(f"they stay: `neurodissect up`, then `neurodissect results {job.id}"
+                      f" --layer {job.spec.layers[-1]}`", markup=False)
+        return EXIT_OK
     finally:
         console.print("stopping the local stack")
         stack.stop()

@@ -4,8 +4,9 @@
 service is `python -m services.gateway.cli serve NAME` with its port, metrics port
 and peer addresses in its environment (`NEURODISSECT_*`), and its output in
 `{log_dir}/{name}.log`. The Ray head (`ray start --head --block`, on loopback) is
-handed to the explainer as `RAY_ADDRESS`; without it the explainer starts Ray
-in-process. Stopping sends SIGTERM (services drain gracefully), then SIGKILL to
+handed to the explainer as `RAY_ADDRESS`, with the same `RAY_AUTH_MODE` (the
+environment's, else `disabled`: the head listens on loopback only); without it the
+explainer starts Ray in-process. Stopping sends SIGTERM (services drain gracefully), then SIGKILL to
 whatever is left after a grace period.
 """
 
@@ -47,6 +48,11 @@ def available_services() -> list[str]:
         except ModuleNotFoundError:
             continue
     return found
+
+
+def ray_auth_mode() -> str:
+    """`RAY_AUTH_MODE` of the local Ray head and the explainer: the environment's, else off."""
+    return os.environ.get("RAY_AUTH_MODE", "disabled")
 
 
 class StackError(RuntimeError):
@@ -103,9 +109,10 @@ class LocalStack:
         env = {**os.environ, **self.settings.environment()}
         env["NEURODISSECT_PORT"] = str(self.ports[name])
         env["NEURODISSECT_METRICS_PORT"] = str(self.metrics_ports[name])
-        env["RAY_ADDRESS"] = self.ray_address if name == "explainer" else ""
-        if not env["RAY_ADDRESS"]:
-            del env["RAY_ADDRESS"]
+        env.pop("RAY_ADDRESS", None)
+        if name == "explainer" and self.ray_address:
+            env["RAY_ADDRESS"] = self.ray_address
+            env["RAY_AUTH_MODE"] = ray_auth_mode()
         log = (self.log_dir / f"{name}.log").open("ab")
         self._logs.append(log)
         process = subprocess.Popen(
@@ -194,7 +201,11 @@ class LocalStack:
         log = log_path.open("wb")
         self._logs.append(log)
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env={**os.environ, "RAY_AUTH_MODE": ray_auth_mode()},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.processes["ray"] = process
         deadline = time.monotonic() + RAY_START_TIMEOUT_S

@@ -17,6 +17,9 @@ import pytest
 from services.common.client import wait_healthy
 from services.common.settings import Settings
 
+# The first run on a fresh machine trains the toy models (toynet, tiny CLIP, captioner).
+pytestmark = pytest.mark.timeout(1800)
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO_TIMEOUT_S = 900
 

@@ -143,7 +143,12 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 
 def _request(checkpoint: Path | str, job: str, **params: object) -> captioner_pb2.CaptionRequest:
-    fields: dict[str, object] = {"checkpoint_uri": str(checkpoint), "beam": 4, "max_tokens": 5}
+    fields: dict[str, object] = {
+        "checkpoint_uri": str(checkpoint),
+        "beam": 4,
+        "max_tokens": 5,
+        "exemplars": 4,
+    }
     return captioner_pb2.CaptionRequest(
         job_id=job,
         layer=LAYER,

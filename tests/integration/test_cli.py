@@ -13,6 +13,8 @@ from neurodissect.v1 import common_pb2
 
 from services.gateway.stack import LocalStack
 
+# The first run on a fresh machine trains the toy models (toynet, tiny CLIP, captioner).
+pytestmark = pytest.mark.timeout(1800)
 
 def cli(
     *args: str, gateway: str = "127.0.0.1:1", timeout: float = 600
@@ -86,3 +88,12 @@ def test_an_unreachable_gateway_is_reported() -> None:
     refused = cli("--timeout", "2", "jobs")
     assert refused.returncode == 2
     assert refused.stderr.startswith("error: UNAVAILABLE")
+
+
+def test_toyworld_generate_writes_a_broden_directory(tmp_path: Path) -> None:
+    made = cli("toyworld", "generate", "--out", str(tmp_path / "toy"), "--n", "12", "--size", "32",
+               "--seed", "3")
+    assert made.returncode == 0, made.stderr
+    index = (tmp_path / "toy" / "index.csv").read_text()
+    assert index.startswith("image,split,ih,iw,sh,sw,")
+    assert len(index.strip().splitlines()) == 13

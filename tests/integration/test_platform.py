@@ -22,6 +22,9 @@ from services.gateway.jobs import TERMINAL
 from services.gateway.stack import LocalStack
 from tests.integration.hostile_specs import HOSTILE
 
+# The first run on a fresh machine trains the toy models (toynet, tiny CLIP, captioner).
+pytestmark = pytest.mark.timeout(1800)
+
 SERVICE_NAMES = {
     "gateway": "neurodissect.v1.Gateway",
     "extractor": "neurodissect.v1.Extractor",

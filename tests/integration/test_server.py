@@ -54,7 +54,7 @@ def open_server() -> Iterator[tuple[ServiceServer, Settings]]:
 
 
 def test_health_and_reflection(open_server: tuple[ServiceServer, Settings]) -> None:
-    server, settings = open_server
+    _, settings = open_server
     wait_healthy(settings.gateway_addr, settings, timeout=10)
     with open_channel(settings.gateway_addr, settings) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(

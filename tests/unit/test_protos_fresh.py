@@ -20,5 +20,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     )
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
     assert len(generated) == 15
-    stale = [str(p) for p in generated if (tmp_path / p).read_bytes() != (PROTO_ROOT / p).read_bytes()]
+    stale = [
+        str(p) for p in generated if (tmp_path / p).read_bytes() != (PROTO_ROOT / p).read_bytes()
+    ]
     assert not stale, f"stale generated code (run `make proto`): {stale}"

@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 INDEX_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw", *WORLD.categories)
 SCENE_WITHHELD_EVERY = 50
 VAL_EVERY = 5
+OBJECT_COLUMNS = ("image", "object", "label", "color", "size", "description")
 PIXEL_PLANES = (("color", "color"), ("object", "object"), ("part", "part_1"), ("part", "part_2"))
 
 
@@ -54,42 +55,36 @@ def generate(root: Path, n_images: int, image_size: int, seed: int) -> Path:
         stem = f"toy_{i:06d}"
         _write_image(images_dir, stem, spec, image_size, tally)
         scene = 0 if i % SCENE_WITHHELD_EVERY == 0 else WORLD.numbers[WORLD.scenes[spec.scene]]
-        if scene:
-            tally.image_level("scene", scene)
         texture = WORLD.numbers[spec.texture.kind]
-        tally.image_level("texture", texture)
+        for category, number in (("scene", scene), ("texture", texture)):
+            if number:
+                tally.image_level(category, number)
         tally.end_image()
-        mask_size = image_size // 2
-        index_rows.append(
-            [
-                f"{stem}.png",
-                "val" if i % VAL_EVERY == VAL_EVERY - 1 else "train",
-                str(image_size),
-                str(image_size),
-                str(mask_size),
-                str(mask_size),
-                f"{stem}_color.png",
-                f"{stem}_object.png",
-                f"{stem}_part_1.png;{stem}_part_2.png",
-                "",
-                str(scene),
-                str(texture),
-            ]
-        )
+        split = "val" if i % VAL_EVERY == VAL_EVERY - 1 else "train"
+        index_rows.append(_index_row(stem, split, image_size, scene, texture))
         caption_rows.append([f"{stem}.png", caption(spec)])
-        for k, shape in enumerate(spec.shapes):
-            size = "small" if shape.small else "large"
-            row = [f"{stem}.png", str(k), shape.kind, shape.color, size, describe_shape(shape)]
-            object_rows.append(row)
+        for k, s in enumerate(spec.shapes):
+            size = "small" if s.small else "large"
+            object_rows.append([f"{stem}.png", str(k), s.kind, s.color, size, describe_shape(s)])
     write_csv(root / "index.csv", INDEX_COLUMNS, index_rows)
     write_csv(root / "captions.csv", ("image", "caption"), caption_rows)
-    columns = ("image", "object", "label", "color", "size", "description")
-    write_csv(root / "objects.csv", columns, object_rows)
+    write_csv(root / "objects.csv", OBJECT_COLUMNS, object_rows)
     tally.write(root)
-    params = {"format_version": FORMAT_VERSION, "n_images": n_images}
-    params |= {"image_size": image_size, "seed": seed}
+    params = {
+        "format_version": FORMAT_VERSION,
+        "n_images": n_images,
+        "image_size": image_size,
+        "seed": seed,
+    }
     (root / "toyworld.json").write_text(json.dumps(params, sort_keys=True, indent=2) + "\n")
     return root
+
+
+def _index_row(stem: str, split: str, image_size: int, scene: int, texture: int) -> list[str]:
+    size, mask = str(image_size), str(image_size // 2)
+    parts = f"{stem}_part_1.png;{stem}_part_2.png"
+    pixel = [f"{stem}_color.png", f"{stem}_object.png", parts, ""]  # color, object, part, material
+    return [f"{stem}.png", split, size, size, mask, mask, *pixel, str(scene), str(texture)]
 
 
 def label_planes(spec: ImageSpec, mask_size: int) -> np.ndarray:

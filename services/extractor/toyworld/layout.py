@@ -16,6 +16,7 @@ LARGE_RADIUS = (0.16, 0.22)
 SMALL_RADIUS = (0.09, 0.12)
 SHAPE_COUNT_WEIGHTS = (0.4, 0.35, 0.25)  # P(1 shape), P(2), P(3)
 MARGIN = 0.02
+ORIENTATIONS = {"stripes": 4, "waves": 2}  # evenly spaced over half a turn
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,8 @@ def sample_spec(seed: int, index: int) -> ImageSpec:
 def _sample_texture(rng: np.random.Generator, kind: str) -> TextureSpec:
     if kind == "plain":
         return TextureSpec(kind)
-    angle = float(rng.integers(4)) * np.pi / 4 if kind == "stripes" else 0.0
-    if kind == "waves":
-        angle = float(rng.integers(2)) * np.pi / 2
+    orientations = ORIENTATIONS.get(kind, 1)
+    angle = float(rng.integers(orientations)) * np.pi / orientations
     return TextureSpec(
         kind=kind,
         angle=angle,

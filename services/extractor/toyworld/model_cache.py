@@ -2,8 +2,8 @@
 
 A cache entry is `{cache_dir}/toyworld/{name}-{key}.pt` (loadable with
 `torch.load(weights_only=True)`) and `{name}-{key}.json` (what training reported). Both are
-written atomically, so a crash never leaves a half-written entry and concurrent trainers
-of the same key simply race to write identical content.
+written atomically, so a crash never leaves a half-written entry; a lock file beside them
+makes concurrent users of one key wait for a single training run.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from services.common.file_lock import file_lock
 from services.common.settings import Settings
 
 StateDict = dict[str, torch.Tensor]
@@ -33,14 +34,14 @@ def cached_weights(
 ) -> tuple[StateDict, dict[str, Any]]:
     """The state dict at `path` and its metrics; if absent, `train` makes and stores them."""
     metrics_path = path.with_suffix(".json")
-    if path.is_file() and metrics_path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return state, json.loads(metrics_path.read_text())
-    state, metrics = train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda handle: torch.save(state, handle))
-    text = json.dumps(metrics, sort_keys=True, indent=2) + "\n"
-    _atomic_write(metrics_path, lambda handle: handle.write(text.encode()))
+    with file_lock(path.with_suffix(".lock")):
+        if path.is_file() and metrics_path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return state, json.loads(metrics_path.read_text())
+        state, metrics = train()
+        _atomic_write(path, lambda handle: torch.save(state, handle))
+        text = json.dumps(metrics, sort_keys=True, indent=2) + "\n"
+        _atomic_write(metrics_path, lambda handle: handle.write(text.encode()))
     return state, metrics
 
 

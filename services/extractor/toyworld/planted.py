@@ -3,11 +3,12 @@
 Input: (N, 3, H, W) float32 RGB with ImageNet normalisation (`preprocessing.imagenet_normalize`,
 torchvision's mean and std); the model inverts it first. Layers:
 
-- `colors`: (N, 9, H/2, W/2). Unit k < 8 is `exp(-|rgb - c_k|² / 2σ²)` for palette colour
-  c_k (σ = 0.06 in [0, 1] RGB, so any other palette colour gives < 1e-5), times a fixed
-  pseudo-random gain in [0.5, 1] per pixel position, then 2×2 average pooling. Unit 8 is dead
-  (always 0). The gain spreads a unit's top-quantile pixels evenly over its colour: with
-  exact palette colours every matching pixel would otherwise tie at the maximum, and a
+- `colors`: (N, 9, H/2, W/2). Unit k < 8 matches palette colour c_k: `exp(-|rgb - c_k|² / 2σ²)`
+  per pixel (σ = 0.06 in [0, 1] RGB, so any other palette colour gives < 1e-5), averaged
+  over 2×2 blocks and doubled, capped at 1 (a block at least half c_k counts fully), times
+  a fixed pseudo-random gain in [0.5, 1] per output position. Unit 8 is dead (always 0).
+  The gain spreads a unit's top-quantile positions evenly over its colour: with exact
+  palette colours every matching position would otherwise tie at the maximum, and a
   threshold at the top 0.5% would select none of them or all of them.
 - `pool`: (N, 9) spatial mean of `colors`, the model's output.
 
@@ -50,12 +51,13 @@ class ColorUnits(nn.Module):
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> (N, 9, H // 2, W // 2) float32."""
         distance2 = ((rgb.unsqueeze(1) - self.palette) ** 2).sum(dim=2)
-        match = torch.exp(-distance2 / (2 * SIGMA**2))
-        h, w = rgb.shape[-2:]
+        # Blocks on a colour's edges count fully, or the top quantile would favour large
+        # uniform regions (plain backgrounds) over striped or dotted ones.
+        match = (2 * self.pool(torch.exp(-distance2 / (2 * SIGMA**2)))).clamp(max=1.0)
+        h, w = match.shape[-2:]
         tiles = (-(-h // GAIN_SIZE), -(-w // GAIN_SIZE))
         match = match * self.gain.repeat(*tiles)[:h, :w]
-        dead = torch.zeros_like(match[:, :1])
-        return self.pool(torch.cat([match, dead], dim=1))
+        return torch.cat([match, torch.zeros_like(match[:, :1])], dim=1)
 
 
 class PlantedNet(nn.Module):

@@ -66,7 +66,7 @@ def shape_mask(kind: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.n
     if kind == "circle":
         return np.asarray(np.hypot(dx, dy) <= radius)
     if kind == "square":
-        return np.asarray(np.maximum(ax, ay) <= 0.8 * radius)
+        return np.asarray(np.maximum(ax, ay) <= radius / np.sqrt(2))
     if kind == "ring":
         d = np.hypot(dx, dy)
         return np.asarray((d <= radius) & (d >= 0.55 * radius))

@@ -70,7 +70,7 @@ def _stage(c_in: int, c_out: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
+        nn.ReLU(),
     )
 
 

@@ -32,7 +32,7 @@ class WideTinyNet(TinyNet):
 
 
 def toy_architectures(monkeypatch: pytest.MonkeyPatch, toynet: type[nn.Module]) -> None:
-    """Stand in for services.common.toy_architectures with `toynet` as its ToyNet."""
+    """Stand in a small `toynet` class for the toy world's ToyNet (fast, same stage names)."""
     module = types.ModuleType(TOY_ARCHITECTURES)
     module.ToyNet = toynet  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, TOY_ARCHITECTURES, module)

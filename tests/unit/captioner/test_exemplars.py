@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from services.captioner.exemplars import exemplar_masks, spatial_max, top_images, unit_thresholds
+from services.captioner.exemplars import (
+    StreamedThresholds,
+    exemplar_masks,
+    spatial_max,
+    top_images,
+    unit_thresholds,
+)
 from services.common.errors import InvalidArgument
 
 
@@ -49,3 +55,27 @@ def test_each_unit_uses_its_own_threshold() -> None:
     masks = exemplar_masks(maps, np.array([4.0, 6.0]), (8, 8))
     assert masks.shape == (2, 3, 1, 8, 8)
     assert masks[0].all() and not masks[1].any()
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.01, 0.3, 0.5, 0.99, 0.995, 1.0])
+@pytest.mark.parametrize("shape", [(37, 3, 5, 5), (5, 2, 1, 1), (1, 2, 1, 1)])
+def test_streamed_thresholds_equal_numpys_quantile_bit_for_bit(
+    quantile: float, shape: tuple[int, int, int, int]
+) -> None:
+    acts = np.random.default_rng(0).standard_normal(shape).astype(np.float16).astype(np.float32)
+    streamed = StreamedThresholds(shape[0] * shape[2] * shape[3], quantile)
+    for i0 in range(0, shape[0], 7):  # chunks of 7 images
+        streamed.update(acts[i0 : i0 + 7])
+    np.testing.assert_array_equal(streamed.thresholds(), unit_thresholds(acts, quantile))
+    # only the tail beyond the quantile's rank is kept, not every value
+    assert streamed.width <= max(2, shape[0] * shape[2] * shape[3] // 2 + 1)
+
+
+def test_streamed_thresholds_need_every_value() -> None:
+    streamed = StreamedThresholds(8, 0.99)
+    streamed.update(np.zeros((1, 2, 2, 2), dtype=np.float32))
+    with pytest.raises(InvalidArgument, match="got 4 of 8"):
+        streamed.thresholds()
+    streamed.update(np.zeros((1, 2, 2, 2), dtype=np.float32))
+    with pytest.raises(InvalidArgument, match="more than 8"):
+        streamed.update(np.zeros((1, 2, 2, 2), dtype=np.float32))

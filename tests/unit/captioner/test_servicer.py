@@ -265,9 +265,6 @@ def test_missing_inputs_are_not_found(
     with pytest.raises(NotFound) as error:
         run(store, request(tmp_path / "absent.pt"))
     assert error.value.field == "milan.checkpoint_uri"
-    with pytest.raises(NotFound, match="captioner toy") as error:
-        run(store, request("toy"))  # not built in this cache directory
-    assert error.value.field == "milan.checkpoint_uri"
     with pytest.raises(NotFound) as error:
         run(store, request(checkpoint, acts_key="elsewhere"))
     assert error.value.field == "acts_key"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.probe_format import read_concepts, read_label_chunk
 from services.common.settings import Settings
 from services.common.store import LocalStore
+from services.extractor import extraction
 from services.extractor.broden import read_broden
 from services.extractor.extraction import ComputeConfig, Extraction, ExtractionResult
 from services.extractor.models import ModelSource, resolve_model
@@ -308,3 +310,40 @@ def test_planted_colour_units_line_up_with_the_colour_labels(
         fired, truth = acts[:, unit] > 0.3, colour == number
         assert (fired & truth).sum() / (fired | truth).sum() > 0.7, name
     assert peak[:, 8].max() == 0.0  # the dead unit
+
+
+def test_slow_setup_keeps_reporting_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading may train a toy model for minutes: progress must keep the stream alive."""
+    monkeypatch.setattr(extraction, "HEARTBEAT_S", 0.02)
+
+    def slow() -> str:
+        time.sleep(0.3)
+        return "loaded"
+
+    beats = extraction._heartbeat(slow, "loading toy/toynet", 10)
+    messages = []
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            messages.append(next(beats))
+    assert stop.value.value == "loaded"
+    assert len(messages) >= 5 and {m.message for m in messages} == {"loading toy/toynet"}
+
+
+def test_float16_saturates_instead_of_overflowing(tmp_path: Path, toy_root: Path) -> None:
+    def huge() -> nn.Module:
+        conv = nn.Conv2d(3, 2, 1)
+        with torch.no_grad():
+            conv.weight.copy_(torch.tensor([1e6, 0, 0]).view(1, 3, 1, 1).repeat(2, 1, 1, 1))
+            conv.weight[1] *= -1
+            conv.bias.zero_()
+        return nn.Sequential(conv).eval()
+
+    source = ModelSource("test", "huge", "huge", "imagenet", SIZE, huge)
+    store = LocalStore(tmp_path / "store")
+    dataset = read_broden(toy_root, limit=8)
+    result = run(Extraction(store, dataset, source, ["0"], ComputeConfig()))
+    values = stored(store, result.acts_keys["0"], "0")
+    assert np.isfinite(values).all()
+    assert values.max() == 65504.0 and values.min() == -65504.0
+    _, peak = read_pooled(store, result.acts_keys["0"], "0")
+    assert peak[:, 0].max() > 1e5  # pooled statistics keep the float32 values

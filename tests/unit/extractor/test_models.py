@@ -40,7 +40,7 @@ def test_missing_torch_cache_file_names_where_to_put_it(
 def test_request_errors_name_the_field(settings: Settings, tmp_path: Path) -> None:
     with pytest.raises(NotFound, match=r"model.weights_uri"):
         resolve_model("torchvision", "resnet18", str(tmp_path / "nope.pth"), 0, settings)
-    with pytest.raises(InvalidArgument, match=r"model.name.*'resnet18'"):
+    with pytest.raises(NotFound, match=r"model.name.*'resnet18'"):
         resolve_model("torchvision", "resnet181", "", 0, settings)
     with pytest.raises(InvalidArgument, match=r"model.source"):
         resolve_model("keras", "resnet18", "", 0, settings)

@@ -28,7 +28,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def all_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_same_seed_gives_byte_identical_files(toy: Path, tmp_path: Path) -> None:
@@ -48,7 +50,8 @@ def test_first_images_do_not_depend_on_how_many_are_generated(toy: Path, tmp_pat
 def test_index_has_broden_columns_and_files(toy: Path) -> None:
     with (toy / "index.csv").open(newline="") as handle:
         header = next(csv.reader(handle))
-    assert header == "image,split,ih,iw,sh,sw,color,object,part,material,scene,texture".split(",")
+    expected = "image,split,ih,iw,sh,sw,color,object,part,material,scene,texture"
+    assert header == expected.split(",")
     rows = read_csv(toy / "index.csv")
     assert len(rows) == N_IMAGES
     assert {r["split"] for r in rows} == {"train", "val"}
@@ -72,7 +75,8 @@ def test_part_cell_holds_two_overlapping_layers(toy: Path) -> None:
     overlap = 0
     for row in rows:
         outline, centre = (
-            decode_labels(np.asarray(Image.open(toy / "images" / p))) for p in row["part"].split(";")
+            decode_labels(np.asarray(Image.open(toy / "images" / p)))
+            for p in row["part"].split(";")
         )
         assert set(np.unique(outline)) <= {0, WORLD.numbers["outline"]}
         assert set(np.unique(centre)) <= {0, WORLD.numbers["centre"]}
@@ -169,7 +173,12 @@ def test_captions_and_objects(toy: Path) -> None:
 
 @pytest.mark.parametrize(
     ("n_images", "image_size", "seed", "field"),
-    [(0, 32, 0, "n_images"), (4, 33, 0, "image_size"), (4, 8, 0, "image_size"), (4, 32, -1, "seed")],
+    [
+        (0, 32, 0, "n_images"),
+        (4, 33, 0, "image_size"),
+        (4, 8, 0, "image_size"),
+        (4, 32, -1, "seed"),
+    ],
 )
 def test_rejects_bad_parameters(
     tmp_path: Path, n_images: int, image_size: int, seed: int, field: str

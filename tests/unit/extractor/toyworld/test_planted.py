@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from services.extractor.toyworld.generator import label_planes
 from services.extractor.toyworld.planted import DEAD_UNIT, planted_model, planted_units
 from services.extractor.toyworld.preprocessing import imagenet_normalize
 from services.extractor.toyworld.raster import PALETTE, render_images
@@ -62,3 +63,25 @@ def test_output_is_the_spatial_mean() -> None:
         out = planted_model()(imagenet_normalize(images))
     assert torch.allclose(out, colors_layer(images).mean(dim=(2, 3)))
     assert planted_model().state_dict() == {}
+
+
+def test_iou_at_the_default_quantile_names_every_planted_unit() -> None:
+    # A minimal NetDissect (top 0.5% threshold, dataset-level IoU over all images): the best
+    # label of each planted unit must be its colour, the answer an end-to-end run must give.
+    images, specs = render_images(seed=9, n_images=400, size=64)
+    acts = colors_layer(images)  # (N, 9, 32, 32), already at mask resolution
+    planes = np.stack([label_planes(spec, 32) for spec in specs])  # (N, 4, 32, 32)
+    n_labels = len(WORLD.labels) + 1
+    present = np.zeros((len(specs), n_labels, 32, 32), dtype=bool)
+    for i, spec in enumerate(specs):
+        for plane in planes[i]:
+            present[i, plane, np.arange(32)[:, None], np.arange(32)] = True
+        present[i, WORLD.numbers[spec.texture.kind]] = True
+        present[i, WORLD.numbers[WORLD.scenes[spec.scene]]] = True
+    present[:, 0] = False
+    for unit, name in planted_units().items():
+        a = acts[:, unit]
+        mask = (a > torch.quantile(a.flatten(), 0.995)).numpy()
+        inter = (present & mask[:, None]).sum(axis=(0, 2, 3))
+        iou = inter / (mask.sum() + present.sum(axis=(0, 2, 3)) - inter)
+        assert WORLD.labels[int(iou.argmax()) - 1].name == name

@@ -19,7 +19,7 @@ from services.extractor.toyworld.toynet import (
 from services.extractor.toyworld.world import WORLD
 
 # Small enough for a unit test (a few seconds on two cores), big enough to learn colours.
-SMALL = ToyNetRecipe(n_images=640, eval_images=200, epochs=4, widths=(8, 16, 32, 32))
+SMALL = ToyNetRecipe(n_images=640, image_size=32, eval_images=200, epochs=4, widths=(8, 16, 32, 32))
 
 
 @pytest.fixture(scope="module")
