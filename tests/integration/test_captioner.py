@@ -204,7 +204,6 @@ def test_caption_materializes_thumbnails_and_stores_results(service: Service) ->
             grpc.StatusCode.NOT_FOUND,
             "milan.checkpoint_uri",
         ),
-        ({"checkpoint_uri": "toy"}, grpc.StatusCode.NOT_FOUND, "milan.checkpoint_uri"),
     ],
 )
 def test_bad_requests_get_precise_codes(

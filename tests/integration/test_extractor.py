@@ -137,7 +137,7 @@ def test_errors_carry_precise_codes(stub: extractor_pb2_grpc.ExtractorStub, tmp_
     model = common_pb2.ModelSpec(source="torchvision", name="resnet1000")
     with pytest.raises(grpc.RpcError) as caught:
         stub.DescribeModel(common_pb2.DescribeModelRequest(model=model), timeout=30)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     request = extractor_pb2.ExtractRequest(
         model=common_pb2.ModelSpec(source="torchvision", name="resnet18"),
         layers=["layer4"],

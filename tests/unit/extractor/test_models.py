@@ -141,7 +141,7 @@ def test_toy_models(settings: Settings, tmp_path: Path) -> None:
     assert shapes["colors"].shape == (9, 32, 32) and shapes["pool"].shape == (9, 1, 1)
     with pytest.raises(InvalidArgument, match="no weights"):
         resolve_model("toy", "planted", str(tmp_path), 0, settings)
-    with pytest.raises(InvalidArgument, match=r"'toynet', 'planted'"):
+    with pytest.raises(NotFound, match=r"'toynet', 'planted'"):
         resolve_model("toy", "resnet18", "", 0, settings)
     # Without a file, toynet is named by its training recipe (resolving trains nothing).
     trained = resolve_model("toy", "toynet", "", 0, settings)
