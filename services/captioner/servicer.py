@@ -220,7 +220,7 @@ def caption_layer(
         )
         distinct, image_index = np.unique(exemplars.image_ids, return_inverse=True)
         ids = distinct.tolist()
-        missing = missing_thumbnails(store, plan.dataset_key, ids)
+        missing = missing_thumbnails(store, plan.dataset_key, ids, size)
         if missing:
             fetch_thumbnails(plan, missing, size)
         thumbnails = read_thumbnails(store, plan.dataset_key, ids, size)

@@ -71,9 +71,11 @@ def block_exemplars(
     return BlockExemplars(u0, u1, top, maps, thresholds.thresholds())
 
 
-def missing_thumbnails(store: ObjectStore, dataset_key: str, image_ids: Sequence[int]) -> list[int]:
-    """The ids among `image_ids` that have no stored thumbnail yet."""
-    return [i for i in image_ids if not store.exists(keys.thumbnail(dataset_key, i))]
+def missing_thumbnails(
+    store: ObjectStore, dataset_key: str, image_ids: Sequence[int], size: int
+) -> list[int]:
+    """The ids among `image_ids` that have no stored thumbnail of `size` pixels yet."""
+    return [i for i in image_ids if not store.exists(keys.thumbnail(dataset_key, i, size))]
 
 
 def read_thumbnails(
@@ -82,7 +84,7 @@ def read_thumbnails(
     """Stored thumbnails as (len(image_ids), 3, size, size) uint8 RGB, resized bilinearly."""
     out = np.empty((len(image_ids), 3, size, size), dtype=np.uint8)
     for row, image_id in enumerate(image_ids):
-        key = keys.thumbnail(dataset_key, image_id)
+        key = keys.thumbnail(dataset_key, image_id, size)
         try:
             with Image.open(io.BytesIO(store.get(key))) as image:
                 rgb = image.convert("RGB")

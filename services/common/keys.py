@@ -5,7 +5,7 @@ jobs/{job_id}/job.json                                 spec + state + stage prog
 jobs/by-idempotency/{sha}.json                         idempotency key -> job id
 probe/{dataset_key}/concepts.json                      concept table (see probe_format)
 probe/{dataset_key}/labels/i{i0}-{i1}.npz              label maps at mask resolution
-probe/{dataset_key}/images/{image_id}.png              thumbnails materialized on demand
+probe/{dataset_key}/images/{size}/{image_id}.png       thumbnails materialized on demand
 probe/{dataset_key}/split.json                         seeded 70/10/20 train/val/test split
 acts/{acts_key}/{layer}/manifest.json                  shape, dtype, chunking, completion
 acts/{acts_key}/{layer}/u{u0}-{u1}/i{i0}-{i1}.npy      (n, u1-u0, h, w) activations
@@ -84,8 +84,8 @@ def labels_prefix(dataset_key: str) -> str:
     return f"probe/{dataset_key}/labels/"
 
 
-def thumbnail(dataset_key: str, image_id: int) -> str:
-    return f"probe/{dataset_key}/images/{image_id}.png"
+def thumbnail(dataset_key: str, image_id: int, size: int) -> str:
+    return f"probe/{dataset_key}/images/{size}/{image_id}.png"
 
 
 def split(dataset_key: str) -> str:

@@ -64,7 +64,7 @@ def materialize(
         except UnreadableFile as exc:
             raise FailedPrecondition(f"cannot read probe image {image_id}: {exc}",
                                      field="dataset") from None
-        key = keys.thumbnail(table.dataset_key, image_id)
+        key = keys.thumbnail(table.dataset_key, image_id, size)
         store.put(key, thumbnail_png(image, size))
         out.append(key)
     return out

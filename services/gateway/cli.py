@@ -370,30 +370,32 @@ def cmd_describe_model(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def results_table(layer: str, units: Sequence[common_pb2.UnitResult], limit: int = 0) -> Table:
-    """A table with one row per unit and one column per method that answered."""
+    """A long table: one row per (unit, method) with the answer, its score and simulation ρ.
+
+    Scores: IoU for netdissect and compositional, the similarity for clip_dissect, the
+    validation correlation for linear, log p(caption) for milan. `*` marks a detector.
+    """
     shown = list(units)[: limit or None]
     methods = [m for m in results.UNIT_METHODS if any(u.HasField(m) for u in shown)]
-    simulated = sorted({m for u in shown for m in u.simulation})
-    table = Table("unit", *methods, *(f"ρ {m}" for m in simulated), title=f"layer {layer}")
+    table = Table("unit", "method", "explanation", "score", "ρ", title=f"layer {layer}")
     for unit in shown:
-        cells = [str(unit.unit)]
-        for method in methods:
+        present = [m for m in methods if unit.HasField(m)]
+        for i, method in enumerate(present):
             answer = getattr(unit, method)
-            if not unit.HasField(method):
-                cells.append("")
-            elif method == "netdissect":
+            if method == "netdissect":
                 mark = "*" if answer.detector else ""
-                cells.append(f"{answer.label}{mark} ({answer.category}, {answer.iou:.3f})")
+                text, score = f"{answer.label}{mark} ({answer.category})", answer.iou
             elif method == "compositional":
-                cells.append(f"{answer.formula} ({answer.iou:.3f})")
+                text, score = answer.formula, answer.iou
             elif method == "clip_dissect":
-                cells.append(f"{answer.label} ({answer.score:.2f})")
+                text, score = answer.label, answer.score
             elif method == "linear":
-                cells.append(answer.explanation)
+                text, score = answer.explanation, answer.val_corr
             else:
-                cells.append(answer.caption)
-        cells += [f"{unit.simulation[m]:.3f}" if m in unit.simulation else "" for m in simulated]
-        table.add_row(*cells)
+                text, score = answer.caption, answer.logp_caption
+            rho = f"{unit.simulation[method]:.3f}" if method in unit.simulation else ""
+            table.add_row(str(unit.unit) if i == 0 else "", method, text, f"{score:.3f}", rho,
+                          end_section=i == len(present) - 1)
     return table
 
 
@@ -658,7 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as exc:
         code = exc.code()
         errors.print(f"error: {code.name}: {exc.details()}", markup=False)
-        return EXIT_REJECTED
+        unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return EXIT_STACK_FAILED if unreachable else EXIT_REJECTED
     except StackError as exc:
         errors.print(f"error: the local stack did not start: {exc}", markup=False)
         return EXIT_STACK_FAILED

@@ -148,7 +148,7 @@ class FakeExtractor(extractor_pb2_grpc.ExtractorServicer):
     def Materialize(self, request, context):  # noqa: N802
         stored = []
         for image_id in request.image_ids:
-            key = keys.thumbnail(request.dataset_key, image_id)
+            key = keys.thumbnail(request.dataset_key, image_id, request.size)
             self.store.put(key, b"\x89PNG fake")
             stored.append(key)
         return extractor_pb2.MaterializeResponse(keys=stored)

@@ -52,6 +52,7 @@ from tests.unit.captioner.synthetic import small_models
 TOKEN = "s3cret"
 METADATA = (("authorization", f"Bearer {TOKEN}"),)
 MISSING = list(range(0, 30, 3))  # thumbnails left for Materialize
+INPUT_SIZE = 224  # of the resnet18 captioner
 
 
 @dataclass
@@ -71,7 +72,7 @@ class FakeExtractor(extractor_pb2_grpc.ExtractorServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "no token")
         out = []
         for i in request.image_ids:
-            key = keys.thumbnail(request.dataset_key, i)
+            key = keys.thumbnail(request.dataset_key, i, request.size)
             self.store.put(key, png(self.layer.images[i]))
             out.append(key)
         return extractor_pb2.MaterializeResponse(keys=out)
@@ -91,8 +92,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("captioner")
     store = LocalStore(root / "store")
     layer = colour_layer(store)
-    for i in MISSING:
-        store.delete(keys.thumbnail(DATASET_KEY, i))
+    for i in range(len(layer.images)):  # stored at the checkpoint's input size, but MISSING
+        if i not in MISSING:
+            store.put(keys.thumbnail(DATASET_KEY, i, INPUT_SIZE), png(layer.images[i]))
     torch.manual_seed(0)
     encoder = build_encoder("resnet18")
     decoder, lm = small_models(
@@ -190,7 +192,7 @@ def test_caption_materializes_thumbnails_and_stores_results(service: Service) ->
 
     asked = {i for ids, _, _ in service.extractor.calls for i in ids}
     assert asked and asked <= set(MISSING)  # only thumbnails that were not stored
-    assert {size for _, size, _ in service.extractor.calls} == {224}  # the checkpoint's input size
+    assert {size for _, size, _ in service.extractor.calls} == {INPUT_SIZE}
     assert {token for _, _, token in service.extractor.calls} == {f"Bearer {TOKEN}"}
 
 

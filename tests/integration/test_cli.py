@@ -86,7 +86,7 @@ def test_an_unknown_method_flag_is_refused() -> None:
 
 def test_an_unreachable_gateway_is_reported() -> None:
     refused = cli("--timeout", "2", "jobs")
-    assert refused.returncode == 2
+    assert refused.returncode == 3
     assert refused.stderr.startswith("error: UNAVAILABLE")
 
 

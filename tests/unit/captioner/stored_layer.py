@@ -42,8 +42,9 @@ def png(image: np.ndarray) -> bytes:
 
 
 def store_thumbnails(store: ObjectStore, images: np.ndarray, ids: list[int]) -> None:
+    """Store images[ids] as thumbnails at their own size (the size a captioner asks for)."""
     for i in ids:
-        store.put(keys.thumbnail(DATASET_KEY, i), png(images[i]))
+        store.put(keys.thumbnail(DATASET_KEY, i, images.shape[-1]), png(images[i]))
 
 
 def store_layer(

@@ -174,13 +174,13 @@ def test_missing_thumbnails_are_materialized_at_the_captioners_input_size(
     store: LocalStore, layer: StoredLayer, checkpoint: Path
 ) -> None:
     for i in range(0, 30, 2):
-        store.delete(keys.thumbnail(DATASET_KEY, i))
+        store.delete(keys.thumbnail(DATASET_KEY, i, 16))
     calls: list[tuple[list[int], int]] = []
 
     def materialize(plan: CaptionPlan, image_ids: Sequence[int], size: int) -> None:
         calls.append((list(image_ids), size))
         for i in image_ids:
-            store.put(keys.thumbnail(plan.dataset_key, i), png(layer.images[i]))
+            store.put(keys.thumbnail(plan.dataset_key, i, size), png(layer.images[i]))
 
     run(store, request(checkpoint, unit_end=2), materialize)
     exemplars = top_images(layer.acts.max(axis=(2, 3))[:, :2], 6)
@@ -284,7 +284,7 @@ def test_missing_thumbnails_without_a_dataset_name_the_field(
     store: LocalStore, layer: StoredLayer, checkpoint: Path
 ) -> None:
     for i in range(30):
-        store.delete(keys.thumbnail(DATASET_KEY, i))
+        store.delete(keys.thumbnail(DATASET_KEY, i, 16))
     settings = Settings(extractor_addr="127.0.0.1:1", cache_dir=str(store.root.parent / "cache"))
     servicer = CaptionerServicer(settings, store)
     with pytest.raises(InvalidArgument) as error:

@@ -25,3 +25,9 @@ def test_layers_never_share_cache_entries() -> None:
     assert keys.manifest("k", "layer3") != keys.manifest("k", "layer4")
     assert keys.result_block("j", "l", "netdissect", 0, 8).startswith(
         keys.results_prefix("j", "l", "netdissect"))
+
+
+def test_thumbnails_of_different_sizes_never_share_a_key() -> None:
+    """A report's large thumbnails must not replace the captioner's input-size ones."""
+    assert keys.thumbnail("d", 3, 64) != keys.thumbnail("d", 3, 128)
+    assert keys.thumbnail("d", 3, 64).startswith("probe/d/")

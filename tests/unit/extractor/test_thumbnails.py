@@ -33,14 +33,18 @@ def test_materialize_thumbnails(tmp_path: Path, toy_root: Path, conv_source: Mod
         return list(servicer.Materialize(request, None).keys)  # type: ignore[arg-type]
 
     stored = materialize(dataset_key=result.dataset_key, image_ids=[3, 0], size=16)
-    assert stored == [keys.thumbnail(result.dataset_key, 3), keys.thumbnail(result.dataset_key, 0)]
+    assert stored == [
+        keys.thumbnail(result.dataset_key, 3, 16),
+        keys.thumbnail(result.dataset_key, 0, 16),
+    ]
     thumb = Image.open(io.BytesIO(store.get(stored[0])))
     assert thumb.format == "PNG" and thumb.size == (16, 16)
     original = dataset.load_image(dataset.rows[3]).resize((16, 16), Image.Resampling.BICUBIC)
     np.testing.assert_array_equal(np.asarray(thumb.convert("RGB")), np.asarray(original))
     # Without dataset_key: the key of the dataset with the default chunking.
-    assert materialize(image_ids=[5]) == [keys.thumbnail(result.dataset_key, 5)]
-    assert Image.open(io.BytesIO(store.get(keys.thumbnail(result.dataset_key, 5)))).size == (32, 32)
+    assert materialize(image_ids=[5]) == [keys.thumbnail(result.dataset_key, 5, 0)]
+    original_size = store.get(keys.thumbnail(result.dataset_key, 5, 0))
+    assert Image.open(io.BytesIO(original_size)).size == (32, 32)
     with pytest.raises(InvalidArgument, match=r"image_ids\[1\].*0\.\.63"):
         materialize(dataset_key=result.dataset_key, image_ids=[1, 64])
     spec.limit = 10  # another selection: never extracted, and not the stored dataset
