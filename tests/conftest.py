@@ -3,6 +3,8 @@
 `platform` starts gateway, extractor, explainer and captioner as real processes on
 free loopback ports (once per test session) with a fresh store; the toy world and
 toy models are cached in the repository's `var/cache`, shared with `make run`.
+`reference_job` is one toy dissection on it by every method, run once per session
+and shared by the modules that check its results.
 """
 
 from __future__ import annotations
@@ -47,3 +49,13 @@ def toy_spec(platform: LocalStack) -> common_pb2.DissectionSpec:
         described = client.describe_model(common_pb2.ModelSpec(source="toy", name="toynet"))
     methods = available_methods(available_services())
     return demo_spec(demo_layers(described), methods, TOY_IMAGES, TOY_SIZE)
+
+
+@pytest.fixture(scope="session")
+def reference_job(
+    platform: LocalStack, toy_spec: common_pb2.DissectionSpec
+) -> common_pb2.Job:
+    """The toy dissection, submitted through the Python client and run without interruption."""
+    with NeurodissectClient(platform.settings) as client:
+        job = client.submit(toy_spec)
+        return client.wait(job.id)

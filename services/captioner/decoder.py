@@ -10,6 +10,15 @@ log_softmax(W_o · dropout(h)).
 Shapes use U for units and S for hypotheses (beam slots) per unit: all step tensors
 are laid out (U, S, ...) so the k exemplars of a unit are shared by its S slots
 instead of being copied S times.
+
+Beam search evaluates the same step in pieces (`search_tables`, `state_gates`,
+`expand`): everything a step computes from the previous hidden state (attention,
+gate, context, the LSTM's context and recurrent terms) depends on the hypothesis's
+parent only, so it is computed once per distinct parent state (`state_gates`, flat
+(N, ...) tensors); the word-embedding term is a per-token table shared by all units;
+only the cell update and the output layer run per hypothesis (`expand`). These
+search-time pieces are row-wise (see `rowwise.py`): a hypothesis's numbers do not
+depend on which other hypotheses or units share the call.
 """
 
 from __future__ import annotations
@@ -20,7 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from services.captioner.rowwise import linear_rows
 from services.captioner.vocabulary import Vocabulary
+
+# Hypotheses per chunk of `CaptionDecoder.expand`.
+EXPAND_CHUNK = 256
 
 
 class AttentionMemory(NamedTuple):
@@ -35,10 +48,39 @@ class AttentionMemory(NamedTuple):
 
 
 class LSTMState(NamedTuple):
-    """Decoder LSTM state, h and c each (U, S, H)."""
+    """Decoder LSTM state, h and c each (U, S, H) in `step`, (N, H) in search."""
 
     h: Tensor
     c: Tensor
+
+
+class SearchTables(NamedTuple):
+    """Per-call constants of beam search (`CaptionDecoder.search_tables`).
+
+    Search evaluates tanh as 2σ(2x) − 1, the same function (σ is about three times
+    cheaper than tanh on CPU), with the doublings folded into weights, which is exact
+    in binary floating point. Attention scores drop the bias and the −Σw that the
+    rewrite adds: softmax over the exemplars does not change when every score of a
+    hypothesis moves by the same constant.
+    """
+
+    features: Tensor  # (U, k, D) exemplar vectors
+    keys: Tensor  # (U, k, A): 2·(W_f E + b_f)
+    initial: LSTMState  # h0, c0, (U, H) each
+    hidden_weight: Tensor  # (A + D, H): [2·W_q; W_β], the projections of h
+    hidden_bias: Tensor  # (A + D,): [2·b_q; b_β]
+    score_weight: Tensor  # (A,): 2·w, the attention score vector
+    recurrent_weight: Tensor  # (4H, D + H): [W_ih[:, E:] | W_hh], cell-input rows doubled
+    token_gates: Tensor  # (V, 4H): W_ih[:, :E]·embedding(v) + b_ih + b_hh, same doubling
+
+    def select(self, units: slice) -> SearchTables:
+        """The tables of `units` only (the per-unit fields sliced, the rest shared)."""
+        h, c = self.initial
+        return self._replace(
+            features=self.features[units],
+            keys=self.keys[units],
+            initial=LSTMState(h[units], c[units]),
+        )
 
 
 class CaptionDecoder(nn.Module):
@@ -121,6 +163,123 @@ class CaptionDecoder(nn.Module):
         log_probs = F.log_softmax(self.output(self.dropout(h)), dim=-1)
         new_state = LSTMState(h.view(units, slots, -1), c.view(units, slots, -1))
         return log_probs.view(units, slots, -1), new_state, alpha
+
+    def search_tables(self, features: Tensor) -> SearchTables:
+        """Per-call constants of beam search over exemplar matrices `features` (U, k, D)."""
+        units, k, dim = features.shape
+        hidden = self.hidden_dim
+        attention = self.feature_to_attention
+        keys = linear_rows(
+            features.reshape(units * k, dim), attention.weight * 2, attention.bias * 2
+        )
+        mean = features.mean(dim=1)
+        initial = LSTMState(
+            linear_rows(mean, self.init_h.weight, self.init_h.bias).tanh_(),
+            linear_rows(mean, self.init_c.weight, self.init_c.bias).tanh_(),
+        )
+        query, gate = self.hidden_to_attention, self.context_gate
+        lstm = self.lstm
+        assert lstm.bias_ih is not None and lstm.bias_hh is not None
+        embedding_dim = self.embedding_dim
+        recurrent = torch.cat([lstm.weight_ih[:, embedding_dim:], lstm.weight_hh], dim=1)
+        token_gates = linear_rows(
+            self.embedding.weight, lstm.weight_ih[:, :embedding_dim], lstm.bias_ih + lstm.bias_hh
+        )
+        cell_input = slice(2 * hidden, 3 * hidden)  # gate order i, f, g, o
+        recurrent[cell_input] *= 2
+        token_gates[:, cell_input] *= 2
+        return SearchTables(
+            features=features,
+            keys=keys.view(units, k, -1),
+            initial=initial,
+            hidden_weight=torch.cat([query.weight * 2, gate.weight]),
+            hidden_bias=torch.cat([query.bias * 2, gate.bias]),
+            score_weight=self.attention_score.weight[0] * 2,
+            recurrent_weight=recurrent,
+            token_gates=token_gates,
+        )
+
+    def state_gates(
+        self, tables: SearchTables, units: Tensor, h: Tensor, chunk: int = 32
+    ) -> Tensor:
+        """The LSTM gate terms that depend on the previous hidden state only.
+
+        h: (N, H) distinct hidden states, state i belonging to unit `units[i]` (int64
+        (N,)) of `tables`. Returns (N, 4H): W_ih[:, E:]·(gated context) + W_hh·h with
+        the gated context of `attend`, cell-input rows doubled (see `SearchTables`).
+        Add `SearchTables.token_gates[token]` to get a step's gates for `search_cell`.
+        Row-wise: a state's result does not depend on the other rows.
+        """
+        projected = linear_rows(h, tables.hidden_weight, tables.hidden_bias)
+        query = projected[:, : self.attention_dim]  # doubled
+        gate = projected[:, self.attention_dim :].sigmoid_()
+        context = torch.empty(h.shape[0], self.feature_dim, dtype=h.dtype, device=h.device)
+        # Attention energies are (states, k, A): on CPU done `chunk` states at a time
+        # so the intermediate stays in cache instead of streaming through memory.
+        if h.device.type != "cpu":
+            chunk = max(h.shape[0], 1)
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            energy = tables.keys.index_select(0, units[rows])  # (n, k, A)
+            energy.add_(query[rows, None]).sigmoid_()  # (tanh(x) + 1) / 2
+            # a row-wise reduction, not a matrix-vector product: see rowwise.py
+            alpha = energy.mul_(tables.score_weight).sum(dim=-1).softmax(dim=-1)
+            torch.bmm(
+                alpha[:, None],
+                tables.features.index_select(0, units[rows]),
+                out=context[rows, None],
+            )
+        inputs = torch.cat([context.mul_(gate), h], dim=1)
+        return linear_rows(inputs, tables.recurrent_weight)
+
+    @staticmethod
+    def search_cell(gates: Tensor, c: Tensor) -> LSTMState:
+        """LSTM cell update from gates (N, 4H) as `state_gates` lays them out, and c (N, H).
+
+        Overwrites `gates`. The same (h, c) as `nn.LSTMCell`, with tanh as 2σ(2x) − 1.
+        """
+        gates.sigmoid_()
+        i, f, g, o = gates.chunk(4, dim=1)
+        g.mul_(2).sub_(1)  # tanh of the cell input, whose pre-activation was doubled
+        c = torch.addcmul(f * c, i, g)
+        h = torch.sigmoid(c * 2).mul_(2).sub_(1).mul_(o)
+        return LSTMState(h, c)
+
+    def expand(
+        self,
+        tables: SearchTables,
+        node_gates: Tensor,
+        node_c: Tensor,
+        nodes: Tensor,
+        tokens: Tensor,
+        chunk: int = EXPAND_CHUNK,
+    ) -> tuple[LSTMState, Tensor]:
+        """One step of L hypotheses, each continuing from a node with its last token.
+
+        node_gates: (N, 4H) from `state_gates`; node_c: (N, H) the nodes' cells;
+        nodes, tokens: (L,) int64. Returns the new state, h and c (L, H), and
+        log p(next token) (L, V). On CPU done `chunk` hypotheses at a time so that the
+        gate tensors stay in cache.
+        """
+        count = nodes.shape[0]
+        if node_c.device.type != "cpu":
+            chunk = max(count, 1)
+        h = node_c.new_empty(count, self.hidden_dim)
+        c = node_c.new_empty(count, self.hidden_dim)
+        log_probs = node_c.new_empty(count, len(self.vocabulary))
+        for start in range(0, count, chunk):
+            rows = slice(start, start + chunk)
+            # (index_select: row gathers through advanced indexing are several times slower)
+            gates = node_gates.index_select(0, nodes[rows])
+            gates.add_(tables.token_gates.index_select(0, tokens[rows]))
+            h[rows], c[rows] = self.search_cell(gates, node_c.index_select(0, nodes[rows]))
+            log_probs[rows] = self.next_log_probs(h[rows])
+        return LSTMState(h, c), log_probs
+
+    def next_log_probs(self, h: Tensor) -> Tensor:
+        """Next-token log-probabilities (N, V) from hidden states h (N, H), without dropout."""
+        logits = linear_rows(h, self.output.weight, self.output.bias)
+        return F.log_softmax(logits, dim=-1)
 
     def forward(self, features: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher-forced pass.

@@ -10,11 +10,18 @@ unfinished hypotheses ranked together. Every final hypothesis is then rescored b
 
 and the best one is the unit's caption; λ = 0 returns the top beam.
 
-The beams of all units of a request advance together as one batch: each step is a
-single decoder call over (units still searching) × (slots that can still grow).
-Units whose hypotheses have all finished drop out of the batch, and trailing slots
-holding finished hypotheses are carried along without running the decoder on them.
-Decoding is deterministic given the weights.
+The beams of all units of a request advance together as one batch (in groups of
+`UNIT_GROUP` units, for cache locality): each step runs the decoder once over the
+distinct parent states of all live hypotheses (siblings share their parent's
+attention and recurrent terms) and once per live hypothesis for the cell update and
+the output layer. Units whose hypotheses have all finished drop out of the batch,
+and finished hypotheses are carried along without running the decoder on them. The
+language model scores all units' final hypotheses together, each distinct prefix
+once (p(d) does not depend on the unit).
+
+Decoding is deterministic given the weights, and every search-time computation is
+row-wise, so a unit's caption and log-probabilities are exactly those it gets when
+decoded alone.
 """
 
 from __future__ import annotations
@@ -24,9 +31,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from services.captioner.decoder import CaptionDecoder, LSTMState
+from services.captioner.decoder import CaptionDecoder, SearchTables
 from services.captioner.language_model import LanguageModel
 from services.captioner.vocabulary import detokenize
 from services.common.errors import InvalidArgument
@@ -34,6 +42,9 @@ from services.common.errors import InvalidArgument
 DEFAULT_BEAM_SIZE = 50
 DEFAULT_MAX_TOKENS = 15
 DEFAULT_PMI_LAMBDA = 0.2
+# Units per beam-search batch: large enough for efficient matrix products (a step
+# computes ~10 parent states per unit), small enough that a step's tensors stay in cache.
+UNIT_GROUP = 48
 
 
 @dataclass(frozen=True)
@@ -88,19 +99,48 @@ def beam_search(
     features: Tensor,
     beam_size: int = DEFAULT_BEAM_SIZE,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    group_size: int = UNIT_GROUP,
 ) -> Beams:
     """Beam search under log p(d|E) for all units at once.
 
     features: (U, k, D) exemplar matrices on the decoder's device. Call inside
     `evaluating(decoder)`. Start and pad are never generated.
+
+    A step's work splits into what depends on a hypothesis's parent state only
+    (attention over the exemplars, the LSTM's context and recurrent terms) and what
+    depends on its last token too (the embedding term, the cell update, the output
+    layer). Siblings share their parent's state, so the first part runs once per
+    distinct parent ("node"), over all units' nodes at once; the embedding term is a
+    per-token table computed once per call. Units advance `group_size` at a time
+    (one group's step tensors stay in cache; a giant batch streams through memory);
+    every computation is row-wise, so the result depends neither on the grouping nor
+    on which other units share a call.
     """
+    units = features.shape[0]
+    tables = decoder.search_tables(features)
+    groups = [
+        _search_group(
+            decoder, tables.select(slice(start, start + group_size)), beam_size, max_tokens
+        )
+        for start in range(0, max(units, 1), group_size)
+    ]
+    if len(groups) == 1:
+        return groups[0]
+    length = max(group.tokens.shape[2] for group in groups)
+    pad = decoder.vocabulary.pad
+    return Beams(
+        torch.cat([F.pad(g.tokens, (0, length - g.tokens.shape[2]), value=pad) for g in groups]),
+        torch.cat([group.logp for group in groups]),
+    )
+
+
+def _search_group(
+    decoder: CaptionDecoder, tables: SearchTables, beam_size: int, max_tokens: int
+) -> Beams:
+    """`beam_search` over the units of `tables`, all advancing together."""
     vocabulary = decoder.vocabulary
     vocab_size = len(vocabulary)
-    units, device = features.shape[0], features.device
-    memory = decoder.memory(features)
-    state = decoder.initial_state(features)
-    h = state.h.expand(units, beam_size, -1).contiguous()
-    c = state.c.expand(units, beam_size, -1).contiguous()
+    units, device = tables.features.shape[0], tables.features.device
     # Slot 0 holds the empty hypothesis; the other slots start empty, which is
     # encoded as finished with score -inf, so that they never grow nor win.
     logp = torch.full((units, beam_size), float("-inf"), device=device)
@@ -109,6 +149,12 @@ def beam_search(
     finished[:, 0] = False
     previous = torch.full((units, beam_size), vocabulary.start, device=device)
     tokens = torch.empty(units, beam_size, 0, dtype=torch.long, device=device)
+    # Nodes: the distinct LSTM states (h, c) that live slots continue from, node i
+    # belonging to unit node_unit[i]; node_of[u, s] is live slot s's node.
+    h, c = tables.initial
+    node_unit = torch.arange(units, device=device)
+    node_of = torch.zeros(units, beam_size, dtype=torch.long, device=device)
+    node_of[:, 0] = node_unit
     # A finished hypothesis's only continuation is padding, at no cost.
     frozen = torch.full((vocab_size,), float("-inf"), device=device)
     frozen[vocabulary.pad] = 0.0
@@ -121,22 +167,27 @@ def beam_search(
         if active.numel() == 0:
             break
         tokens = torch.cat([tokens, pad_column], dim=2)
+        live_active = live[active]
         # Slots past the last live one only hold finished hypotheses: carry them.
-        grow = int(live[active].nonzero()[:, 1].max()) + 1
-        step_logp, step_state, _ = decoder.step(
-            memory.select(active),
-            previous[active, :grow],
-            LSTMState(h[active, :grow], c[active, :grow]),
-        )
-        step_logp[..., banned] = float("-inf")
-        step_logp = torch.where(finished[active, :grow, None], frozen, step_logp)
-        candidates = torch.cat(
-            [
-                (logp[active, :grow, None] + step_logp).flatten(1),  # (U', grow·V)
-                logp[active, grow:],  # (U', B − grow), carried finished hypotheses
-            ],
-            dim=1,
-        )
+        grow = int(live_active.nonzero()[:, 1].max()) + 1
+        rows, slots = live_active[:, :grow].nonzero().unbind(1)  # live slots, row-major
+        slot_units = active[rows]
+        nodes = node_of[slot_units, slots]
+        node_gates = decoder.state_gates(tables, node_unit, h)
+        state, slot_logp = decoder.expand(
+            tables, node_gates, c, nodes, previous[slot_units, slots]
+        )  # (L, H) each, (L, V)
+        slot_logp[:, banned] = float("-inf")
+
+        if rows.shape[0] == active.shape[0] * grow:  # no finished slot below `grow`
+            step_logp = slot_logp.view(active.shape[0], grow, vocab_size)
+        else:
+            step_logp = frozen.expand(active.shape[0], grow, vocab_size).clone()
+            step_logp.view(-1, vocab_size).index_copy_(0, rows * grow + slots, slot_logp)
+        step_logp.add_(logp[active, :grow, None])
+        candidates = step_logp.view(active.shape[0], grow * vocab_size)  # (U', grow·V)
+        if grow < beam_size:  # carried finished hypotheses
+            candidates = torch.cat([candidates, logp[active, grow:]], dim=1)
         top, index = candidates.topk(beam_size, dim=1)
         grown = index < grow * vocab_size
         source = torch.where(grown, index // vocab_size, index - grow * vocab_size + grow)
@@ -145,13 +196,23 @@ def beam_search(
         history = tokens[active, :, :-1]
         history = history.gather(1, source[:, :, None].expand(-1, -1, history.shape[2]))
         tokens[active] = torch.cat([history, token[:, :, None]], dim=2)
-        for full, new in ((h, step_state.h), (c, step_state.c)):
-            merged = torch.cat([new, full[active, grow:]], dim=1)
-            full[active] = merged.gather(1, source[:, :, None].expand(-1, -1, merged.shape[2]))
         # A slot left with -inf (fewer candidates than slots) is empty: finished for good.
-        finished[active] = (
+        now_finished = (
             finished[active].gather(1, source) | (token == vocabulary.stop) | top.isneginf()
         )
+        # The next nodes: the new states of the sources of the slots still live
+        # (each a grown slot, so its source is a live slot of this step).
+        slot_index = torch.full((active.shape[0], grow), -1, dtype=torch.long, device=device)
+        slot_index[rows, slots] = torch.arange(rows.shape[0], device=device)
+        still = ~now_finished
+        sources = slot_index.gather(1, source.clamp(max=grow - 1))[still]
+        distinct, inverse = torch.unique(sources, sorted=True, return_inverse=True)
+        h, c = state.h.index_select(0, distinct), state.c.index_select(0, distinct)
+        node_unit = slot_units[distinct]
+        active_nodes = torch.zeros(active.shape[0], beam_size, dtype=torch.long, device=device)
+        active_nodes[still] = inverse
+        node_of[active] = active_nodes
+        finished[active] = now_finished
         logp[active] = top
         previous[active] = token
     return Beams(tokens, logp)

@@ -6,21 +6,25 @@ Spec: specs/clip_dissect.md (Oikarinen & Weng, ICLR 2023). Who runs what:
    (with an open_clip model the caller built from a local checkpoint) and `clip_similarity`,
    giving S (N images, C concepts);
 2. once per layer: `prepare_concepts(method, S)`, the (N, C) matrix every unit block reads
-   (S itself for the WPMI functions; normalised columns for the cosine ones);
+   (P̃ = softmax over concepts of a·S for the WPMI functions, which may be written over S;
+   normalised columns for the cosine ones);
 3. once per unit block [u0, u1) (one Ray task): `unit_rows(method, A[:, u0:u1], prepared)`,
    the block's (u1 - u0, C) rows: L[k, m] for (soft-)WPMI, final similarities otherwise;
 4. once per layer: `layer_similarity(method, rows)` on the rows of every block stacked in
    unit order. The WPMI marginal log p̄(m) is taken there, over the whole layer, so labels
    never depend on the block size;
-5. `describe_units` (label = argmax, score = max, top 5) and `descriptions_csv`.
+5. `describe_units` (label = argmax, score = max, top 5), ordered by `layer_ranking`, and
+   `descriptions_csv`.
 
-Memory of `unit_rows` for (soft-)WPMI is bounded by its block, never by N: only the κ
-top images of each unit enter L, so it gathers S rows for a few units' top images at a
-time, takes their softmax over concepts in row chunks, and never builds the dense
-(N, C) softmax. Σ_j log(·) is evaluated as a sum of logs of products of up to a dozen
-factors (a factor lies between min_prob and 1 + min_prob, and the group size keeps their
-product above e^-80, far from float32 underflow), which is exact up to float32 rounding
-and needs a tenth of the logarithms.
+Memory stays bounded by a block or a chunk, never by N, beyond S itself and the (U, C)
+rows: `prepare_concepts` takes the softmax in cache-sized row chunks and, with
+`overwrite`, writes P̃ over S (so each image's softmax row is computed once per layer,
+not once per unit that ranks it in its top κ); `unit_rows` gathers only the P̃ rows of a
+few units' top images at a time. Factor j, (1 - p_j) + p_j·P̃ + min_prob, is written
+p_j·(d_j + P̃), so a factor costs one addition and Σ_j log p_j is one constant per row;
+Σ_j log(·) is a sum of logs of products of 11 to 20 consecutive factors (`_factor_groups`
+keeps every product within e^±80, far from float32 underflow), which is exact up to
+float32 rounding and needs a sixteenth of the logarithms.
 """
 
 from __future__ import annotations
@@ -43,13 +47,16 @@ DEFAULT_METHOD = "soft_wpmi"
 TOP_CONCEPTS = 5
 CSV_HEADER = ("layer", "unit", "description", "similarity")
 
-# Floats of P̃ rows held for one pass of units (64 MiB).
+# Floats of one chunk of rows for top_indices (64 MiB).
 _PASS_ELEMENTS = 1 << 24
-# A pass computes each distinct image's softmax row once when its units' top images hold
-# at most this fraction of distinct ones; above it, gathering would cost more than it saves.
-_SHARED_BELOW = 0.5
 # Floats per working buffer of one step (4 MiB), small enough to stay in cache.
 _STEP_ELEMENTS = 1 << 20
+# Floats of one column chunk of the marginal (1 MiB).
+_MARGINAL_ELEMENTS = 1 << 18
+# Rows per block of a transposing copy (a cache-friendly transpose).
+_TRANSPOSE_ROWS = 256
+# Row stride (floats) of buffers that exp2 or log run over: a multiple of any SIMD width.
+_ROW_PAD = 64
 # A product of factors is kept above exp(-80), well inside float32 (smallest normal ~ e^-87.3).
 _LOG_PRODUCT_FLOOR = 80.0
 # Cosine similarity: columns with a smaller norm than this are treated as zero.
@@ -97,10 +104,14 @@ class WpmiParams:
         if self.min_prob <= 0.0:
             raise InvalidArgument(f"must be positive, got {self.min_prob}", field="min_prob")
 
-    def position_weights(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(p, c), (k,) float32 each: factor j is c_j + p_j·P̃ with c_j = 1 - p_j + min_prob."""
+    def factor_offsets(self, k: int) -> tuple[np.ndarray, float]:
+        """(d, Σ_j log p_j) for κ = k, d (k,) float32 with d_j = (1 - p_j + min_prob) / p_j.
+
+        Factor j is p_j·(d_j + P̃), so L[k, m] = Σ_j log(d_j + P̃[x_kj, m]) + Σ_j log p_j:
+        one addition per factor, the p_j folded into a constant per row.
+        """
         p = self.p_start - np.arange(k) / k * (self.p_start - self.p_end)
-        return p.astype(np.float32), (1.0 - p + self.min_prob).astype(np.float32)
+        return ((1.0 - p + self.min_prob) / p).astype(np.float32), float(np.log(p).sum())
 
 
 SOFT_WPMI = WpmiParams(top_k=100, a=10.0, lam=1.0, p_start=0.998, p_end=0.97)
@@ -220,19 +231,23 @@ def check_method(method: str) -> str:
     return method
 
 
-def prepare_concepts(method: str, similarity: np.ndarray) -> np.ndarray:
+def prepare_concepts(method: str, similarity: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """Turn S (N, C) into the (N, C) float32 matrix that `unit_rows` reads, once per layer.
 
-    soft_wpmi, wpmi: S itself (no copy when it is float32 already). cos: columns of S
-    divided by their L2 norm over images. cos_cubed: columns centred, cubed, then divided
-    by max(L2 norm, 1e-3).
+    soft_wpmi, wpmi: P̃ = softmax over concepts of a·S, row by row (a of the method).
+    cos: columns of S divided by their L2 norm over images. cos_cubed: columns centred,
+    cubed, then divided by max(L2 norm, 1e-3).
+
+    With `overwrite`, the WPMI functions may write P̃ into `similarity` itself (when it is a
+    writable C-contiguous float32 array), which then holds P̃, not S; this keeps a second
+    (N, C) array out of memory when the caller has no further use for S.
     """
     check_method(method)
     if method == "cos":
         return _columns_l2(np.asarray(similarity, dtype=np.float32))
     if method == "cos_cubed":
         return _columns_cubed(np.asarray(similarity, dtype=np.float32))
-    return np.asarray(similarity, dtype=np.float32)
+    return _softmax_rows(similarity, _WPMI_PARAMS[method].a, overwrite)
 
 
 def unit_rows(method: str, activations: np.ndarray, prepared: np.ndarray) -> np.ndarray:
@@ -244,21 +259,24 @@ def unit_rows(method: str, activations: np.ndarray, prepared: np.ndarray) -> np.
     A row depends only on its own unit's activations, never on the other units of the block.
     """
     check_method(method)
-    # a block is often a column slice of the layer's (N, U) array: copy it compactly once
-    activations = np.ascontiguousarray(activations, dtype=np.float32)
+    activations = np.asarray(activations)
     if activations.ndim != 2 or prepared.ndim != 2 or len(activations) != len(prepared):
         raise InvalidArgument(
             f"activations {activations.shape} and concept matrix {prepared.shape} must be "
             "(N, units) and (N, concepts) over the same images",
             field="activations",
         )
-    if not np.isfinite(activations).all():
+    params = _WPMI_PARAMS.get(method)
+    # a block is often a column slice of the layer's (N, U) array: copy it compactly once,
+    # as (units, N) rows for the WPMI functions, which select each unit's top images
+    compact = _transposed(activations) if params else np.ascontiguousarray(activations, np.float32)
+    if not np.isfinite(compact).all():
         raise InvalidArgument("activations hold NaN or infinite values", field="activations")
+    if params:
+        return _wpmi_rows(compact, np.asarray(prepared, dtype=np.float32), params)
     if method == "cos":
-        return _columns_l2(activations).T @ prepared
-    if method == "cos_cubed":
-        return _columns_cubed(activations).T @ prepared
-    return _wpmi_rows(activations, prepared, _WPMI_PARAMS[method])
+        return _columns_l2(compact).T @ prepared
+    return _columns_cubed(compact).T @ prepared
 
 
 def layer_similarity(method: str, rows: np.ndarray) -> np.ndarray:
@@ -276,20 +294,70 @@ def layer_similarity(method: str, rows: np.ndarray) -> np.ndarray:
     return rows - (params.lam * _log_marginal(rows)).astype(np.float32)
 
 
+def layer_ranking(method: str, rows: np.ndarray) -> np.ndarray:
+    """(U, C) keys that order each unit's concepts as its exact similarity does: (U, C) float32.
+
+    soft_wpmi (λ = 1): sim[k, m] = log U - log(1 + exp(-r[k, m])) with
+    r[k, m] = L[k, m] - logsumexp_{k' ≠ k} L[k', m], the log-odds of unit k against the
+    rest of the layer. sim is increasing in r, so r ranks concepts as sim does; but sim
+    saturates at log U in float32 for every concept with r above about 16 (a concept far
+    likelier on this unit's top images than on any other unit's, common in small layers),
+    where r still tells the most specific one. wpmi (λ < 1) does not saturate: its keys
+    are its similarities. cos, cos_cubed: the rows themselves.
+    """
+    params = _WPMI_PARAMS.get(check_method(method))
+    rows = np.asarray(rows, dtype=np.float32)
+    if params is None or params.lam != 1.0 or len(rows) < 2:
+        return layer_similarity(method, rows)
+    out = np.empty_like(rows)
+    step = max(1, _MARGINAL_ELEMENTS // len(rows))
+    for c0 in range(0, rows.shape[1], step):
+        block = rows[:, c0 : c0 + step].astype(np.float64)
+        out[:, c0 : c0 + step] = block - _leave_one_out_logsumexp(block)
+    return out
+
+
+def _leave_one_out_logsumexp(x: np.ndarray) -> np.ndarray:
+    """(K, M) -> (K, M): log Σ_{k' ≠ k} exp(x[k', m]), K ≥ 2, with no cancellation.
+
+    With x₁ the column maximum (at row t) and x₂ the maximum of the others:
+    row t gets x₂ + log Σ_{k' ≠ t} exp(x[k'] - x₂); any other row k gets
+    x₁ + log(1 + Σ_{k' ≠ t} exp(x[k'] - x₁) - exp(x[k] - x₁)), whose argument is ≥ 1.
+    """
+    columns = np.arange(x.shape[1])
+    top = x.argmax(axis=0)
+    first = x[top, columns]
+    others = x.copy()
+    others[top, columns] = -np.inf
+    second = others.max(axis=0)
+    rest = np.exp(others - second).sum(axis=0)  # ≥ 1: the second maximum's own term
+    own = np.exp(x - first)
+    own[top, columns] = 0.0  # row t is set below; its generic value would be log(0)
+    out = first + np.log1p(np.exp(second - first) * rest - own)
+    out[top, columns] = second + np.log(rest)
+    return out
+
+
 def describe_units(
-    similarity: np.ndarray, concepts: Sequence[str], first_unit: int = 0, top: int = TOP_CONCEPTS
+    similarity: np.ndarray,
+    concepts: Sequence[str],
+    first_unit: int = 0,
+    top: int = TOP_CONCEPTS,
+    rank: np.ndarray | None = None,
 ) -> list[UnitDescription]:
     """Label, score and top concepts of every unit from its (U, C) similarity row.
 
-    label = argmax_m sim[k, m] (ties go to the earlier concept), score = max_m sim[k, m];
-    unit numbers start at `first_unit`.
+    label = argmax_m sim[k, m], score = max_m sim[k, m]; unit numbers start at
+    `first_unit`. Concepts are ordered by `rank` (U, C) when given (`layer_ranking`,
+    the same order as sim's without float32 saturation), else by sim; ties go to the
+    earlier concept.
     """
     if similarity.shape[1] != len(concepts):
         raise InvalidArgument(
             f"{similarity.shape[1]} similarity columns for {len(concepts)} concepts",
             field="concepts",
         )
-    best = top_indices(similarity, min(top, len(concepts)))
+    best = top_indices(similarity if rank is None else rank, min(top, len(concepts)))
     scores = np.take_along_axis(similarity, best, axis=1)
     return [
         UnitDescription(
@@ -347,115 +415,160 @@ def _top_set_lowest_ties(values: np.ndarray, k: int) -> np.ndarray:
     return np.flatnonzero(above | (tied & (np.cumsum(tied) <= k - np.count_nonzero(above))))
 
 
-def _wpmi_rows(activations: np.ndarray, similarity: np.ndarray, params: WpmiParams) -> np.ndarray:
-    """L[k, m] for the units of (N, B) `activations` against (N, C) float32 S: (B, C) float32.
+def _softmax_rows(similarity: np.ndarray, a: float, overwrite: bool) -> np.ndarray:
+    """P̃ = softmax over concepts of a·S for each row of (N, C) S: (N, C) float32.
 
-    Units go in passes whose top images together fit `_PASS_ELEMENTS` floats. When a pass's
-    units share many top images (few images, many units), the pass computes each distinct
-    image's softmax row once and gathers it per unit; otherwise each unit's rows are
-    computed where they are used, in cache. Either way a unit's row comes out bit for bit
-    the same, whatever block or pass it falls in.
+    Works in cache-sized row chunks, so it needs no memory beyond its output, which is
+    `similarity` itself when `overwrite` is set and it is a writable C-contiguous float32
+    array. A row depends only on itself, never on the chunk it falls in (`_padded_rows`).
     """
-    n_images, n_units = activations.shape
-    n_concepts = similarity.shape[1]
+    source = np.asarray(similarity)
+    if source.ndim != 2:
+        raise InvalidArgument(f"S must be (N, concepts), got {source.shape}", field="similarity")
+    in_place = (
+        overwrite
+        and source.dtype == np.float32
+        and source.flags.c_contiguous
+        and source.flags.writeable
+    )
+    out = source if in_place else np.empty(source.shape, dtype=np.float32)
+    n_images, n_concepts = out.shape
+    if out.size == 0:
+        return out
+    # exp2 of a rescaled argument, which torch computes about twice as fast as exp on CPU
+    scale = a / math.log(2.0)
+    step = max(1, _STEP_ELEMENTS // n_concepts)
+    scratch = _padded_rows(step, n_concepts)
+    for r0 in range(0, n_images, step):
+        rows = _tensor(np.ascontiguousarray(source[r0 : r0 + step], dtype=np.float32))
+        logits = scratch[: len(rows)]
+        # scale·S - scale·max S in one pass: the row's largest logit becomes 0, none overflows
+        shift = rows.amax(dim=1, keepdim=True).mul_(-scale)
+        torch.add(shift, rows, alpha=scale, out=logits)
+        logits.exp2_()
+        # a reduction over rows only: torch sums each row alone, whatever the thread count
+        torch.div(
+            logits, logits.sum(dim=1, keepdim=True), out=torch.from_numpy(out[r0 : r0 + step])
+        )
+    return out
+
+
+def _padded_rows(n_rows: int, n_columns: int) -> torch.Tensor:
+    """An uninitialised (n_rows, n_columns) float32 view whose rows lie `_ROW_PAD` floats apart.
+
+    torch runs a transcendental function (exp2, log) on a contiguous tensor as one flat
+    array: SIMD code, then scalar code, of another rounding, on the last few elements. On
+    rows a whole number of SIMD widths apart it runs row by row, so an element's value never
+    depends on how many rows share the tensor or where its row falls.
+    """
+    stride = -(-n_columns // _ROW_PAD) * _ROW_PAD
+    flat = torch.from_numpy(np.empty(n_rows * stride, np.float32))
+    return flat.view(n_rows, stride)[:, :n_columns]
+
+
+def _wpmi_rows(by_unit: np.ndarray, probs: np.ndarray, params: WpmiParams) -> np.ndarray:
+    """L[k, m] for the units of (B, N) activations `by_unit` against (N, C) float32 P̃: (B, C).
+
+    A few units at a time (`_STEP_ELEMENTS` floats of factors), it gathers the P̃ rows of a
+    group of their top images, adds d_j (see `WpmiParams.factor_offsets`), multiplies the
+    group's factors (`_factor_groups`) and adds the log of the product. A unit's row comes
+    out bit for bit the same, whatever block or step it falls in (`_padded_rows`).
+    """
+    n_units, n_images = by_unit.shape
+    n_concepts = probs.shape[1]
     k = min(params.top_k, n_images)
-    top = top_indices(activations.T, k)
-    p, c = params.position_weights(k)
-    p_row = torch.from_numpy(p)
-    c_col = torch.from_numpy(c)[:, None]
-    # factors lie in [min c, 1 + min_prob]: `group` of them multiply to at least e^-80
-    group = min(k, max(1, int(_LOG_PRODUCT_FLOOR // max(-math.log(float(c.min())), 1e-3))))
-    per_step = max(1, _STEP_ELEMENTS // (group * n_concepts))
-    # buffers are reused: a fresh large tensor costs a page fault per 4 KiB
-    factors_buffer = torch.empty(per_step * group * n_concepts)
-    product_buffer = torch.empty(per_step * n_concepts)
-    shared_buffer = torch.empty((0, n_concepts))
-    rows = torch.empty((n_units, n_concepts))
-    for u0, u1 in _unit_passes(top, n_images, max(k, _PASS_ELEMENTS // n_concepts)):
-        images, where = np.unique(top[u0:u1], return_inverse=True)
-        shared = len(images) <= _SHARED_BELOW * (u1 - u0) * k
-        if shared:
-            if len(shared_buffer) < len(images):
-                shared_buffer = torch.empty((len(images), n_concepts))
-            exps = shared_buffer[: len(images)]
-            exp_sums = _exp_rows(similarity, images, params.a, exps)
-            position = torch.from_numpy(where.reshape(u1 - u0, k))
-        for v0 in range(u0, u1, per_step):
-            b = min(per_step, u1 - v0)
-            acc = rows[v0 : v0 + b]
-            acc.zero_()
-            product = product_buffer[: b * n_concepts].view(b, n_concepts)
-            for j0 in range(0, k, group):
-                j1 = min(j0 + group, k)
-                factors = factors_buffer[: b * (j1 - j0) * n_concepts].view(-1, n_concepts)
-                if shared:
-                    picked = position[v0 - u0 : v0 - u0 + b, j0:j1].reshape(-1)
-                    torch.index_select(exps, 0, picked, out=factors)
-                    sums = exp_sums[picked]
-                else:
-                    sums = _exp_rows(similarity, top[v0 : v0 + b, j0:j1].ravel(), params.a, factors)
-                # c_j + p_j·P̃ with P̃ = exp row / its sum
-                scale = (p_row[j0:j1] / sums.view(b, j1 - j0))[..., None]
-                by_unit = factors.view(b, j1 - j0, n_concepts)
-                by_unit.mul_(scale).add_(c_col[j0:j1])
-                torch.prod(by_unit, dim=1, out=product)
+    top = top_indices(by_unit, k)
+    offsets, log_p = params.factor_offsets(k)
+    d_col = torch.from_numpy(offsets)[:, None]
+    groups = _factor_groups(offsets)
+    widest = max(j1 - j0 for j0, j1 in groups)
+    per_step = max(1, _STEP_ELEMENTS // (widest * n_concepts))
+    # buffers are reused, and large ones come from numpy, which asks Linux for huge pages:
+    # fresh memory costs a page fault per page touched, 4 KiB pages being slow to fault in
+    factors_buffer = torch.from_numpy(np.empty(per_step * widest * n_concepts, np.float32))
+    product_buffer = _padded_rows(per_step, n_concepts)
+    rows = torch.from_numpy(np.empty((n_units, n_concepts), np.float32))
+    for v0 in range(0, n_units, per_step):
+        b = min(per_step, n_units - v0)
+        acc = rows[v0 : v0 + b]
+        product = product_buffer[:b]
+        for j0, j1 in groups:
+            factors = factors_buffer[: b * (j1 - j0) * n_concepts].view(b, j1 - j0, n_concepts)
+            # mode="clip" (indices are valid anyway) lets numpy write into `factors` directly
+            np.take(
+                probs,
+                top[v0 : v0 + b, j0:j1].ravel(),
+                axis=0,
+                out=factors.numpy().reshape(-1, n_concepts),
+                mode="clip",
+            )
+            factors.add_(d_col[j0:j1])
+            torch.prod(factors, dim=1, out=product)
+            if j0 == 0:
+                torch.log(product, out=acc)
+            else:
                 acc.add_(product.log_())
+        acc.add_(log_p)
     return rows.numpy()
 
 
-def _unit_passes(top: np.ndarray, n_images: int, max_images: int) -> list[tuple[int, int]]:
-    """Cut units into consecutive ranges [u0, u1) needing at most `max_images` distinct images.
+def _factor_groups(offsets: np.ndarray) -> list[tuple[int, int]]:
+    """Cut positions 0..κ-1 into ranges [j0, j1) whose factors d_j + P̃ multiply safely.
 
-    `top` (B, κ) holds each unit's top images.
+    P̃ lies in [0, 1], so a range's product lies in [Π d_j, Π (1 + d_j)]; each range is made
+    as long as keeps that interval within e^±80, well inside float32 (smallest normal
+    ~ e^-87.3), so the product loses nothing to underflow or overflow.
     """
-    seen = np.zeros(n_images, dtype=bool)
-    passes = []
-    start, count = 0, 0
-    for u, images in enumerate(top):
-        new = images[~seen[images]]
-        if count + len(new) > max_images:
-            passes.append((start, u))
-            seen[:] = False
-            start, count, new = u, 0, images
-        seen[new] = True
-        count += len(new)
-    passes.append((start, len(top)))
-    return passes
+    low = -np.log(offsets.astype(np.float64))
+    high = np.log1p(offsets.astype(np.float64))
+    groups = []
+    j0 = 0
+    while j0 < len(offsets):
+        j1 = j0 + 1
+        while (
+            j1 < len(offsets)
+            and low[j0 : j1 + 1].sum() <= _LOG_PRODUCT_FLOOR
+            and high[j0 : j1 + 1].sum() <= _LOG_PRODUCT_FLOOR
+        ):
+            j1 += 1
+        groups.append((j0, j1))
+        j0 = j1
+    return groups
 
 
-def _exp_rows(
-    similarity: np.ndarray, images: np.ndarray, a: float, out: torch.Tensor
-) -> torch.Tensor:
-    """Write exp(a·(S[i] - max S[i])) for each image i of `images` into `out` (len(images), C).
+def _transposed(x: np.ndarray) -> np.ndarray:
+    """(N, B) `x` as a C-contiguous (B, N) float32 array, copied in cache-sized row chunks."""
+    out = np.empty((x.shape[1], x.shape[0]), dtype=np.float32)
+    for r0 in range(0, len(x), _TRANSPOSE_ROWS):
+        out[:, r0 : r0 + _TRANSPOSE_ROWS] = np.ascontiguousarray(
+            x[r0 : r0 + _TRANSPOSE_ROWS], dtype=np.float32
+        ).T
+    return out
 
-    These are the softmax rows over concepts before division; returns their (len(images),)
-    sums. Works in cache-sized steps, and uses exp2 of a rescaled argument, which torch
-    computes twice as fast as exp on CPU.
-    """
-    step = max(1, _STEP_ELEMENTS // similarity.shape[1])
-    scale = a / math.log(2.0)
-    target = out.numpy()
-    sums = np.empty(len(images), dtype=np.float32)
-    for r0 in range(0, len(images), step):
-        chunk = images[r0 : r0 + step]
-        # mode="clip" (indices are valid anyway) lets numpy write into `out` without a copy
-        np.take(similarity, chunk, axis=0, out=target[r0 : r0 + len(chunk)], mode="clip")
-        logits = out[r0 : r0 + len(chunk)]
-        logits.sub_(logits.amax(dim=1, keepdim=True)).mul_(scale).exp2_()
-        # numpy sums each row alone in a fixed order; a torch reduction may split a long row
-        # across threads, and a unit's row must not depend on what else shares its chunk
-        np.sum(target[r0 : r0 + len(chunk)], axis=1, out=sums[r0 : r0 + len(chunk)])
-    return torch.from_numpy(sums)
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    """A torch view of `x`, or of a copy where `x` is read-only (torch wants writable memory)."""
+    return torch.from_numpy(x if x.flags.writeable else np.array(x))
 
 
 def _log_marginal(rows: np.ndarray) -> np.ndarray:
-    """Log p̄(m) = logsumexp_k L[k, m] - log K of (K, C) rows, in float64: (C,)."""
+    """Log p̄(m) = logsumexp_k L[k, m] - log K of (K, C) rows: (C,) float64.
+
+    Column chunks in cache: exp(L - max) in float32 (each term to about 1e-7), summed in
+    float64, so log p̄ is good to about 1e-7, far below a float32 ulp of L.
+    """
     n_units, n_concepts = rows.shape
     out = np.empty(n_concepts, dtype=np.float64)
-    step = max(1, _PASS_ELEMENTS // max(n_units, 1))
+    step = max(1, _MARGINAL_ELEMENTS // max(n_units, 1))
+    buffer = torch.empty(n_units * min(step, n_concepts))
     for c0 in range(0, n_concepts, step):
-        block = torch.from_numpy(np.ascontiguousarray(rows[:, c0 : c0 + step], dtype=np.float64))
-        out[c0 : c0 + block.shape[1]] = torch.logsumexp(block, dim=0).numpy()
+        block = _tensor(rows[:, c0 : c0 + step])
+        width = block.shape[1]
+        top = block.amax(dim=0)
+        terms = buffer[: n_units * width].view(n_units, width)
+        torch.sub(block, top, out=terms).exp_()
+        total = terms.sum(dim=0, dtype=torch.float64)
+        out[c0 : c0 + width] = (top.double() + total.log_()).numpy()
     return out - math.log(n_units)
 
 

@@ -194,7 +194,8 @@ def clip_dissect_stage(stage: Stage) -> Iterator[Progress]:
     done = plan.units_total - sum(u1 - u0 for u0, u1 in missing)
     params = clip_dissect_settings(plan.spec)
     names, similarity = stage.shared.clip_similarity(plan.clip_dissect)
-    prepared = ray.put(clip_dissect.prepare_concepts(params.similarity, similarity))
+    # S is this stage's own fresh array: P̃ may be written over it (no second (N, C) array)
+    prepared = ray.put(clip_dissect.prepare_concepts(params.similarity, similarity, overwrite=True))
     del similarity
     pooled = stage.shared.pooled_ref(params.pooling)
     refs = [
@@ -208,8 +209,12 @@ def clip_dissect_stage(stage: Stage) -> Iterator[Progress]:
         scored += outcome.units
         yield stage.progress(method, done, f"concept scores of {scored}/{plan.n_units} units")
     layer_similarity = clip_dissect.layer_similarity(params.similarity, rows)
+    ranking = clip_dissect.layer_ranking(params.similarity, rows)
+    del rows
     for u0, u1 in missing:
-        descriptions = clip_dissect.describe_units(layer_similarity[u0:u1], names, first_unit=u0)
+        descriptions = clip_dissect.describe_units(
+            layer_similarity[u0:u1], names, first_unit=u0, rank=ranking[u0:u1]
+        )
         results_io.write_block(
             stage.store,
             plan.job_id,

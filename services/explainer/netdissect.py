@@ -251,6 +251,8 @@ class IoUTally:
         self._lite = np.zeros((n_units, n_categories), dtype=np.int64)
         self._netdissect = np.zeros((n_units, n_categories), dtype=np.int64)
         self._top = np.zeros((n_units, 0), dtype=np.uint64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # intersections not yet counted
+        self._pending_size = 0
 
     def update(self, acts: np.ndarray, labels: LabelChunk) -> None:
         """Add one chunk: (n, U, h, w) float32 activations of images [labels.i0, labels.i1)."""
@@ -261,30 +263,44 @@ class IoUTally:
         n_units, n_labels = self._intersection.shape
         rows = counts.sets.rows
         width = rows.shape[1]
-        at = counts.pair_unit[counts.pair][:, None] * n_labels + rows[counts.set]
-        self._intersection += _weighted_count(
-            at.reshape(-1), np.repeat(counts.count, width), n_units * n_labels
-        ).reshape(n_units, n_labels)
+        # Intersections wait in a buffer, counted at once when it holds as many
+        # entries as the table has cells (so memory stays that of the unit block, and
+        # the table is swept once per many chunks); padding columns land on label 0,
+        # which is dropped.
+        at = (counts.pair_unit[counts.pair] * n_labels)[:, None] + rows[counts.set]
+        self._pending.append((at.reshape(-1), np.repeat(counts.count, width)))
+        self._pending_size += at.size
+        if self._pending_size >= self._intersection.size:
+            self._count_pending()
         self._label_area += _weighted_count(
             rows.reshape(-1), np.repeat(counts.sets.pixel_count, width), n_labels
         )
         self._mask_area += _weighted_count(counts.pair_unit, counts.pair_area, n_units)
+        area = counts.pair_area.astype(np.float64)
         image_bits = counts.sets.image_bits[counts.pair_image]
         for c in range(self._lite.shape[1]):
-            bit = np.uint64(1 << c)
-            inside = (counts.pair_bits & bit) != 0
-            self._lite[:, c] += _weighted_count(
-                counts.pair_unit[inside], counts.pair_area[inside], n_units
-            )
-            present = (image_bits & bit) != 0
-            self._netdissect[:, c] += _weighted_count(
-                counts.pair_unit[present], counts.pair_area[present], n_units
-            )
+            bit = np.uint64(c)
+            for table, bits in ((self._lite, counts.pair_bits), (self._netdissect, image_bits)):
+                weights = ((bits >> bit) & np.uint64(1)).astype(np.float64)
+                weights *= area
+                table[:, c] += _weighted_count(counts.pair_unit, weights, n_units)
         self._add_top(counts.i0, counts.raw_max)
         self._n_images += len(counts.raw_max)
 
+    def _count_pending(self) -> None:
+        """Add the buffered intersections to the table."""
+        if self._pending:
+            at = np.concatenate([a for a, _ in self._pending])
+            weights = np.concatenate([w for _, w in self._pending])
+            self._intersection += _weighted_count(
+                at, weights, self._intersection.size
+            ).reshape(self._intersection.shape)
+        self._pending.clear()
+        self._pending_size = 0
+
     def result(self) -> TallyCounts:
         """Return the counts so far."""
+        self._count_pending()
         intersection = self._intersection.copy()
         intersection[:, 0] = 0
         label_area = self._label_area.copy()
@@ -309,12 +325,24 @@ class IoUTally:
         smallest keys are the best images.
         """
         images = np.arange(i0, i0 + len(raw_max), dtype=np.uint64)
-        value_key = (~_order_keys(raw_max.T)).astype(np.uint64)
-        keys = np.concatenate([self._top, (value_key << np.uint64(32)) | images[None, :]], axis=1)
+        units = np.arange(raw_max.shape[1])
+        if self._top.shape[1] == self.top_k:
+            # Only units with an image at least as good as their k-th can change.
+            kth = _from_order_keys(~(self._top[:, -1] >> np.uint64(32)))
+            units = np.flatnonzero((raw_max >= kth).any(axis=0))
+            if len(units) == 0:
+                return
+        value_key = (~_order_keys(raw_max[:, units].T)).astype(np.uint64)
+        keys = np.concatenate(
+            [self._top[units], (value_key << np.uint64(32)) | images[None, :]], axis=1
+        )
         keep = min(self.top_k, keys.shape[1])
         if keep < keys.shape[1]:
             keys = np.partition(keys, keep - 1, axis=1)[:, :keep]
-        self._top = np.sort(keys, axis=1)
+        if self._top.shape[1] == keep:
+            self._top[units] = np.sort(keys, axis=1)
+        else:
+            self._top = np.sort(keys, axis=1)
 
 
 def _weighted_count(index: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:

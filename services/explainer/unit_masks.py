@@ -13,20 +13,23 @@ pixels per label set (instead of per label and plane) is exact and cheap:
 `count_masks` thresholds one chunk of activations (n, U, h, w) against per-unit
 thresholds, skipping every (image, unit) pair whose raw maximum is at or below the
 threshold (its resized mask is empty, see `upsample`), and finds the mask pixels
-as runs down band columns; a run inside one label set counts at once.
+as runs down band columns (`BilinearResize.column_runs`). Each band column's sets
+are known beforehand (`band_columns`): most hold one set, or two with one split
+row, so a run counts in at most two additions, and runs shared by neighbouring
+columns of alike band columns count at once; columns holding more sets count
+pixel by pixel. Image groups of `_GROUP_IMAGES` bound the working arrays.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from services.common.probe_format import LabelChunk
-from services.explainer.upsample import bilinear_resize
-
-# Dense (pair, label set) counting up to this many bins, sorting beyond.
-_DENSE_BINS = 1 << 24
+from services.explainer.upsample import BilinearResize, TileRuns, bilinear_resize
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,17 @@ class LabelSets:
     pixel_count: np.ndarray  # (A,) int64 pixels covered by each set
     category_bits: np.ndarray  # (A,) uint64 bit c set when the set holds a label of category c
     first_set: np.ndarray  # (n + 1,) int64
-    pixel_set: np.ndarray  # (n, sh, sw) int32 set index of every pixel
     image_bits: np.ndarray  # (n,) uint64 categories present anywhere in each image
+    # `pixel_set` of consecutive groups of images, each from its first set on:
+    # (group's first set, (n_g, sh, sw) int16 or int32 set index minus it).
+    pixel_set_parts: tuple[tuple[int, np.ndarray], ...]
+
+    @functools.cached_property
+    def pixel_set(self) -> np.ndarray:
+        """(n, sh, sw) int32 set index of every pixel."""
+        return np.concatenate(
+            [part.astype(np.int32) + first for first, part in self.pixel_set_parts]
+        )
 
 
 def canonical_rows(rows: np.ndarray) -> np.ndarray:
@@ -51,13 +63,28 @@ def canonical_rows(rows: np.ndarray) -> np.ndarray:
 
     `rows` (R, K) int32 with 0 for "no label" → (R, K') int32, K' <= K.
     """
-    rows = -np.sort(-rows, axis=1)
+    rows = _sort_descending(rows)
     repeat = np.zeros(rows.shape, dtype=bool)
     repeat[:, 1:] = rows[:, 1:] == rows[:, :-1]
     rows[repeat] = 0
-    rows = -np.sort(-rows, axis=1)
+    rows = _sort_descending(rows)
     width = int((rows != 0).sum(axis=1).max(initial=0))
     return np.ascontiguousarray(rows[:, :width])
+
+
+def _sort_descending(rows: np.ndarray) -> np.ndarray:
+    """Each row of (R, K) sorted in descending order (a sorting network for small K)."""
+    k = rows.shape[1]
+    if k > 8:
+        return -np.sort(-rows, axis=1)
+    columns = [np.ascontiguousarray(rows[:, j]) for j in range(k)]
+    for step in range(k):  # odd-even transposition sort
+        for j in range(step % 2, k - 1, 2):
+            columns[j], columns[j + 1] = (
+                np.maximum(columns[j], columns[j + 1]),
+                np.minimum(columns[j], columns[j + 1]),
+            )
+    return np.stack(columns, axis=1) if columns else rows.copy()
 
 
 def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +116,10 @@ def category_bits(rows: np.ndarray, label_categories: np.ndarray) -> np.ndarray:
     return bits
 
 
+# Images per group in `count_masks` (label sets, band columns, then their pairs' runs).
+_GROUP_IMAGES = 100
+
+
 def chunk_label_sets(labels: LabelChunk, label_categories: np.ndarray) -> LabelSets:
     """Split a chunk's pixels into label sets, image by image.
 
@@ -96,57 +127,199 @@ def chunk_label_sets(labels: LabelChunk, label_categories: np.ndarray) -> LabelS
     numbers; `label_categories` (L + 1,) int32 is each label's category index, -1 for
     labels of no selected category (they are dropped).
     """
-    n, planes = labels.pixel.shape[:2]
-    size = labels.pixel.shape[2] * labels.pixel.shape[3]
-    pixel = labels.pixel.reshape(n, planes, size)
-    # Pixels are taken in runs of equal plane labels along each image's rows.
-    start = np.zeros((n, size), dtype=bool)
-    start[:, 0] = True
-    for p in range(planes):
-        start[:, 1:] |= pixel[:, p, 1:] != pixel[:, p, :-1]
-    run_start = np.flatnonzero(start)
-    image = run_start // size
-    at = image * (planes * size) + run_start % size
-    # A run's set: its image (which fixes the image-level labels) and its plane labels.
-    key = np.empty((len(run_start), 1 + planes), dtype=np.int64)
-    key[:, 0] = image
-    for p in range(planes):
-        key[:, 1 + p] = labels.pixel.reshape(-1)[at + p * size]
-    distinct, run_set = unique_rows(key)  # sorted by image first
-    raw = np.concatenate([distinct[:, 1:], labels.image[distinct[:, 0]]], axis=1)
-    if raw.size and (raw.min() < 0 or raw.max() >= len(label_categories)):
-        raise ValueError(
-            f"label numbers must lie in [0, {len(label_categories) - 1}], "
-            f"got [{raw.min()}, {raw.max()}]"
+    groups = _LabelSetGroups(labels)
+    for _ in groups:
+        pass
+    return groups.label_sets(label_categories)
+
+
+@dataclass(frozen=True)
+class _SetGroup:
+    """The label sets of images [i0, i0 + n) of a chunk, numbered chunk-wide."""
+
+    i0: int
+    first_set: np.ndarray  # (n + 1,) int64
+    pixel_set: np.ndarray  # (n, sh, sw) int16 or int32 set index minus first_set[0]
+
+
+class _LabelSetGroups:
+    """Iterate a chunk's label sets by groups of `_GROUP_IMAGES` images, then merge them.
+
+    A group's sets are numbered chunk-wide, and its `pixel_set` holds them from the
+    group's first; the sets' label rows are made canonical once, for the whole chunk.
+    """
+
+    def __init__(self, labels: LabelChunk) -> None:
+        self.labels = labels
+        self._pixel_set: list[tuple[int, np.ndarray]] = []
+        self._raw: list[np.ndarray] = []
+        self._pixel_count: list[np.ndarray] = []
+        self._first_set: list[np.ndarray] = []
+        self._n_sets = 0
+
+    def __iter__(self) -> Iterator[_SetGroup]:
+        for i0 in range(0, len(self.labels.pixel), _GROUP_IMAGES):
+            i1 = min(i0 + _GROUP_IMAGES, len(self.labels.pixel))
+            yield self._group(i0, i1)
+
+    def _group(self, i0: int, i1: int) -> _SetGroup:
+        pixel = self.labels.pixel[i0:i1]
+        n, planes = pixel.shape[:2]
+        size = pixel.shape[2] * pixel.shape[3]
+        flat = pixel.reshape(n, planes, size)
+        # Pixels are taken in runs of equal plane labels along each image's rows.
+        start = np.zeros((n, size), dtype=bool)
+        start[:, 0] = True
+        change = np.empty((n, size - 1), dtype=bool)
+        for p in range(planes):
+            # The first plane's changes are written in place.
+            np.not_equal(flat[:, p, 1:], flat[:, p, :-1], out=change if p else start[:, 1:])
+            if p:
+                start[:, 1:] |= change
+        run_start = np.flatnonzero(start)
+        image, at = np.divmod(run_start, size)
+        at += image * (planes * size)
+        # A run's set: its image (which fixes the image-level labels) and its plane labels.
+        columns = [image, *(pixel.reshape(-1)[at + p * size] for p in range(planes))]
+        distinct, run_set = _distinct_runs(columns)  # sorted by image first
+        self._raw.append(
+            np.concatenate([distinct[:, 1:], self.labels.image[i0:i1][distinct[:, 0]]], axis=1)
         )
-    rows = canonical_rows(np.where(label_categories[raw] >= 0, raw, 0).astype(np.int32))
-    run_length = np.diff(run_start, append=n * size)
-    bits = category_bits(rows, label_categories)
-    first_set = np.searchsorted(distinct[:, 0], np.arange(n + 1))
-    return LabelSets(
-        rows=rows,
-        pixel_count=np.bincount(run_set, weights=run_length, minlength=len(rows)).astype(np.int64),
-        category_bits=bits,
-        first_set=first_set,
-        pixel_set=np.repeat(run_set.astype(np.int32), run_length).reshape(
-            n, *labels.pixel.shape[2:]
-        ),
-        image_bits=np.bitwise_or.reduceat(bits, first_set[:-1]),
+        run_length = np.diff(run_start, append=n * size)
+        self._pixel_count.append(
+            np.bincount(run_set, weights=run_length, minlength=len(distinct)).astype(np.int64)
+        )
+        first_set = np.searchsorted(distinct[:, 0], np.arange(n + 1)) + self._n_sets
+        self._first_set.append(first_set[:-1])
+        # Set indices from the group's first: small enough for int16 in practice.
+        local = np.int16 if len(distinct) <= np.iinfo(np.int16).max else np.int32
+        pixel_set = np.repeat(run_set.astype(local), run_length).reshape(n, *pixel.shape[2:])
+        self._pixel_set.append((self._n_sets, pixel_set))
+        self._n_sets += len(distinct)
+        return _SetGroup(i0, first_set, pixel_set)
+
+    def label_sets(self, label_categories: np.ndarray) -> LabelSets:
+        """The chunk's `LabelSets`, once every group was iterated."""
+        width = self.labels.pixel.shape[1] + self.labels.image.shape[1]
+        raw = np.concatenate(self._raw) if self._raw else np.zeros((0, width), np.int64)
+        if raw.size and (raw.min() < 0 or raw.max() >= len(label_categories)):
+            raise ValueError(
+                f"label numbers must lie in [0, {len(label_categories) - 1}], "
+                f"got [{raw.min()}, {raw.max()}]"
+            )
+        rows = canonical_rows(np.where(label_categories[raw] >= 0, raw, 0).astype(np.int32))
+        bits = category_bits(rows, label_categories)
+        first_set = np.concatenate([*self._first_set, [self._n_sets]]).astype(np.int64)
+        n = len(self.labels.pixel)
+        return LabelSets(
+            rows=rows,
+            pixel_count=(
+                np.concatenate(self._pixel_count) if self._pixel_count else np.zeros(0, np.int64)
+            ),
+            category_bits=bits,
+            first_set=first_set,
+            pixel_set_parts=tuple(self._pixel_set) or (
+                (0, np.zeros((0, *self.labels.pixel.shape[2:]), np.int32)),
+            ),
+            image_bits=(
+                np.bitwise_or.reduceat(bits, first_set[:-1]) if n else np.zeros(0, np.uint64)
+            ),
+        )
+
+
+def _distinct_runs(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """`unique_rows` of the rows with these columns (the first sorted, all non-negative).
+
+    Each row is packed into the high bits of one integer and its index into the low
+    bits, so a plain sort (no argsort) groups equal rows and still tells where each
+    came from. Rows too wide to pack go to `unique_rows`.
+    """
+    n = len(columns[0])
+    widths = [int(c.max(initial=0)).bit_length() for c in columns]
+    index_bits = (n - 1).bit_length()
+    if n == 0 or sum(widths) + index_bits > 63 or min(int(c.min()) for c in columns) < 0:
+        return unique_rows(np.stack(columns, axis=1).astype(np.int64))
+    packed = columns[0].astype(np.int64)
+    for column, bits in zip(columns[1:], widths[1:], strict=True):
+        packed <<= bits
+        packed |= column
+    packed <<= index_bits
+    packed |= np.arange(n)
+    packed.sort()
+    row = packed & ((1 << index_bits) - 1)
+    packed >>= index_bits
+    new = np.empty(n, dtype=bool)
+    new[0] = True
+    np.not_equal(packed[1:], packed[:-1], out=new[1:])
+    code = np.empty(n, dtype=np.int64)
+    code[row] = np.cumsum(new) - 1
+    first = row[new]
+    return np.stack([c[first] for c in columns], axis=1).astype(np.int64), code
+
+
+@dataclass(frozen=True)
+class BandColumns:
+    """The label sets down each band column of a group of images.
+
+    Band b covers rows [band_start[b], band_start[b + 1]) of the images; rows are
+    counted from the band's first. A band column holding one set has `split` equal
+    to the band's length; two sets, `first` in its rows before `split` and `last`
+    from there on; more, split == -1. Band columns are numbered (image, band, x) and
+    cut into segments: runs of neighbours along x with the same three values.
+    """
+
+    first: np.ndarray  # (n·B·sw,) int32 set of the band's first row (as `pixel_set` has it)
+    last: np.ndarray  # (n·B·sw,) int32 set of its last row
+    split: np.ndarray  # (n·B·sw,) int32
+    segment: np.ndarray  # (n·B·sw,) int64 segment of each band column
+    segment_start: np.ndarray  # (S + 1,) int64 first band column of each segment, then the end
+
+
+def band_columns(pixel_set: np.ndarray, band_start: np.ndarray) -> BandColumns:
+    """The `BandColumns` of `pixel_set` (n, sh, sw) integer sets for bands from `band_start`."""
+    sh, sw = pixel_set.shape[1:]
+    stops = [*band_start[1:].tolist(), sh]
+    first = pixel_set[:, band_start, :].astype(np.int32)
+    last = pixel_set[:, np.array(stops) - 1, :].astype(np.int32)
+    if max(y1 - y0 for y0, y1 in zip(band_start.tolist(), stops, strict=True)) > 255:
+        split = _band_split_wide(pixel_set, band_start)  # uint8 row counts would overflow
+    else:
+        # Per band column: how many rows change set, and where when one does.
+        changes = np.empty(first.shape, dtype=np.uint8)
+        at = np.empty(first.shape, dtype=np.uint8)
+        for b, (y0, y1) in enumerate(zip(band_start.tolist(), stops, strict=True)):
+            change = (pixel_set[:, y0 + 1 : y1] != pixel_set[:, y0 : y1 - 1]).view(np.uint8)
+            np.add.reduce(change, axis=1, dtype=np.uint8, out=changes[:, b])
+            row = np.arange(1, y1 - y0, dtype=np.uint8)[:, None]
+            np.add.reduce(change * row, axis=1, dtype=np.uint8, out=at[:, b])
+        length = np.diff([*band_start.tolist(), sh]).astype(np.int32)[None, :, None]
+        split = np.where(changes == 0, length, np.where(changes == 1, at.astype(np.int32), -1))
+    first, last, split = first.reshape(-1), last.reshape(-1), split.reshape(-1)
+    new = np.ones(len(first), dtype=bool)
+    if len(first):
+        new[1:] = (first[1:] != first[:-1]) | (last[1:] != last[:-1]) | (split[1:] != split[:-1])
+        new[::sw] = True
+    start = np.flatnonzero(new)
+    return BandColumns(
+        first=first,
+        last=last,
+        split=split,
+        segment=np.cumsum(new) - 1,
+        segment_start=np.append(start, len(first)),
     )
 
 
-def band_sets(pixel_set: np.ndarray, band_start: np.ndarray) -> np.ndarray:
-    """(n, B, sw) int32: the label set of each band column when uniform, else -1.
-
-    `pixel_set` (n, sh, sw) int32; band b covers rows [band_start[b], band_start[b + 1]).
-    """
-    stops = [*band_start[1:], pixel_set.shape[1]]
-    out = np.empty((len(pixel_set), len(band_start), pixel_set.shape[2]), dtype=np.int32)
-    for b, (y0, y1) in enumerate(zip(band_start, stops, strict=True)):
-        first = pixel_set[:, y0, :]
-        uniform = (pixel_set[:, y0 + 1 : y1, :] == first[:, None, :]).all(axis=1)
-        out[:, b, :] = np.where(uniform, first, -1)
-    return out
+def _band_split_wide(pixel_set: np.ndarray, band_start: np.ndarray) -> np.ndarray:
+    """`band_columns`'s split for bands of any height."""
+    n, sh, sw = pixel_set.shape
+    stops = [*band_start[1:].tolist(), sh]
+    split = np.empty((n, len(band_start), sw), dtype=np.int32)
+    for b, (y0, y1) in enumerate(zip(band_start.tolist(), stops, strict=True)):
+        change = pixel_set[:, y0 + 1 : y1] != pixel_set[:, y0 : y1 - 1]
+        changes = change.sum(axis=1)
+        at = np.argmax(change, axis=1) + 1
+        split[:, b] = np.where(changes == 0, y1 - y0, np.where(changes == 1, at, -1))
+    return split
 
 
 @dataclass(frozen=True)
@@ -176,44 +349,40 @@ def count_masks(
 
     `acts` (n, U, h, w) float32 raw activations of images [labels.i0, labels.i1),
     `thresholds` (U,) float32, `label_categories` (L + 1,) int32.
+
+    Image group by image group (`_GROUP_IMAGES`): the group's label sets and band
+    columns, then the runs of its pairs, each counted at once when it lies in one
+    label set, or in two with the split inside the run, and pixel by pixel otherwise.
     """
     acts = np.asarray(acts, dtype=np.float32)
+    thresholds = np.asarray(thresholds, dtype=np.float32)
     n, n_units = acts.shape[:2]
     if len(labels.pixel) != n:
         raise ValueError(f"activations hold {n} images, label chunk {len(labels.pixel)}")
-    sets = chunk_label_sets(labels, label_categories)
     resize = bilinear_resize(acts.shape[2:], labels.pixel.shape[2:])
-    uniform = band_sets(sets.pixel_set, resize.rows.band_start).reshape(-1)
-    flat_sets = sets.pixel_set.reshape(-1)
-    n_bands, (sh, sw) = len(resize.rows.band_start), sets.pixel_set.shape[1:]
-    raw_max = acts.reshape(n, n_units, -1).max(axis=2)
+    band_start = resize.rows.band_start
+    raw_max = _spatial_max(acts)
     pair_image, pair_unit = np.nonzero(raw_max > thresholds)
-    # Bins of pair p: one per label set of its image, from base[p] on.
-    image_sets = np.diff(sets.first_set)[pair_image]
-    base = np.cumsum(image_sets) - image_sets
-    offset = base - sets.first_set[pair_image]  # bin = offset[p] + set
-    keys, weights = [], []
-    for runs in resize.runs_above(acts[pair_image, pair_unit], thresholds[pair_unit]):
-        image = pair_image[runs.index]
-        run_set = uniform[(image * n_bands + runs.band) * sw + runs.x]
-        # Runs inside one label set count at once ...
-        whole = np.flatnonzero(run_set >= 0)
-        keys.append(offset[runs.index[whole]] + run_set[whole])
-        weights.append(runs.length[whole])
-        # ... the others pixel by pixel.
-        split = np.flatnonzero(run_set < 0)
-        length = runs.length[split]
-        run = np.repeat(split, length)
-        y = runs.y[run] + np.arange(len(run)) - np.repeat(np.cumsum(length) - length, length)
-        keys.append(offset[runs.index[run]] + flat_sets[(image[run] * sh + y) * sw + runs.x[run]])
-        weights.append(np.ones(len(run), dtype=np.int64))
-    key, count = _count(
-        np.concatenate(keys) if keys else np.zeros(0, np.int64),
-        np.concatenate(weights) if weights else np.zeros(0, np.int64),
-        int(image_sets.sum()),
+    flat_acts = acts.reshape(n * n_units, *acts.shape[2:])
+    groups = _LabelSetGroups(labels)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (pair, set, count)
+    for group in groups:
+        p0, p1 = np.searchsorted(pair_image, [group.i0, group.i0 + len(group.pixel_set)])
+        image = pair_image[p0:p1] - group.i0
+        # Bins of pair p: one per label set of its image, from base[p] on.
+        image_sets = np.diff(group.first_set)[image]
+        end = np.cumsum(image_sets)
+        maps = np.take(flat_acts, pair_image[p0:p1] * n_units + pair_unit[p0:p1], axis=0)
+        for pair, label_set, count in _count_group(
+            resize, group, maps, thresholds[pair_unit[p0:p1]], image, end - image_sets, end,
+            band_columns(group.pixel_set, band_start),
+        ):
+            found.append((pair + p0, label_set, count))
+    sets = groups.label_sets(label_categories)
+    pair, label_set, count = (
+        (np.concatenate(a) for a in zip(*found, strict=True)) if found
+        else (np.zeros(0, np.int64) for _ in range(3))
     )
-    pair = np.searchsorted(base, key, side="right") - 1
-    label_set = key - offset[pair]
     first = np.flatnonzero(np.diff(pair, prepend=-1))
     pair_bits = np.zeros(len(pair_image), dtype=np.uint64)
     if len(first):
@@ -232,11 +401,116 @@ def count_masks(
     )
 
 
-def _count(keys: np.ndarray, weights: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (distinct keys in increasing order, their summed integer weights)."""
-    if n_bins <= _DENSE_BINS:
-        sums = np.rint(np.bincount(keys, weights=weights, minlength=n_bins)).astype(np.int64)
-        distinct = np.flatnonzero(sums)
-        return distinct, sums[distinct]
-    distinct, where = np.unique(keys, return_inverse=True)
-    return distinct, np.rint(np.bincount(where, weights=weights)).astype(np.int64)
+def _count_group(
+    resize: BilinearResize,
+    sets: _SetGroup,
+    maps: np.ndarray,
+    thresholds: np.ndarray,
+    image: np.ndarray,
+    base: np.ndarray,
+    end: np.ndarray,
+    columns: BandColumns,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Count the mask pixels of one image group's pairs per label set.
+
+    Pair p (map `maps[p]` of group image `image[p]`) has bins base[p] .. end[p] - 1,
+    bin base[p] + k for its image's k-th set. Yields (pair, set, count): the nonzero
+    counts, by pair (index into `maps`), then set (chunk-wide index).
+    """
+    band_start = resize.rows.band_start
+    n_bands, (sh, sw) = len(band_start), sets.pixel_set.shape[1:]
+    first_set, last_set, split = columns.first, columns.last, columns.split  # group sets
+    flat_sets = sets.pixel_set.reshape(-1)
+    set0 = sets.first_set[0]
+    # Per pair: its first band column, its bin of the group's first set.
+    pair_column = image * (n_bands * sw)
+    pair_bin = base - (sets.first_set[image] - set0)
+    group: tuple[int, int] | None = None
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def flush() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert group is not None
+        q0, q1 = group
+        sums = np.bincount(
+            np.concatenate([k for k, _ in pending]),
+            weights=np.concatenate([w for _, w in pending]),
+            minlength=int(end[q1 - 1] - base[q0]),
+        )
+        pending.clear()
+        found = np.flatnonzero(sums > 0)
+        pair = np.repeat(np.arange(q0, q1), end[q0:q1] - base[q0:q1])[found]
+        label_set = found - (base[pair] - base[q0]) + sets.first_set[image[pair]]
+        return pair, label_set, np.rint(sums[found]).astype(np.int64)
+
+    def count(bins: np.ndarray, at: np.ndarray, first: np.ndarray, stop: np.ndarray,
+              width: np.ndarray | int) -> np.ndarray:
+        """Add `width` columns' runs [first, stop) at band columns `at`; return the mixed."""
+        where = split[at]
+        # Rows before `middle` hold the column's first set, the others its last.
+        middle = np.minimum(np.maximum(where, first), stop)
+        before = np.subtract(middle, first, dtype=float)
+        after = np.subtract(stop, middle, dtype=float)
+        after *= where >= 0
+        if not isinstance(width, int):
+            before *= width
+            after *= width
+        pending.append((bins + first_set[at], before))
+        pending.append((bins + last_set[at], after))
+        return np.flatnonzero(where < 0)
+
+    for runs in resize.column_runs(maps, thresholds):
+        if runs.maps != group:
+            if pending:
+                yield flush()
+            group = runs.maps
+        tile_column = pair_column[runs.tile_map] + runs.tile_band * sw
+        tile_bin = pair_bin[runs.tile_map] - base[group[0]]
+        if isinstance(runs, TileRuns):
+            # Band columns alike along x count at once, segment by segment.
+            at = tile_column + runs.left
+            segment = columns.segment[at]
+            pieces = columns.segment[at + runs.count - 1] - segment + 1
+            tile = np.repeat(np.arange(len(at)), pieces)
+            segment = np.arange(len(tile)) + np.repeat(segment - (np.cumsum(pieces) - pieces),
+                                                      pieces)
+            left = np.maximum(columns.segment_start[segment], at[tile])
+            right = np.minimum(columns.segment_start[segment + 1], (at + runs.count)[tile])
+            first, stop = runs.first[tile], runs.stop[tile]
+            mixed = count(tile_bin[tile], left, first, stop, right - left)
+            if len(mixed) == 0:
+                continue
+            # Segments whose set changes more than once, column by column.
+            tile = tile[mixed]
+            runs = TileRuns(runs.maps, runs.tile_map[tile], runs.tile_band[tile],
+                            left[mixed] - tile_column[tile], (right - left)[mixed],
+                            first[mixed], stop[mixed]).columns()
+            tile_bin = tile_bin[tile]
+            mixed = np.arange(len(runs.x))
+        else:
+            at = tile_column[runs.column_tile] + runs.x
+            mixed = count(tile_bin[runs.column_tile], at, runs.first, runs.stop, 1)
+        # Columns whose set changes more than once: pixel by pixel.
+        if len(mixed):
+            tile = runs.column_tile[mixed]
+            first = band_start[runs.tile_band[tile]] + runs.first[mixed]
+            length = runs.stop[mixed] - runs.first[mixed]
+            # Pixel k of a column's run: set index at start + k·sw.
+            start = (image[runs.tile_map[tile]] * sh + first) * sw + runs.x[mixed]
+            ends = np.cumsum(length)
+            step = (np.arange(int(ends[-1])) - np.repeat(ends - length, length)) * sw
+            pixel = flat_sets[np.repeat(start, length) + step]
+            bins = np.repeat(tile_bin[tile], length)
+            pending.append((bins + pixel, np.ones(len(pixel))))
+    if pending:
+        yield flush()
+
+
+def _spatial_max(acts: np.ndarray) -> np.ndarray:
+    """(n, U) maximum of each (h, w) map of `acts` (n, U, h, w)."""
+    n, n_units = acts.shape[:2]
+    size = acts.shape[2] * acts.shape[3]
+    if acts.size == 0:
+        return acts.reshape(n, n_units, size).max(axis=2, initial=-np.inf)
+    # One reduction over the flat array runs faster than n·U short ones.
+    starts = np.arange(0, acts.size, size)
+    return np.maximum.reduceat(acts.reshape(-1), starts).reshape(n, n_units)

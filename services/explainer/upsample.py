@@ -11,7 +11,7 @@ with PIL. (For downsampling PIL widens the filter, which is reproduced too, but
 Pillow may then run the vertical pass first, which can move results by one ulp.)
 
 `BilinearResize.runs_above` finds the pixels of `resize(map) > t` without resizing
-whole maps:
+whole maps, for any sizes (downsampling included) as follows:
 
 1. The output grid splits into tiles whose pixels read the same source taps. The
    coefficients are non-negative and sum to one, so no pixel exceeds the largest
@@ -27,6 +27,24 @@ whole maps:
    row by row.
 
 The result equals thresholding the dense resize (tested against it).
+
+`BilinearResize.column_runs` (what `count_masks` uses; `runs_above` goes through it)
+is the same idea with less work, for upsampling, where every band reads two taps
+with weights moving linearly along it, or one tap:
+
+1. Live tiles come from the source cells above t: a 2×2 OR of cells per tile.
+2. Tiles on the edge bands read one tap along an axis, so their values are
+   constant along it: every live column's run is the whole band (one source row
+   decides which columns), or every column has the same run (one crossing
+   between the two source rows); such runs come out whole, as `TileRuns`.
+3. In the other tiles, each source row's horizontal values cross t at most once,
+   at a column found from the crossing weight; the columns between the extreme
+   crossings get PIL's horizontal pass, and each column's run end is found the
+   same way, as `ColumnRuns`.
+
+A crossing estimate is trusted only when it lies farther from the next row
+(column) than the rounding of PIL's arithmetic can move it (see `_BandSearch`);
+otherwise the tile's whole band width is taken, or the column is evaluated row by row.
 """
 
 from __future__ import annotations
@@ -145,6 +163,229 @@ class PixelRuns:
     length: np.ndarray  # (r,) int64, >= 1
 
 
+@dataclass(frozen=True)
+class ColumnRuns:
+    """Runs of output pixels down columns, for maps [maps[0], maps[1]), grouped in tiles.
+
+    Tile k lies in map tile_map[k] and row band tile_band[k]. Column j belongs to tile
+    column_tile[j]; rows first[j] .. stop[j] - 1 of its column x[j], counted from the
+    band's first row, are above the threshold (none when first == stop). Runs do not
+    overlap.
+    """
+
+    maps: tuple[int, int]
+    tile_map: np.ndarray  # (k,) int64
+    tile_band: np.ndarray  # (k,) int64
+    column_tile: np.ndarray  # (c,) int64
+    x: np.ndarray  # (c,) int64
+    first: np.ndarray  # (c,) int64 first row above, from the band's first row
+    stop: np.ndarray  # (c,) int64 one past the last
+
+    @classmethod
+    def of_runs(cls, maps: tuple[int, int], runs: PixelRuns, band_start: np.ndarray) -> ColumnRuns:
+        """The same pixels as `runs`, one tile per run."""
+        first = runs.y - band_start[runs.band]
+        return cls(maps, runs.index, runs.band, np.arange(len(runs.x)), runs.x, first,
+                   first + runs.length)
+
+    def pixel_runs(self, band_start: np.ndarray) -> PixelRuns:
+        """The non-empty runs as `PixelRuns`, sorted by map."""
+        keep = np.flatnonzero(self.stop > self.first)
+        keep = keep[np.argsort(self.tile_map[self.column_tile[keep]], kind="stable")]
+        tile = self.column_tile[keep]
+        band = self.tile_band[tile]
+        return PixelRuns(self.tile_map[tile], band, self.x[keep],
+                         band_start[band] + self.first[keep], (self.stop - self.first)[keep])
+
+
+@dataclass(frozen=True)
+class TileRuns:
+    """Runs shared by every column of a range, for maps [maps[0], maps[1]).
+
+    In tile k (map tile_map[k], row band tile_band[k]), columns left[k] ..
+    left[k] + count[k] - 1 all hold rows first[k] .. stop[k] - 1 above the threshold,
+    counted from the band's first row.
+    """
+
+    maps: tuple[int, int]
+    tile_map: np.ndarray  # (k,) int64
+    tile_band: np.ndarray  # (k,) int64
+    left: np.ndarray  # (k,) int64 first column
+    count: np.ndarray  # (k,) int64 number of columns
+    first: np.ndarray  # (k,) int64
+    stop: np.ndarray  # (k,) int64
+
+    def columns(self) -> ColumnRuns:
+        """The same runs, column by column."""
+        tile, x = _expand(np.arange(len(self.left)), self.left, self.count)
+        return ColumnRuns(self.maps, self.tile_map, self.tile_band, tile, x, self.first[tile],
+                          self.stop[tile])
+
+
+# An estimated crossing is trusted when it lies this far (in weight units) from the
+# nearest output position's weight. PIL's arithmetic moves a value by a few ulps of
+# float64, and two distinct float32 values differ by at least 2**-25 of the larger,
+# so the crossing weight moves by less than 2**-23 (see `_BandSearch`).
+_WEIGHT_SLACK = 2.0**-22
+
+
+@dataclass(frozen=True)
+class _BandSearch:
+    """Per band of one axis: what locating a crossing analytically needs.
+
+    Only for axes whose bands all read two taps (`K == 2`) with the second weight
+    w1 rising linearly along the band, w1[start + r] ≈ w1[start] + step·r, or read
+    the same input position twice (constant values along the band).
+
+    With two taps holding float32 values lo != hi, PIL's value at position r is
+    lo·w0[r] + hi·w1[r] up to a few float64 ulps; since w0 + w1 = 1 (to an ulp) it
+    exceeds a cut c iff w1[r] is beyond (c - lo) / (hi - lo). The estimate
+    z = ((c - lo) / (hi - lo) - w1[start]) / step is the position where that
+    happens; its error is below `tolerance` positions (rounding, and the weights'
+    distance from a line), so when z lies farther than that from every integer,
+    floor(z) + 1 is exactly the first position above (rising) or the end of the
+    positions above (falling). `_crossing_at` works on z' = z + 1/2 (folded into
+    `offset`), where floor(z) + 1 = rint(z') and the test is |z' - rint(z')| < margin.
+    """
+
+    start: np.ndarray  # (B,) int64 first output position of each band
+    stop: np.ndarray  # (B,) int64 one past its last
+    length: np.ndarray  # (B,) int64
+    taps: np.ndarray  # (B, 2) int64 input positions read by each band
+    w0: np.ndarray  # (n_out,) float64 first weight of every output position
+    w1: np.ndarray  # (n_out,) float64 second weight
+    inv_step: np.ndarray  # (B,) float64 1 / step (1 for constant bands)
+    offset: np.ndarray  # (B,) float64 w1[start] / step - 1/2 (see `_crossing_at`)
+    margin: np.ndarray  # (B,) float64 0.5 - tolerance: z' this close to an integer is exact
+    same_tap: np.ndarray  # (B,) bool the band reads one input position
+    reach: np.ndarray  # (B,) float64 length
+    holders: np.ndarray  # (n_in, R) int64 bands whose taps include each input position
+    consecutive: bool  # band b reads input positions b - 1 and b (clipped), as upsampling does
+    # inv_step, offset, margin as scalars when every band can use the same (a band
+    # reading one input position can use any: its values never cross inside it).
+    uniform: tuple[float, float, float] | None
+
+
+def _band_search(axis: ResizeAxis) -> _BandSearch | None:
+    """Return the band search of a two-tap, linear-weight axis; None for any other."""
+    if axis.index.shape[1] != 2:
+        return None
+    n_out = len(axis.index)
+    start = axis.band_start
+    stop = np.append(start[1:], n_out)
+    inv_step = np.ones(len(start))
+    offset = np.full(len(start), -0.5)
+    tolerance = np.full(len(start), 0.25)
+    for b, (a, z) in enumerate(zip(start.tolist(), stop.tolist(), strict=True)):
+        if axis.band_taps[b, 0] == axis.band_taps[b, 1]:
+            continue  # one input position: the values are equal along the band
+        w1 = axis.weight[a:z, 1]
+        step = 1.0 if z - a == 1 else (w1[-1] - w1[0]) / (z - a - 1)
+        if not step > 0:
+            return None
+        deviation = float(np.abs(w1 - (w1[0] + step * np.arange(z - a))).max())
+        inv_step[b], offset[b] = 1.0 / step, w1[0] / step - 0.5
+        tolerance[b] = (_WEIGHT_SLACK + deviation) / step + 1e-9 * (z - a)
+    if np.any(tolerance >= 0.5):
+        return None
+    n_in = int(axis.index.max()) + 1
+    holders = [np.flatnonzero((axis.band_taps == i).any(axis=1)) for i in range(n_in)]
+    width = max(len(h) for h in holders)
+    same_tap = axis.band_taps[:, 0] == axis.band_taps[:, 1]
+    params = {(inv_step[b], offset[b], 0.5 - tolerance[b]) for b in np.flatnonzero(~same_tap)}
+    uniform = next(iter(params)) if len(params) == 1 else None
+    if not params:
+        uniform = (1.0, -0.5, 0.25)
+    return _BandSearch(
+        start=start,
+        stop=stop,
+        length=stop - start,
+        taps=axis.band_taps,
+        w0=np.ascontiguousarray(axis.weight[:, 0]),
+        w1=np.ascontiguousarray(axis.weight[:, 1]),
+        inv_step=inv_step,
+        offset=offset,
+        margin=0.5 - tolerance,
+        same_tap=same_tap,
+        reach=(stop - start).astype(np.float64),
+        consecutive=len(start) == n_in + 1 and bool(np.all(
+            axis.band_taps == np.clip(np.arange(len(start))[:, None] - [1, 0], 0, n_in - 1)
+        )),
+        uniform=uniform,
+        holders=np.array([[*h, *[h[0]] * (width - len(h))] for h in holders], dtype=np.int64),
+    )
+
+
+def _crossing(
+    lo: np.ndarray, hi: np.ndarray, cut: np.ndarray, bands: _BandSearch, band: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Locate where values moving from `lo` to `hi` along `band` cross `cut`.
+
+    `lo`, `hi` (k,) float32 values (any float dtype), `cut` (k,) float64. Returns
+    e (k,) int64, falling (k,) bool, sure (k,) bool: when sure, the
+    positions above the cut are [e, length) if not falling, [0, e) if falling, and
+    0 <= e <= length. NaN values are never sure.
+    """
+    return _crossing_at(lo, hi, cut, *_crossing_params(bands, band))
+
+
+def _crossing_params(
+    bands: _BandSearch, band: np.ndarray
+) -> tuple[np.ndarray | float, np.ndarray | float, np.ndarray | float, np.ndarray]:
+    """(inv_step, offset, margin, reach) of `band` for `_crossing_at`, scalars when uniform."""
+    if bands.uniform is None:
+        return bands.inv_step[band], bands.offset[band], bands.margin[band], bands.reach[band]
+    return (*bands.uniform, bands.reach[band])
+
+
+def _crossing_at(
+    lo: np.ndarray,
+    hi: np.ndarray,
+    cut: np.ndarray,
+    inv_step: np.ndarray | float,
+    offset: np.ndarray | float,
+    margin: np.ndarray | float,
+    reach: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_crossing` with the bands' parameters given (see `_BandSearch`, `_crossing_params`).
+
+    Works on z' = z + 1/2 (the offset holds the shift): positions above start at
+    floor(z) + 1 = rint(z') unless z' is near a half-integer (z near an integer),
+    and clamping z' to [0, length] keeps the ends exact.
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf and NaN maps
+        d = np.subtract(hi, lo, dtype=np.float64)
+        d += 0.0  # no -0.0: equal values must give z = -inf above the cut, +inf below
+        z = (cut - lo) / d
+        z *= inv_step
+        z -= offset
+        z = np.minimum(np.maximum(z, 0.0), reach)
+        nearest = np.rint(z)
+        z -= nearest
+        sure = np.abs(z) < margin  # False for NaN
+        e = nearest.astype(np.int64)
+    return e, d < 0, sure
+
+
+def _select(arrays: tuple[np.ndarray, ...], keep: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The elements of each array where `keep` (bool) holds."""
+    where = np.flatnonzero(keep)
+    return tuple(a[where] for a in arrays)
+
+
+def _expand(
+    tile: np.ndarray, start: np.ndarray, count: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Columns start[i] .. start[i] + count[i] - 1 of tiles `tile`: (tile, x) per column."""
+    end = np.cumsum(count)
+    total = int(end[-1]) if len(end) else 0
+    return np.repeat(tile, count), np.arange(total) + np.repeat(start - (end - count), count)
+
+
+# Maps per group in `column_runs`: keeps the working arrays in cache.
+_GROUP_MAPS = 16384
+
+
 @functools.cache
 def bilinear_resize(in_size: tuple[int, int], out_size: tuple[int, int]) -> BilinearResize:
     """Return the (cached) resizer from `in_size` (h, w) to `out_size` (sh, sw)."""
@@ -159,6 +400,10 @@ class BilinearResize:
         self.out_size = out_size
         self.rows = resize_axis(in_size[0], out_size[0])
         self.cols = resize_axis(in_size[1], out_size[1])
+        row_search, col_search = _band_search(self.rows), _band_search(self.cols)
+        self._search = None if row_search is None or col_search is None else (
+            row_search, col_search
+        )
 
     def __call__(self, maps: np.ndarray) -> np.ndarray:
         """Resize (m, h, w) float32 maps to (m, sh, sw) float32."""
@@ -173,6 +418,261 @@ class BilinearResize:
         `maps` (m, h, w) float32, `thresholds` (m,) float32. Every such pixel lies in
         exactly one run; runs do not overlap; within a group runs are sorted by map.
         """
+        if self._search is not None:
+            for runs in self.column_runs(maps, thresholds):
+                if isinstance(runs, TileRuns):
+                    runs = runs.columns()
+                yield runs.pixel_runs(self.rows.band_start)
+            return
+        yield from self._generic_runs(maps, thresholds)
+
+    def column_runs(
+        self, maps: np.ndarray, thresholds: np.ndarray
+    ) -> Iterator[ColumnRuns | TileRuns]:
+        """Yield, in groups, column runs holding the pixels of `self(maps)[i] > thresholds[i]`.
+
+        `maps` (m, h, w) float32, `thresholds` (m,) float32. Every such pixel lies in
+        exactly one run; a group covers a range of maps, and ranges come in order
+        (several groups may cover the same range).
+        """
+        maps = np.asarray(maps, dtype=np.float32)
+        thresholds = np.asarray(thresholds, dtype=np.float32)
+        if self._search is None:
+            for runs in self._generic_runs(maps, thresholds):
+                yield ColumnRuns.of_runs((0, len(maps)), runs, self.rows.band_start)
+            return
+        cut = _rounding_cut(thresholds)
+        for i0 in range(0, len(maps), _GROUP_MAPS):
+            i1 = min(i0 + _GROUP_MAPS, len(maps))
+            yield from self._group_column_runs(maps[i0:i1], thresholds[i0:i1], cut[i0:i1], i0)
+
+    def _group_column_runs(
+        self, maps: np.ndarray, thresholds: np.ndarray, cut: np.ndarray, i0: int
+    ) -> Iterator[ColumnRuns | TileRuns]:
+        """`column_runs` of one group of maps, numbered from i0.
+
+        Tiles come in four kinds, by whether their row band and their column band read
+        one input position (the edges of an upsampling). Values constant down the band
+        make every live column's run the whole band, and its live columns are the
+        crossing of one row; values constant across it make every column's run the
+        same crossing; both make the tile uniform. Only tiles with two distinct taps
+        both ways, or whose crossing was not sure, are resolved column by column.
+        """
+        assert self._search is not None
+        rows, cols = self._search
+        whole: list[tuple[np.ndarray, ...]] = []  # index, by, bx, left, count, first, stop
+        mixed: list[tuple[np.ndarray, ...]] = []  # index, by, bx, left, count, 4 corners
+        for same_row, same_col, index, by, bx, corners in self._tile_kinds(maps, thresholds):
+            tile_cut = cut[index]
+            left, width, height = cols.start[bx], cols.length[bx], rows.length[by]
+            if same_row and same_col:  # one tap, above t: every pixel
+                whole.append((index, by, bx, left, width, np.zeros_like(height), height))
+            elif same_row:  # the top row's live columns, each whole
+                a0, a1 = corners[0], corners[1]
+                e, falling, sure = _crossing(a0, a1, tile_cut, cols, bx)
+                start, stop = np.where(falling, 0, e), np.where(falling, e, width)
+                tiles = (index, by, bx, left + start, stop - start, np.zeros_like(height), height)
+                if sure.all():
+                    whole.append(tiles)
+                    continue
+                whole.append(_select(tiles, sure))
+                mixed.append(_select((index, by, bx, left, width, a0, a1, a0, a1), ~sure))
+            elif same_col:  # every column, one crossing
+                a0, a1 = corners[0], corners[2]
+                e, falling, sure = _crossing(a0, a1, tile_cut, rows, by)
+                tiles = (index, by, bx, left, width, np.where(falling, 0, e),
+                         np.where(falling, e, height))
+                if sure.all():
+                    whole.append(tiles)
+                    continue
+                whole.append(_select(tiles, sure))
+                mixed.append(_select((index, by, bx, left, width, a0, a0, a1, a1), ~sure))
+            else:
+                a00, a01, a10, a11 = corners
+                start, stop = self._live_columns(a00, a01, a10, a11, tile_cut, bx)
+                mixed.append((index, by, bx, left + start, stop - start, *corners))
+        group = (i0, i0 + len(maps))
+        if whole:
+            index, by, bx, left, count, first, stop = (
+                np.concatenate(a) for a in zip(*whole, strict=True)
+            )
+            yield TileRuns(group, index + i0, by, left, count, first, stop)
+        if mixed:
+            index, by, bx, left, count, *taps = (
+                np.concatenate(a) for a in zip(*mixed, strict=True)
+            )
+            yield from self._column_by_column(group, index + i0, by, left, count,
+                                              taps, cut[index])
+
+    def _tile_kinds(
+        self, maps: np.ndarray, thresholds: np.ndarray
+    ) -> Iterator[tuple[bool, bool, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]]:
+        """The live tiles, kind by kind: (same_row, same_col, index, by, bx, corners).
+
+        A tile is live when it reads a source cell above t (no pixel exceeds its taps,
+        so no other tile holds a pixel above t). `corners` are its taps' values
+        (top-left, top-right, bottom-left, bottom-right) as float32.
+        """
+        assert self._search is not None
+        rows, cols = self._search
+        h, w = self.in_size
+        m = len(maps)
+        flat = maps.reshape(-1)
+        above = (maps.reshape(m, h * w) > thresholds[:, None]).reshape(-1)
+        if rows.consecutive and cols.consecutive:
+            # Tile (b, c) reads cells b - 1, b by c - 1, c (clipped; two taps mean
+            # h, w >= 2): interior tiles are 2×2 ORs of cells, edge tiles pairs, corner
+            # tiles single cells, each found at its first cell.
+            pair = np.zeros_like(above)  # cell and its right neighbour
+            np.logical_or(above[:-1], above[1:], out=pair[:-1])
+            down = np.zeros_like(above)  # cell and the one below
+            np.logical_or(above[:-w], above[w:], out=down[:-w])
+            square = np.zeros_like(above)
+            np.logical_or(pair[:-w], pair[w:], out=square[:-w])
+            y, x = np.divmod(np.arange(h * w), w)
+            inner_y, inner_x = y < h - 1, x < w - 1
+            edge_y, edge_x = (y == 0) | (y == h - 1), (x == 0) | (x == w - 1)
+            kinds = [
+                (False, False, square, inner_y & inner_x),
+                (True, False, pair, edge_y & inner_x),
+                (False, True, down, inner_y & edge_x),
+                (True, True, above, edge_y & edge_x),
+            ]
+            # Interior tiles start at cells off the last row and column.
+            square.reshape(m, h, w)[:, h - 1, :] = False
+            square.reshape(m, h, w)[:, :, w - 1] = False
+            for same_row, same_col, grid, where in kinds:
+                if same_row or same_col:  # few cells: pick them out first
+                    cell = ((np.arange(m) * (h * w))[:, None] + np.flatnonzero(where)).reshape(-1)
+                    cell = cell[grid[cell]]
+                else:
+                    cell = np.flatnonzero(grid)
+                if len(cell) == 0:
+                    continue
+                index, rest = np.divmod(cell, h * w)
+                cy, cx = np.divmod(rest, w)
+                by = np.where(cy == 0, 0, h) if same_row else cy + 1
+                bx = np.where(cx == 0, 0, w) if same_col else cx + 1
+                if same_row and same_col:
+                    corners: tuple[np.ndarray, ...] = ()
+                elif same_row:
+                    corners = (flat[cell], flat[cell + 1])
+                elif same_col:
+                    corners = (flat[cell], flat[cell], flat[cell + w])
+                else:
+                    corners = (flat[cell], flat[cell + 1], flat[cell + w], flat[cell + w + 1])
+                yield same_row, same_col, index, by, bx, corners
+            return
+        n_by, n_bx = len(rows.start), len(cols.start)
+        cell = np.flatnonzero(above)
+        index = cell // (h * w)
+        y, x = np.divmod(cell - index * (h * w), w)
+        tiles = (index[:, None] * n_by + rows.holders[y])[:, :, None] * n_bx
+        flat_live = np.zeros(m * n_by * n_bx, dtype=bool)
+        flat_live[(tiles + cols.holders[x][:, None, :]).reshape(-1)] = True
+        live = flat_live.reshape(m, n_by * n_bx)
+        for same_row in (False, True):
+            for same_col in (False, True):
+                band_y = np.flatnonzero(rows.same_tap == same_row)
+                band_x = np.flatnonzero(cols.same_tap == same_col)
+                if len(band_y) == 0 or len(band_x) == 0:
+                    continue
+                tile = np.flatnonzero(live[:, (band_y[:, None] * n_bx + band_x).reshape(-1)])
+                index, rest = np.divmod(tile, len(band_y) * len(band_x))
+                by, bx = np.divmod(rest, len(band_x))
+                by, bx = band_y[by], band_x[bx]
+                at = index * (h * w)
+                top, bottom = at + rows.taps[by, 0] * w, at + rows.taps[by, 1] * w
+                left, right = cols.taps[bx, 0], cols.taps[bx, 1]
+                yield same_row, same_col, index, by, bx, (
+                    flat[top + left], flat[top + right], flat[bottom + left], flat[bottom + right]
+                )
+
+    def _live_columns(
+        self,
+        a00: np.ndarray,
+        a01: np.ndarray,
+        a10: np.ndarray,
+        a11: np.ndarray,
+        cut: np.ndarray,
+        bx: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Columns [start, stop) of tiles, from their band's first, that may hold pixels above.
+
+        Those where a source row's horizontal values may exceed the cut: the hull of
+        both rows' crossings, or the whole band where a crossing is not sure.
+        """
+        assert self._search is not None
+        cols = self._search[1]
+        width = cols.length[bx]
+        start, stop = width, np.zeros_like(width)
+        for lo, hi in ((a00, a01), (a10, a11)):
+            e, falling, sure = _crossing(lo, hi, cut, cols, bx)
+            if not sure.all():  # rare (and inf or NaN values): the whole band
+                falling = falling & sure
+                e = np.where(sure, e, 0)
+            alive = np.maximum(lo, hi) > cut  # else every value is at or below t
+            start = np.minimum(start, np.where(alive, np.where(falling, 0, e), width))
+            stop = np.maximum(stop, np.where(alive & falling, e, alive * width))
+        return start, np.maximum(stop, start)  # no row alive (NaN): no column
+
+    def _column_by_column(
+        self,
+        group: tuple[int, int],
+        index: np.ndarray,
+        by: np.ndarray,
+        left: np.ndarray,
+        count: np.ndarray,
+        corners: list[np.ndarray],
+        cut: np.ndarray,
+    ) -> Iterator[ColumnRuns]:
+        """Runs down columns left[k] .. left[k] + count[k] - 1 of tiles k.
+
+        PIL's horizontal pass at each column, then the crossing of its two source
+        rows' values; columns where that is not sure, row by row.
+        """
+        assert self._search is not None
+        rows, cols = self._search
+        a00, a01, a10, a11 = corners
+        end = np.cumsum(count)
+        tile = np.repeat(np.arange(len(index)), count)
+        x = np.arange(len(tile)) + np.repeat(left - (end - count), count)
+        w0, w1 = cols.w0[x], cols.w1[x]
+        low = np.empty(len(x), np.float32)
+        high = np.empty(len(x), np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf · 0 in padded taps
+            np.add(a00[tile] * w0, a01[tile] * w1, out=low, casting="unsafe")
+            np.add(a10[tile] * w0, a11[tile] * w1, out=high, casting="unsafe")
+        column_cut = cut[tile]
+        height = rows.length[by][tile]
+        if rows.uniform is None:
+            inv_step, offset, margin, _ = _crossing_params(rows, by[tile])
+        else:
+            inv_step, offset, margin = rows.uniform
+        e, falling, sure = _crossing_at(low, high, column_cut, inv_step, offset, margin, height)
+        first = np.where(falling, 0, e)
+        stop = np.where(falling, e, height)
+        if sure.all():
+            yield ColumnRuns(group, index, by, tile, x, first, stop)
+            return
+        unsure = np.flatnonzero(~sure)
+        first[unsure] = stop[unsure] = 0
+        yield ColumnRuns(group, index, by, tile, x, first, stop)
+        # Row by row, in PIL's arithmetic.
+        band = by[tile[unsure]]
+        offsets = np.arange(int(rows.length[band].max()))
+        inside = offsets < rows.length[band][:, None]
+        y = rows.start[band][:, None] + np.where(inside, offsets, 0)
+        with np.errstate(invalid="ignore"):
+            value = (low[unsure, None].astype(np.float64) * rows.w0[y]
+                     + high[unsure, None].astype(np.float64) * rows.w1[y])
+        hit, row = np.nonzero((value > column_cut[unsure, None]) & inside)
+        unsure = unsure[hit]
+        y = y[hit, row] - rows.start[band[hit]]
+        yield ColumnRuns(group, index, by, tile[unsure], x[unsure], y, y + 1)
+
+    def _generic_runs(self, maps: np.ndarray, thresholds: np.ndarray) -> Iterator[PixelRuns]:
+        """`runs_above` for any axes, tile pattern by tile pattern."""
         maps = np.asarray(maps, dtype=np.float32)
         thresholds = np.asarray(thresholds, dtype=np.float32)
         rows, cols = self.rows, self.cols

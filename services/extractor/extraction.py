@@ -231,21 +231,24 @@ def _prefetched(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _heartbeat(work: Callable[[], R], message: str, total: int) -> Generator[Progress, None, R]:
+def _heartbeat(
+    work: Callable[[], R], message: str, total: int, done: int = 0
+) -> Generator[Progress, None, R]:
     """Run `work` on a helper thread, yielding `message` now and every HEARTBEAT_S until done.
 
     Loading a toy model may mean training it for minutes: the progress messages keep the
-    gRPC stream alive (and the user informed) meanwhile.
+    gRPC stream alive (and the user informed) meanwhile. They report `done` of `total`
+    images, so a heartbeat after the images were read does not set progress back to 0.
     """
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-setup")
     try:
         future = pool.submit(work)
-        yield Progress(0, total, message)
+        yield Progress(done, total, message)
         while True:
             try:
                 return future.result(timeout=HEARTBEAT_S)
             except TimeoutError:
-                yield Progress(0, total, message)
+                yield Progress(done, total, message)
     finally:
         pool.shutdown(wait=False)
 
@@ -537,7 +540,7 @@ class Extraction:
             lambda: self._finish(
                 complete, pending, pending_clips, state, embedding_keys, labels_pending
             ),
-            "finishing", total,
+            "finishing", total, done=total,
         )
         yield self._result(complete, False, embedding_keys)
 

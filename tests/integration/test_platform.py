@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -40,16 +39,6 @@ def store_of(platform: LocalStack) -> LocalStore:
 
 def all_results(client: NeurodissectClient, job: common_pb2.Job) -> dict[str, list[Any]]:
     return {layer: client.results(job.id, layer) for layer in job.spec.layers}
-
-
-@pytest.fixture(scope="module")
-def reference_job(
-    platform: LocalStack, toy_spec: common_pb2.DissectionSpec
-) -> Iterator[common_pb2.Job]:
-    """The toy dissection, submitted through the Python client and run without interruption."""
-    with NeurodissectClient(platform.settings) as client:
-        job = client.submit(toy_spec)
-        yield client.wait(job.id)
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -24,13 +24,22 @@ def caption(spec: ImageSpec) -> str:
     return f"{things} on {describe_background(spec)}"
 
 
-def concept_names(spec: ImageSpec) -> list[str]:
-    """Bare label names true of the image: background colour, texture, scene, shape kinds.
+def colors_present(spec: ImageSpec) -> list[str]:
+    """Every colour the image shows, once each: background, pattern (unless plain), shapes."""
+    found = [spec.background]
+    if spec.texture.kind != "plain":
+        found.append(spec.pattern_color)
+    return list(dict.fromkeys(found + [shape.color for shape in spec.shapes]))
 
-    A bare colour word names the background (the image's dominant colour); these are the
-    raw concept strings CLIP-Dissect embeds.
+
+def concept_names(spec: ImageSpec) -> list[str]:
+    """Bare label names true of the image: colours present, texture, scene, shape kinds.
+
+    A bare colour word names any colour the image shows, as the pixel-level colour labels
+    do (white and black only ever appear as patterns and shapes); these are the raw
+    concept strings CLIP-Dissect embeds.
     """
-    names = [spec.background, spec.texture.kind, WORLD.scenes[spec.scene]]
+    names = [*colors_present(spec), spec.texture.kind, WORLD.scenes[spec.scene]]
     return names + [shape.kind for shape in spec.shapes]
 
 
@@ -39,6 +48,9 @@ def phrases(spec: ImageSpec) -> list[str]:
     texture = WORLD.adjective(spec.texture.kind)
     out = [caption(spec), describe_background(spec)]
     out += [f"a {texture} background", f"a {spec.background} background"]
+    if spec.texture.kind != "plain":
+        pattern = f"{spec.pattern_color} {spec.texture.kind}"
+        out += [pattern, f"a {spec.background} background with {pattern}"]
     for shape in spec.shapes:
         out += [
             describe_shape(shape),

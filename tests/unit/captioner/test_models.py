@@ -81,3 +81,32 @@ def test_scores_do_not_depend_on_batching(vocabulary: Vocabulary) -> None:
             ids = tokens[row].tolist()
             ids = ids[: ids.index(vocabulary.stop) + 1] if vocabulary.stop in ids else ids
             assert float(whole[row]) == pytest.approx(_manual_log_prob(lm, ids), abs=1e-5)
+
+
+def test_scores_of_rows_sharing_prefixes_equal_scores_alone(vocabulary: Vocabulary) -> None:
+    # score() computes each distinct prefix once; a row's score must be exactly what
+    # it gets when scored alone.
+    _, lm = small_models(vocabulary)
+    stop, pad = vocabulary.stop, vocabulary.pad
+    rows = [
+        [4, 5, 6, 7, stop],
+        [4, 5, 6, 7, 8],
+        [4, 5, 6, stop, pad],
+        [4, 5, 6, 7, stop],  # a duplicate
+        [5, 5, 6, 7, stop],
+        [4, pad, 6, stop, pad],  # padding inside is read but not counted
+        [pad, pad, pad, pad, pad],  # nothing counted
+        [4, 5, 9, 9, 9],
+    ]
+    tokens = torch.tensor(rows)
+    with torch.no_grad():
+        together = lm.score(tokens)
+        alone = torch.cat([lm.score(tokens[i : i + 1]) for i in range(len(rows))])
+        assert torch.equal(together, alone)
+        assert float(together[6]) == 0.0
+        assert float(together[0]) == pytest.approx(_manual_log_prob(lm, rows[0]), abs=1e-5)
+        assert float(together[5]) == pytest.approx(
+            _manual_log_prob(lm, [4, pad, 6, stop])
+            - float(lm(torch.tensor([[vocabulary.start, 4]]))[0, 1, pad]),
+            abs=1e-5,
+        )

@@ -20,6 +20,7 @@ from services.explainer.clip_dissect import (
     descriptions_csv,
     encode_concepts,
     encode_images,
+    layer_ranking,
     layer_similarity,
     load_concepts,
     prepare_concepts,
@@ -151,14 +152,17 @@ def test_every_planted_unit_is_named(method: str) -> None:
     assert [d.label for d in described] == [f"c{m}" for m in concept_of_unit]
 
 
-@pytest.mark.parametrize("pass_elements", [None, 1 << 14])
+# 83 concepts: rows that are no whole number of SIMD widths, where torch's exp and log give
+# the last elements of a flat tensor another rounding
+@pytest.mark.parametrize("n_concepts", [80, 83])
+@pytest.mark.parametrize("step_elements", [None, 1 << 12])
 @pytest.mark.parametrize("method", ["soft_wpmi", "wpmi"])
 def test_labels_and_rows_do_not_depend_on_block_size(
-    method: str, pass_elements: int | None, monkeypatch: pytest.MonkeyPatch
+    method: str, step_elements: int | None, n_concepts: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if pass_elements is not None:  # a few units per pass: exercises passes inside a block
-        monkeypatch.setattr(clip_dissect, "_PASS_ELEMENTS", pass_elements)
-    s, activations, _ = planted(n_images=300, n_concepts=80, n_units=64, seed=1)
+    if step_elements is not None:  # a few units per step: exercises steps inside a block
+        monkeypatch.setattr(clip_dissect, "_STEP_ELEMENTS", step_elements)
+    s, activations, _ = planted(n_images=300, n_concepts=n_concepts, n_units=64, seed=1)
     activations = activations + np.random.default_rng(2).standard_normal(activations.shape).astype(
         np.float32
     )
@@ -194,10 +198,57 @@ def test_soft_wpmi_is_invariant_to_increasing_transforms() -> None:
         np.testing.assert_array_equal(
             sim.argmax(axis=1), similarity_of("soft_wpmi", activations, s, block=16).argmax(axis=1)
         )
+        prepared = prepare_concepts("soft_wpmi", s)
         np.testing.assert_array_equal(
-            unit_rows("soft_wpmi", transformed.astype(np.float32), s),
-            unit_rows("soft_wpmi", activations, s),
+            unit_rows("soft_wpmi", transformed.astype(np.float32), prepared),
+            unit_rows("soft_wpmi", activations, prepared),
         )
+
+
+@pytest.mark.parametrize(("method", "a"), [("soft_wpmi", 10.0), ("wpmi", 2.0)])
+def test_wpmi_concept_matrix_is_the_softmax_whatever_the_chunk(
+    method: str, a: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s, _, _ = planted(n_images=200, n_concepts=50, seed=5)  # 50: no whole number of SIMD widths
+    expected = torch.softmax(a * torch.from_numpy(s).double(), dim=1).numpy()
+    prepared = prepare_concepts(method, s)
+    assert prepared.shape == s.shape and prepared.dtype == np.float32
+    np.testing.assert_allclose(prepared, expected, rtol=2e-6)
+    monkeypatch.setattr(clip_dissect, "_STEP_ELEMENTS", 150)  # 3 rows per chunk
+    np.testing.assert_array_equal(prepare_concepts(method, s), prepared)
+
+
+def test_overwrite_writes_the_concept_matrix_over_s_only_when_asked() -> None:
+    s, activations, _ = planted(n_images=200, n_units=6, seed=6)
+    original = s.copy()
+    prepared = prepare_concepts("soft_wpmi", s)
+    np.testing.assert_array_equal(s, original)
+    from_float64 = prepare_concepts("soft_wpmi", original.astype(np.float64), overwrite=True)
+    np.testing.assert_array_equal(from_float64, prepared)
+    in_place = prepare_concepts("soft_wpmi", s, overwrite=True)
+    assert in_place is s
+    np.testing.assert_array_equal(in_place, prepared)
+    np.testing.assert_array_equal(
+        unit_rows("soft_wpmi", activations, in_place), unit_rows("soft_wpmi", activations, prepared)
+    )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SOFT_WPMI, WPMI, WpmiParams(top_k=300, a=10.0, lam=1.0, p_start=0.999, p_end=0.01)],
+)
+def test_factor_groups_cover_every_position_and_keep_products_in_float32(
+    params: WpmiParams,
+) -> None:
+    offsets, _ = params.factor_offsets(params.top_k)
+    groups = clip_dissect._factor_groups(offsets)
+    assert [j for j0, j1 in groups for j in range(j0, j1)] == list(range(params.top_k))
+    d = offsets.astype(np.float64)
+    for j0, j1 in groups:
+        low, high = np.prod(d[j0:j1]), np.prod(1 + d[j0:j1])  # every P̃ 0, every P̃ 1
+        assert 1e3 * np.finfo(np.float32).tiny < low and high < 1e-3 * np.finfo(np.float32).max
+        if j1 < params.top_k:  # as long as allowed: one more factor would leave e^±80
+            assert low * d[j1] < math.exp(-80) or high * (1 + d[j1]) > math.exp(80)
 
 
 # --- each similarity function against the formula, by hand ------------------------
@@ -321,6 +372,42 @@ def test_describe_units_gives_argmax_max_and_sorted_top_five() -> None:
     assert first.top_labels == ("b", "d", "e", "c", "f")
     assert second.top_labels == ("a", "b", "c", "d", "e")
     assert second.top_scores == (5.0, 4.0, 3.0, 2.0, 1.0)
+
+
+def test_rank_orders_the_concepts_and_sim_gives_the_scores() -> None:
+    sim = np.array([[1.0, 3.0, 3.0, 2.0]], dtype=np.float32)
+    rank = np.array([[0.0, 1.0, 5.0, 2.0]], dtype=np.float32)
+    (unit,) = describe_units(sim, list("abcd"), top=3, rank=rank)
+    assert unit.top_labels == ("c", "d", "b")
+    assert unit.top_scores == (3.0, 2.0, 3.0)
+
+
+def test_a_saturated_soft_wpmi_label_is_the_most_specific_concept() -> None:
+    # Concepts x and y are both far likelier on unit 0's top images than on the others':
+    # sim reaches log 3 for both in float32, but y is the more specific (r 80 vs 45).
+    rows = np.array(
+        [[-50.0, -20.0, -5.0], [-95.0, -100.0, -5.0], [-400.0, -400.0, -6.0]], dtype=np.float32
+    )
+    sim = layer_similarity("soft_wpmi", rows)
+    assert sim[0, 0] == pytest.approx(np.log(3), abs=1e-5)
+    assert sim[0, 1] == pytest.approx(np.log(3), abs=1e-5)
+    rank = layer_ranking("soft_wpmi", rows)
+    np.testing.assert_allclose(rank[0, :2], [45.0, 80.0], rtol=1e-6)
+    assert describe_units(sim, ["x", "y", "z"], rank=rank)[0].label == "y"
+
+
+def test_ranking_is_the_exact_log_odds_and_orders_like_sim() -> None:
+    rows = np.random.default_rng(0).normal(scale=3.0, size=(6, 40)).astype(np.float32)
+    rank = layer_ranking("soft_wpmi", rows)
+    x = rows.astype(np.float64)
+    for k in range(len(x)):
+        others = np.delete(x, k, axis=0)
+        expected = x[k] - np.log(np.exp(others).sum(axis=0))
+        np.testing.assert_allclose(rank[k], expected, rtol=1e-5, atol=1e-5)
+    sim = layer_similarity("soft_wpmi", rows)
+    np.testing.assert_allclose(sim, np.log(6) - np.log1p(np.exp(-rank)), atol=1e-5)
+    np.testing.assert_array_equal(layer_ranking("wpmi", rows), layer_similarity("wpmi", rows))
+    np.testing.assert_array_equal(layer_ranking("cos", rows), rows)
 
 
 def test_csv_export_has_the_reference_columns_and_quotes_commas() -> None:

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from services.common.probe_format import Concept, ConceptTable, LabelChunk
+from services.explainer import unit_masks, upsample
 from services.explainer.netdissect import (
     IoUTally,
     TallyCounts,
@@ -269,6 +270,26 @@ def test_tally_matches_brute_force_without_skipping() -> None:
     np.testing.assert_array_equal(counts.mask_area_lite, expected["lite"])
     np.testing.assert_array_equal(counts.mask_area_netdissect, expected["netdissect"])
     assert counts.n_images == 24
+
+
+def test_tally_matches_brute_force_with_fine_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Labels changing from pixel to pixel: band columns hold one, two or many sets;
+    # small groups of images and maps exercise every seam of the streaming.
+    monkeypatch.setattr(unit_masks, "_GROUP_IMAGES", 3)
+    monkeypatch.setattr(upsample, "_GROUP_MAPS", 4)
+    rng = np.random.default_rng(10)
+    pixel, image, label_categories = random_probe(rng, 14, 28, 1, 25)
+    pixel[:, :, 8:20, 4:24] = pixel[:, :, 8:9, 4:24]  # and some tall uniform stretches
+    acts = np.maximum(rng.standard_normal((14, 9, 7, 7)), 0).astype(np.float32)
+    thresholds = unit_thresholds(lambda: iter([acts]), 0.05)
+    counts = run_tally(acts, pixel, image, thresholds, label_categories, chunk=5)
+    expected = brute_force_tally(acts, pixel, image, thresholds, label_categories,
+                                 len(CATEGORIES))
+    np.testing.assert_array_equal(counts.intersection, expected["intersection"])
+    np.testing.assert_array_equal(counts.label_area, expected["label_area"])
+    np.testing.assert_array_equal(counts.mask_area, expected["mask_area"])
+    np.testing.assert_array_equal(counts.mask_area_lite, expected["lite"])
+    np.testing.assert_array_equal(counts.mask_area_netdissect, expected["netdissect"])
 
 
 def test_unit_blocks_give_the_rows_of_the_whole_layer() -> None:

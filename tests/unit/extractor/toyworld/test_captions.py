@@ -19,8 +19,11 @@ def test_caption() -> None:
 
 
 def test_concept_names_and_phrases() -> None:
-    assert concept_names(SPEC) == ["green", "dots", "green tiled", "circle", "square"]
+    assert concept_names(SPEC) == [
+        "green", "white", "red", "blue", "dots", "green tiled", "circle", "square"
+    ]
     found = phrases(SPEC)
     assert caption(SPEC) in found
     assert {"a red shape", "red circle", "a small blue square", "a dotted background"} <= set(found)
+    assert {"white dots", "a green background with white dots"} <= set(found)
     assert "blue" not in found  # a bare colour word only ever names the background

@@ -1,0 +1,199 @@
+"""Cluster mode on one machine gives the toy job exactly the per-unit results of local mode.
+
+Cluster mode is what the Helm chart deploys, on loopback: SeaweedFS as the S3 store
+(tests/fixtures/seaweedfs.py), a multi-process Ray cluster (a head and a worker node,
+tests/fixtures/ray_cluster.py) that the explainer joins as a Ray client, and the four
+services as separate processes (`python -m services.gateway.cli serve NAME`), each
+configured only through the environment the chart renders for its Deployment
+(ConfigMap, per-service variables and Secrets, as test_chart reads them). The one
+stand-in is cluster DNS: the Service names in the peer addresses become 127.0.0.1.
+
+Local mode is the session's stack (a local directory store, Ray inside the explainer)
+and its reference job. Both run the same toy spec; ListUnits must give equal results
+for every layer, unit and method, floats compared exactly: every unit block is
+computed by the same code from the same bytes, whichever Ray worker runs it, and no
+reduction spans blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from neurodissect.v1 import common_pb2
+
+from services.common import keys
+from services.common.client import wait_healthy
+from services.common.settings import SERVICES, Settings
+from services.gateway import results
+from services.gateway.client import NeurodissectClient
+from services.gateway.stack import LocalStack
+from services.gateway.validation import requested_methods
+from tests.fixtures.ports import free_port
+from tests.fixtures.ray_cluster import Cluster, ray_cluster
+from tests.fixtures.seaweedfs import S3Server, seaweedfs
+from tests.integration.test_chart import FULLNAME, container_env, named, render_values
+
+# The first run on a fresh machine trains the toy models (toynet, tiny CLIP, captioner).
+pytestmark = pytest.mark.timeout(1800)
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICE_START_TIMEOUT_S = 300.0
+STOP_GRACE_S = 30.0
+UNIT_FIELDS = ("netdissect", "compositional", "clip_dissect", "linear", "milan")
+
+
+def chart_environments(
+    s3: S3Server, ray_address: str, ports: dict[str, int], metrics_ports: dict[str, int]
+) -> dict[str, dict[str, str]]:
+    """Each service's environment as the chart renders it for this S3 store and Ray cluster."""
+    values = {
+        "minio": {"enabled": False},
+        "store": {"endpoint": s3.endpoint, "secure": False,
+                  "accessKey": s3.access_key, "secretKey": s3.secret_key},
+        "ray": {"address": ray_address},
+        # Shared with the local stack, so the toy models are not trained again.
+        "scratch": {"cacheDir": str(REPO / "var" / "cache")},
+        **{name: {"port": ports[name], "metricsPort": metrics_ports[name]} for name in SERVICES},
+    }
+    _, objects = render_values(values)
+    environments = {}
+    for name in SERVICES:
+        deployment = named(objects, "Deployment", f"{FULLNAME}-{name}")
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["args"] == ["serve", name]
+        env = container_env(objects, container)
+        for peer in SERVICES:
+            variable = f"NEURODISSECT_{peer.upper()}_ADDR"
+            host, port = env[variable].rsplit(":", 1)
+            assert host == f"{FULLNAME}-{peer}", env[variable]
+            env[variable] = f"127.0.0.1:{port}"  # what cluster DNS resolves the Service to
+        environments[name] = env
+    return environments
+
+
+@dataclass
+class ClusterMode:
+    environments: dict[str, dict[str, str]]  # each service's chart-rendered environment
+    ray: Cluster
+    logs: Path
+
+    @property
+    def client_settings(self) -> Settings:
+        """Where a client on this machine reaches the gateway."""
+        return Settings(gateway_addr=self.environments["gateway"]["NEURODISSECT_GATEWAY_ADDR"],
+                        rpc_timeout_s=60.0)
+
+    def store_settings(self) -> Settings:
+        """The settings the services load: the S3 store among them."""
+        return Settings.load(self.environments["gateway"])
+
+
+def _start_service(name: str, env: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
+    # Nothing of this process's own configuration leaks in: the chart's variables only.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("NEURODISSECT_", "RAY_"))}
+    with (logs / f"{name}.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.gateway.cli", "serve", name],
+            env={**inherited, **env}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait_serving(name: str, process: subprocess.Popen[bytes], address: str, logs: Path) -> None:
+    deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            log = (logs / f"{name}.log").read_text(errors="replace")
+            pytest.fail(f"{name} exited with {process.returncode}:\n{log[-3000:]}")
+        try:
+            wait_healthy(address, Settings(), timeout=2.0)
+            return
+        except TimeoutError:
+            assert time.monotonic() < deadline, f"{name} not healthy after the deadline"
+
+
+def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM (gateway first: it stops calling the others), SIGKILL after the grace period."""
+    for name in sorted(processes, key=lambda n: n != "gateway"):
+        processes[name].send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in processes.values():
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster_mode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterMode]:
+    """SeaweedFS, a two-node Ray cluster and the four services configured by the chart."""
+    root = tmp_path_factory.mktemp("cluster-mode")
+    logs = root / "logs"
+    logs.mkdir()
+    with seaweedfs(root / "seaweedfs") as s3, ray_cluster() as ray:
+        ports = {name: free_port() for name in SERVICES}
+        metrics_ports = {name: free_port() for name in SERVICES}
+        environments = chart_environments(s3, ray.client_address, ports, metrics_ports)
+        processes: dict[str, subprocess.Popen[bytes]] = {}
+        try:
+            for name in SERVICES:
+                processes[name] = _start_service(name, environments[name], logs)
+            for name in SERVICES:
+                _wait_serving(name, processes[name], f"127.0.0.1:{ports[name]}", logs)
+            yield ClusterMode(environments, ray, logs)
+        finally:
+            _stop(processes)
+
+
+def _units(
+    settings: Settings, job: common_pb2.Job
+) -> dict[str, list[common_pb2.UnitResult]]:
+    with NeurodissectClient(settings) as client:
+        return {layer: list(client.units(job.id, layer)) for layer in job.spec.layers}
+
+
+def test_the_toy_job_in_cluster_mode_matches_local_mode(
+    cluster_mode: ClusterMode,
+    platform: LocalStack,
+    toy_spec: common_pb2.DissectionSpec,
+    reference_job: common_pb2.Job,
+) -> None:
+    assert reference_job.state == common_pb2.SUCCEEDED, reference_job.error
+    with NeurodissectClient(cluster_mode.client_settings) as client:
+        job = client.wait(client.submit(toy_spec).id)
+    assert job.state == common_pb2.SUCCEEDED, job.error
+
+    # It really ran in cluster mode: the explainer drove the Ray cluster as a client, and
+    # the job and every method's results are objects in the S3 bucket.
+    explainer_log = (cluster_mode.logs / "explainer.log").read_text()
+    assert f"Ray connected: {cluster_mode.ray.client_address}" in explainer_log
+    settings = cluster_mode.store_settings()
+    assert settings.store_url.startswith("s3://")
+    store = settings.open_store()
+    assert store.exists(keys.job(job.id))
+    stored = {tuple(key.split("/")[2:4]) for key in store.list(f"results/{job.id}/")}
+    methods = [m for m in requested_methods(toy_spec) if m != "milan"]
+    assert stored >= {(layer, m) for layer in toy_spec.layers for m in methods}
+
+    local = _units(platform.settings, reference_job)
+    cluster = _units(cluster_mode.client_settings, job)
+    for layer, units in local.items():
+        assert units, layer
+        for unit in units:
+            assert all(unit.HasField(f) for f in UNIT_FIELDS), unit
+            assert set(unit.simulation) >= {"netdissect", "milan"}, unit.simulation
+        # Readable differences first, then the exact comparison of the messages.
+        assert [results.unit_dict(u) for u in cluster[layer]] == [
+            results.unit_dict(u) for u in units
+        ], layer
+        assert cluster[layer] == units, layer
+    assert list(job.summary) == list(reference_job.summary)
