@@ -115,7 +115,7 @@ def ours(similarity: np.ndarray, activations: np.ndarray) -> np.ndarray:
         ]
     )
     sim = clip_dissect.layer_similarity("soft_wpmi", rows)
-    rank = clip_dissect.layer_ranking("soft_wpmi", rows)
+    rank = clip_dissect.layer_ranking("soft_wpmi", rows, sim)
     concepts = [str(m) for m in range(sim.shape[1])]
     return np.array(
         [int(d.label) for d in clip_dissect.describe_units(sim, concepts, rank=rank)]

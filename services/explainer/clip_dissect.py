@@ -59,6 +59,8 @@ _TRANSPOSE_ROWS = 256
 _ROW_PAD = 64
 # A product of factors is kept above exp(-80), well inside float32 (smallest normal ~ e^-87.3).
 _LOG_PRODUCT_FLOOR = 80.0
+# soft-WPMI similarity this close to its bound log U ranks a unit's concepts by log-odds.
+_SATURATION = 1e-3
 # Cosine similarity: columns with a smaller norm than this are treated as zero.
 _TINY = float(np.finfo(np.float32).tiny)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -294,27 +296,31 @@ def layer_similarity(method: str, rows: np.ndarray) -> np.ndarray:
     return rows - (params.lam * _log_marginal(rows)).astype(np.float32)
 
 
-def layer_ranking(method: str, rows: np.ndarray) -> np.ndarray:
-    """(U, C) keys that order each unit's concepts as its exact similarity does: (U, C) float32.
+def layer_ranking(method: str, rows: np.ndarray, similarity: np.ndarray) -> np.ndarray:
+    """(U, C) keys that order each unit's concepts as its exact similarity does.
 
+    `rows` are the layer's L rows, `similarity` is `layer_similarity(method, rows)`.
     soft_wpmi (λ = 1): sim[k, m] = log U - log(1 + exp(-r[k, m])) with
     r[k, m] = L[k, m] - logsumexp_{k' ≠ k} L[k', m], the log-odds of unit k against the
-    rest of the layer. sim is increasing in r, so r ranks concepts as sim does; but sim
-    saturates at log U in float32 for every concept with r above about 16 (a concept far
-    likelier on this unit's top images than on any other unit's, common in small layers),
-    where r still tells the most specific one. wpmi (λ < 1) does not saturate: its keys
-    are its similarities. cos, cos_cubed: the rows themselves.
+    rest of the layer. sim is increasing in r, but in float32 it saturates at log U for
+    every concept with r above about 16 (a concept far likelier on this unit's top images
+    than on any other unit's, common in small layers). A unit whose best sim is within
+    `_SATURATION` of log U is ranked by r; the others, and the other functions, by sim:
+    `similarity` itself is returned when no unit is saturated.
     """
     params = _WPMI_PARAMS.get(check_method(method))
-    rows = np.asarray(rows, dtype=np.float32)
-    if params is None or params.lam != 1.0 or len(rows) < 2:
-        return layer_similarity(method, rows)
-    out = np.empty_like(rows)
-    step = max(1, _MARGINAL_ELEMENTS // len(rows))
+    n_units = len(rows)
+    if params is None or params.lam != 1.0 or n_units < 2:
+        return similarity
+    saturated = np.flatnonzero(similarity.max(axis=1) >= math.log(n_units) - _SATURATION)
+    if not len(saturated):
+        return similarity
+    rank = similarity.copy()
+    step = max(1, _MARGINAL_ELEMENTS // n_units)
     for c0 in range(0, rows.shape[1], step):
-        block = rows[:, c0 : c0 + step].astype(np.float64)
-        out[:, c0 : c0 + step] = block - _leave_one_out_logsumexp(block)
-    return out
+        block = np.asarray(rows[:, c0 : c0 + step], dtype=np.float64)
+        rank[saturated, c0 : c0 + step] = (block - _leave_one_out_logsumexp(block))[saturated]
+    return rank
 
 
 def _leave_one_out_logsumexp(x: np.ndarray) -> np.ndarray:

@@ -209,7 +209,7 @@ def clip_dissect_stage(stage: Stage) -> Iterator[Progress]:
         scored += outcome.units
         yield stage.progress(method, done, f"concept scores of {scored}/{plan.n_units} units")
     layer_similarity = clip_dissect.layer_similarity(params.similarity, rows)
-    ranking = clip_dissect.layer_ranking(params.similarity, rows)
+    ranking = clip_dissect.layer_ranking(params.similarity, rows, layer_similarity)
     del rows
     for u0, u1 in missing:
         descriptions = clip_dissect.describe_units(

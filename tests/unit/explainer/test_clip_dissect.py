@@ -15,6 +15,7 @@ from services.explainer.clip_dissect import (
     SOFT_WPMI,
     WPMI,
     WpmiParams,
+    _leave_one_out_logsumexp,
     clip_similarity,
     describe_units,
     descriptions_csv,
@@ -391,23 +392,29 @@ def test_a_saturated_soft_wpmi_label_is_the_most_specific_concept() -> None:
     sim = layer_similarity("soft_wpmi", rows)
     assert sim[0, 0] == pytest.approx(np.log(3), abs=1e-5)
     assert sim[0, 1] == pytest.approx(np.log(3), abs=1e-5)
-    rank = layer_ranking("soft_wpmi", rows)
-    np.testing.assert_allclose(rank[0, :2], [45.0, 80.0], rtol=1e-6)
+    rank = layer_ranking("soft_wpmi", rows, sim)
+    np.testing.assert_allclose(rank[0], [45.0, 80.0, -np.log1p(np.exp(-1.0))], atol=1e-4)
+    np.testing.assert_array_equal(rank[1:], sim[1:])  # not saturated: ranked by sim
     assert describe_units(sim, ["x", "y", "z"], rank=rank)[0].label == "y"
 
 
-def test_ranking_is_the_exact_log_odds_and_orders_like_sim() -> None:
+def test_unsaturated_layers_and_other_functions_rank_by_similarity() -> None:
     rows = np.random.default_rng(0).normal(scale=3.0, size=(6, 40)).astype(np.float32)
-    rank = layer_ranking("soft_wpmi", rows)
-    x = rows.astype(np.float64)
+    for method in ("soft_wpmi", "wpmi", "cos"):
+        sim = layer_similarity(method, rows)
+        assert layer_ranking(method, rows, sim) is sim
+
+
+def test_leave_one_out_logsumexp_matches_the_direct_sum() -> None:
+    x = np.random.default_rng(1).normal(scale=3.0, size=(5, 30))
+    x[:, 0] = [-500.0, -1.0, -1.0, -700.0, -2.0]  # a tie at the maximum
+    x[:, 1] = [0.0, -300.0, -400.0, -500.0, -600.0]  # one dominant unit
+    found = _leave_one_out_logsumexp(x)
     for k in range(len(x)):
         others = np.delete(x, k, axis=0)
-        expected = x[k] - np.log(np.exp(others).sum(axis=0))
-        np.testing.assert_allclose(rank[k], expected, rtol=1e-5, atol=1e-5)
-    sim = layer_similarity("soft_wpmi", rows)
-    np.testing.assert_allclose(sim, np.log(6) - np.log1p(np.exp(-rank)), atol=1e-5)
-    np.testing.assert_array_equal(layer_ranking("wpmi", rows), layer_similarity("wpmi", rows))
-    np.testing.assert_array_equal(layer_ranking("cos", rows), rows)
+        top = others.max(axis=0)
+        expected = top + np.log(np.exp(others - top).sum(axis=0))
+        np.testing.assert_allclose(found[k], expected, rtol=1e-12, atol=1e-12)
 
 
 def test_csv_export_has_the_reference_columns_and_quotes_commas() -> None:
