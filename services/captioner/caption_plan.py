@@ -21,7 +21,11 @@ from neurodissect.v1 import captioner_pb2, common_pb2
 from services.captioner.checkpoint import TOY_CHECKPOINT
 from services.captioner.decoding import DEFAULT_BEAM_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_PMI_LAMBDA
 from services.captioner.exemplars import DEFAULT_EXEMPLARS, DEFAULT_MASK_QUANTILE
-from services.common.activations import ActivationManifest, read_manifest
+from services.common.activations import (
+    ActivationManifest,
+    requested_manifest,
+    requested_units,
+)
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.settings import Settings
 from services.common.store import ObjectStore
@@ -147,20 +151,8 @@ def plan_request(
             f"{params.exemplars} is outside [1, {MAX_EXEMPLARS}] (0 = {DEFAULT_EXEMPLARS})",
             "milan.exemplars",
         )
-    try:
-        manifest = read_manifest(store, acts_key, layer)
-    except NotFound:
-        raise NotFound(
-            f"no stored activations of layer {layer!r} under {acts_key!r} (extract them first)",
-            "acts_key",
-        ) from None
-    dataset_key = request.dataset_key or manifest.dataset_key
-    if dataset_key != manifest.dataset_key:
-        raise InvalidArgument(
-            f"the activations under {acts_key!r} were extracted on dataset"
-            f" {manifest.dataset_key!r}, not {dataset_key!r}",
-            "dataset_key",
-        )
+    manifest = requested_manifest(store, acts_key, layer, request.dataset_key)
+    dataset_key = manifest.dataset_key
     # Default: 15 exemplars, or every image of a smaller probe set.
     exemplars = params.exemplars or min(DEFAULT_EXEMPLARS, manifest.n_images)
     if exemplars > manifest.n_images:
@@ -168,18 +160,7 @@ def plan_request(
             f"{exemplars} exemplars asked for but the probe set has {manifest.n_images} images",
             "milan.exemplars",
         )
-    n_units = manifest.n_units
-    unit_end = request.unit_end or n_units
-    if not 0 <= request.unit_start < n_units:
-        raise InvalidArgument(
-            f"{request.unit_start} is outside [0, {n_units}) (layer {layer!r} has {n_units} units)",
-            "unit_start",
-        )
-    if not request.unit_start < unit_end <= n_units:
-        raise InvalidArgument(
-            f"{request.unit_end} is outside ({request.unit_start}, {n_units}] (0 = {n_units})",
-            "unit_end",
-        )
+    unit_start, unit_end = requested_units(request.unit_start, request.unit_end, manifest)
     block_size = request.compute.unit_block_size or manifest.unit_block
     if not 1 <= block_size <= MAX_UNIT_BLOCK:
         raise InvalidArgument(
@@ -198,7 +179,7 @@ def plan_request(
         pmi_lambda=pmi_lambda,
         exemplars=exemplars,
         mask_quantile=quantile,
-        unit_start=request.unit_start,
+        unit_start=unit_start,
         unit_end=unit_end,
         block_size=block_size,
         device=_device(request.compute.device, settings),

@@ -273,6 +273,7 @@ def _build_toy_captioner(cache_dir: Path, show_progress: bool) -> Path:
     from services.captioner.milannotations import load_milannotations
     from services.common.keys import content_key, file_digest
     from services.extractor.toyworld import load_toynet, toynet_path
+    from services.extractor.toyworld.model_cache import training_threads
 
     recipe = ToyRecipe()
     annotations = toy_annotations(cache_dir, recipe)
@@ -290,9 +291,10 @@ def _build_toy_captioner(cache_dir: Path, show_progress: bool) -> Path:
     record = path.with_suffix(".json")
     if path.is_file() and record.is_file() and json.loads(record.read_text())["key"] == key:
         return path
-    captioner, report = train_from_annotations(
-        annotations, TOYNET, weights, path, recipe.config(show_progress), recipe.dimensions()
-    )
+    with training_threads():  # one key, one set of weights, whatever the caller's threads
+        captioner, report = train_from_annotations(
+            annotations, TOYNET, weights, path, recipe.config(show_progress), recipe.dimensions()
+        )
     data = load_milannotations(annotations)
     _, held_out = data.split(recipe.validation_fraction, recipe.seed)
     concepts = {

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from services.common import keys
+from services.common.errors import InvalidArgument, NotFound
 from services.common.store import ObjectStore
 
 
@@ -65,6 +66,47 @@ class ActivationManifest:
 def read_manifest(store: ObjectStore, acts_key: str, layer: str) -> ActivationManifest:
     """Load the manifest of a completely extracted layer."""
     return ActivationManifest.from_json(store.get_json(keys.manifest(acts_key, layer)))
+
+
+def requested_manifest(
+    store: ObjectStore, acts_key: str, layer: str, dataset_key: str
+) -> ActivationManifest:
+    """The manifest a request names, extracted on `dataset_key` (empty: whichever it was).
+
+    Raises NotFound (field `acts_key`) when the layer was not extracted, InvalidArgument
+    (field `dataset_key`) when it was extracted on another dataset.
+    """
+    try:
+        manifest = read_manifest(store, acts_key, layer)
+    except NotFound:
+        raise NotFound(
+            f"no stored activations of layer {layer!r} under {acts_key!r} (extract them first)",
+            "acts_key",
+        ) from None
+    if dataset_key and dataset_key != manifest.dataset_key:
+        raise InvalidArgument(
+            f"the activations under {acts_key!r} were extracted on dataset"
+            f" {manifest.dataset_key!r}, not {dataset_key!r}",
+            "dataset_key",
+        )
+    return manifest
+
+
+def requested_units(start: int, end: int, manifest: ActivationManifest) -> tuple[int, int]:
+    """A request's unit range [start, end), end 0 = to the last unit, checked against the layer.
+
+    InvalidArgument naming `unit_start` or `unit_end` when it is outside the layer.
+    """
+    n_units, layer = manifest.n_units, manifest.layer
+    end = end or n_units
+    if not 0 <= start < n_units:
+        raise InvalidArgument(
+            f"{start} is outside [0, {n_units}) (layer {layer!r} has {n_units} units)",
+            "unit_start",
+        )
+    if not start < end <= n_units:
+        raise InvalidArgument(f"{end} is outside ({start}, {n_units}] (0 = {n_units})", "unit_end")
+    return start, end
 
 
 def read_units(

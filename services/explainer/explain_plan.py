@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from neurodissect.v1 import common_pb2, explainer_pb2
 
-from services.common.activations import ActivationManifest, read_manifest
+from services.common.activations import ActivationManifest, requested_manifest, requested_units
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.probe_format import ConceptTable, read_concepts
 from services.common.store import ObjectStore
@@ -164,31 +164,8 @@ def plan_request(store: ObjectStore, request: explainer_pb2.ExplainRequest) -> E
             f"{block_size} is outside [1, {MAX_UNIT_BLOCK}] (0 = {DEFAULT_UNIT_BLOCK})",
             "spec.compute.unit_block_size",
         )
-    try:
-        manifest = read_manifest(store, acts_key, layer)
-    except NotFound:
-        raise NotFound(
-            f"no stored activations of layer {layer!r} under {acts_key!r} (extract them first)",
-            "acts_key",
-        ) from None
-    if manifest.dataset_key != dataset_key:
-        raise InvalidArgument(
-            f"the activations under {acts_key!r} were extracted on dataset"
-            f" {manifest.dataset_key!r}, not {dataset_key!r}",
-            "dataset_key",
-        )
-    n_units = manifest.n_units
-    unit_end = request.unit_end or n_units
-    if not 0 <= request.unit_start < n_units:
-        raise InvalidArgument(
-            f"{request.unit_start} is outside [0, {n_units}) (layer {layer!r} has {n_units} units)",
-            "unit_start",
-        )
-    if not request.unit_start < unit_end <= n_units:
-        raise InvalidArgument(
-            f"{request.unit_end} is outside ({request.unit_start}, {n_units}] (0 = {n_units})",
-            "unit_end",
-        )
+    manifest = requested_manifest(store, acts_key, layer, dataset_key)
+    unit_start, unit_end = requested_units(request.unit_start, request.unit_end, manifest)
     plan = ExplainPlan(
         job_id=job_id,
         layer=layer,
@@ -196,7 +173,7 @@ def plan_request(store: ObjectStore, request: explainer_pb2.ExplainRequest) -> E
         dataset_key=dataset_key,
         acts_key=acts_key,
         manifest=manifest,
-        unit_start=request.unit_start,
+        unit_start=unit_start,
         unit_end=unit_end,
         block_size=block_size,
         spec=request.spec,

@@ -385,8 +385,8 @@ def results_table(layer: str, units: Sequence[common_pb2.UnitResult], limit: int
             if method == "netdissect":
                 mark = "*" if answer.detector else ""
                 text, score = f"{answer.label}{mark} ({answer.category})", answer.iou
-            elif method == "compositional":
-                text, score = answer.formula, answer.iou
+            elif method == "compositional":  # no formula: no label overlaps the unit's mask
+                text, score = answer.formula or "(none)", answer.iou
             elif method == "clip_dissect":
                 text, score = answer.label, answer.score
             elif method == "linear":

@@ -99,7 +99,9 @@ def unit_results(
     for method in UNIT_METHODS:
         for number, row in read_rows(store, job_id, layer, method, u0, u1).items():
             fields = {k: v for k, v in row.items() if k != "unit"}
-            json_format.ParseDict(fields, getattr(unit(number), method), ignore_unknown_fields=True)
+            answer = getattr(unit(number), method)
+            answer.SetInParent()  # the method ran: present even when every field is default
+            json_format.ParseDict(fields, answer, ignore_unknown_fields=True)
     for number, row in read_rows(store, job_id, layer, "simulation", u0, u1).items():
         unit(number).simulation.update(_simulation_values(row))
     return [units[n] for n in sorted(units)]

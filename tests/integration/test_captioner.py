@@ -39,6 +39,7 @@ from services.common.client import wait_healthy
 from services.common.settings import Settings
 from services.common.store import LocalStore
 from tests.fixtures.ports import free_port
+from tests.fixtures.processes import stop
 from tests.unit.captioner.stored_layer import (
     ACTS_KEY,
     DATASET_KEY,
@@ -134,12 +135,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             stub = captioner_pb2_grpc.CaptionerStub(channel)
             yield Service(channel, stub, store, extractor, checkpoint)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         extractor_server.stop(0)
     assert process.returncode == 0, log.read_text()[-3000:]
 

@@ -22,6 +22,7 @@ from services.common.store import LocalStore
 from services.explainer import results_io
 from tests.fixtures.planted_layer import OBJECTS, TOP_QUANTILE, PlantedLayer, write_planted
 from tests.fixtures.ports import free_port
+from tests.fixtures.processes import stop
 
 METHODS = ["netdissect", "compositional", "clip_dissect", "linear", "simulation"]
 
@@ -66,12 +67,7 @@ def explainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Explainer]:
             stub = explainer_pb2_grpc.ExplainerStub(channel)
             yield Explainer(stub, store, planted, big, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
     assert process.returncode == 0, log.read_text()[-3000:]
 
 

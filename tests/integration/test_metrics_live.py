@@ -32,6 +32,7 @@ from services.gateway.jobs import TERMINAL
 from services.gateway.stack import LocalStack
 from services.gateway.validation import requested_methods
 from tests.fixtures.ports import free_port
+from tests.fixtures.processes import stop
 
 # The first run on a fresh machine trains the toy models (toynet, tiny CLIP, captioner).
 pytestmark = pytest.mark.timeout(1800)
@@ -145,12 +146,7 @@ def prometheus(platform: LocalStack, tmp_path_factory: pytest.TempPathFactory) -
             time.sleep(0.5)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 # ----------------------------------------------------------------------------- the job

@@ -30,6 +30,7 @@ from services.common.store import LocalStore
 from services.explainer import results_io
 from tests.fixtures.planted_layer import PlantedLayer, write_planted
 from tests.fixtures.ports import free_port
+from tests.fixtures.processes import stop
 from tests.fixtures.ray_cluster import BIN, Cluster, cluster_processes, ray_cluster
 
 KILLED_TASK = "ray::netdissect_block"
@@ -78,12 +79,7 @@ def explainer(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
             stub = explainer_pb2_grpc.ExplainerStub(channel)
             yield Explainer(stub, metrics_port, store, planted, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
     assert process.returncode == 0, log.read_text()[-3000:]
 
 

@@ -3,15 +3,18 @@
 A cache entry is `{cache_dir}/toyworld/{name}-{key}.pt` (loadable with
 `torch.load(weights_only=True)`) and `{name}-{key}.json` (what training reported). Both are
 written atomically, so a crash never leaves a half-written entry; a lock file beside them
-makes concurrent users of one key wait for a single training run.
+makes concurrent users of one key wait for a single training run. Training runs with
+`TRAINING_THREADS` torch threads whatever the caller's setting: CPU kernels sum in an
+order that depends on the thread count, and one key must name one set of weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from services.common.file_lock import file_lock
 from services.common.settings import Settings
 
 StateDict = dict[str, torch.Tensor]
+TRAINING_THREADS = 2
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
@@ -38,11 +42,23 @@ def cached_weights(
         if path.is_file() and metrics_path.is_file():
             state = torch.load(path, map_location="cpu", weights_only=True)
             return state, json.loads(metrics_path.read_text())
-        state, metrics = train()
+        with training_threads():
+            state, metrics = train()
         _atomic_write(path, lambda handle: torch.save(state, handle))
         text = json.dumps(metrics, sort_keys=True, indent=2) + "\n"
         _atomic_write(metrics_path, lambda handle: handle.write(text.encode()))
     return state, metrics
+
+
+@contextlib.contextmanager
+def training_threads() -> Iterator[None]:
+    """Run the body with `TRAINING_THREADS` torch threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(TRAINING_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _atomic_write(path: Path, write: Callable[[Any], object]) -> None:

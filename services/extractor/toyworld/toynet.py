@@ -27,7 +27,7 @@ from services.extractor.toyworld.preprocessing import imagenet_normalize
 from services.extractor.toyworld.raster import render_images
 from services.extractor.toyworld.world import WORLD
 
-TRAINING_VERSION = 1  # bump when the training code changes what it produces
+TRAINING_VERSION = 2  # bump when the training code changes what it produces
 LAYERS = ("conv1", "layer1", "layer2", "layer3", "fc")
 
 

@@ -60,6 +60,14 @@ def test_blocks_merge_into_unit_results(store: LocalStore) -> None:
     assert [u.unit for u in only] == [1, 2]
 
 
+def test_an_answer_with_only_default_fields_is_still_an_answer(store: LocalStore) -> None:
+    # A unit whose mask overlaps no label: empty formula, IoU 0, and the method did run.
+    store.put_json(keys.result_block(JOB, LAYER, "linear", 0, 1), {"units": [{"unit": 0}]})
+    (unit, *_) = results.unit_results(store, JOB, LAYER)
+    assert unit.HasField("linear") and unit.linear == common_pb2.LinearResult()
+    assert results.unit_dict(unit)["linear"]["explanation"] == ""
+
+
 def test_coverage_needs_every_unit(store: LocalStore) -> None:
     assert results.covered(store, JOB, LAYER, "netdissect", 4)
     assert not results.covered(store, JOB, LAYER, "netdissect", 5)

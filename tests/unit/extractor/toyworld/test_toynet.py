@@ -70,6 +70,22 @@ def test_training_is_deterministic() -> None:
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_cached_weights_do_not_depend_on_the_callers_threads(tmp_path: Path) -> None:
+    # Trained directly, the weights differ with the thread count (kernels sum in another
+    # order); through the cache, training always runs with TRAINING_THREADS.
+    recipe = ToyNetRecipe(n_images=128, eval_images=16, epochs=1, widths=(8, 16, 32, 32))
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            weights.append(load_toynet(tmp_path / str(threads), recipe).state_dict())
+            assert torch.get_num_threads() == threads  # the caller's count is restored
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_key_changes_with_the_recipe() -> None:
     assert toynet_key(SMALL) == toynet_key(ToyNetRecipe(**vars(SMALL)))
     assert toynet_key(SMALL) != toynet_key(ToyNetRecipe(n_images=641))
