@@ -42,10 +42,6 @@ class AttentionMemory(NamedTuple):
     features: Tensor  # (U, k, D) exemplar vectors
     keys: Tensor  # (U, k, A) their projection into the attention space
 
-    def select(self, units: Tensor) -> AttentionMemory:
-        """The memory of `units` (int64 (U',)) only."""
-        return AttentionMemory(self.features[units], self.keys[units])
-
 
 class LSTMState(NamedTuple):
     """Decoder LSTM state, h and c each (U, S, H) in `step`, (N, H) in search."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common.probe_format import LabelChunk
-from services.explainer.upsample import BilinearResize, TileRuns, bilinear_resize
+from services.explainer.upsample import BilinearResize, TileRuns, bilinear_resize, expand_ranges
 
 
 @dataclass(frozen=True)
@@ -470,9 +470,7 @@ def _count_group(
             at = tile_column + runs.left
             segment = columns.segment[at]
             pieces = columns.segment[at + runs.count - 1] - segment + 1
-            tile = np.repeat(np.arange(len(at)), pieces)
-            segment = np.arange(len(tile)) + np.repeat(segment - (np.cumsum(pieces) - pieces),
-                                                      pieces)
+            tile, segment = expand_ranges(np.arange(len(at)), segment, pieces)
             left = np.maximum(columns.segment_start[segment], at[tile])
             right = np.minimum(columns.segment_start[segment + 1], (at + runs.count)[tile])
             first, stop = runs.first[tile], runs.stop[tile]
@@ -496,11 +494,9 @@ def _count_group(
             length = runs.stop[mixed] - runs.first[mixed]
             # Pixel k of a column's run: set index at start + k·sw.
             start = (image[runs.tile_map[tile]] * sh + first) * sw + runs.x[mixed]
-            ends = np.cumsum(length)
-            step = (np.arange(int(ends[-1])) - np.repeat(ends - length, length)) * sw
-            pixel = flat_sets[np.repeat(start, length) + step]
-            bins = np.repeat(tile_bin[tile], length)
-            pending.append((bins + pixel, np.ones(len(pixel))))
+            run, row = expand_ranges(np.arange(len(length)), np.zeros_like(length), length)
+            pixel = flat_sets[start[run] + row * sw]
+            pending.append((tile_bin[tile][run] + pixel, np.ones(len(pixel))))
     if pending:
         yield flush()
 

@@ -217,7 +217,7 @@ class TileRuns:
 
     def columns(self) -> ColumnRuns:
         """The same runs, column by column."""
-        tile, x = _expand(np.arange(len(self.left)), self.left, self.count)
+        tile, x = expand_ranges(np.arange(len(self.left)), self.left, self.count)
         return ColumnRuns(self.maps, self.tile_map, self.tile_band, tile, x, self.first[tile],
                           self.stop[tile])
 
@@ -373,13 +373,17 @@ def _select(arrays: tuple[np.ndarray, ...], keep: np.ndarray) -> tuple[np.ndarra
     return tuple(a[where] for a in arrays)
 
 
-def _expand(
-    tile: np.ndarray, start: np.ndarray, count: np.ndarray
+def expand_ranges(
+    owner: np.ndarray, start: np.ndarray, count: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Columns start[i] .. start[i] + count[i] - 1 of tiles `tile`: (tile, x) per column."""
+    """Every element of the ranges start[i] .. start[i] + count[i] - 1, in order.
+
+    `owner`, `start`, `count` (k,) int64 → (owner of each element, the element), (Σ count,)
+    each; e.g. the columns of tiles, or the segments a tile spans.
+    """
     end = np.cumsum(count)
     total = int(end[-1]) if len(end) else 0
-    return np.repeat(tile, count), np.arange(total) + np.repeat(start - (end - count), count)
+    return np.repeat(owner, count), np.arange(total) + np.repeat(start - (end - count), count)
 
 
 # Maps per group in `column_runs`: keeps the working arrays in cache.
@@ -634,9 +638,7 @@ class BilinearResize:
         assert self._search is not None
         rows, cols = self._search
         a00, a01, a10, a11 = corners
-        end = np.cumsum(count)
-        tile = np.repeat(np.arange(len(index)), count)
-        x = np.arange(len(tile)) + np.repeat(left - (end - count), count)
+        tile, x = expand_ranges(np.arange(len(index)), left, count)
         w0, w1 = cols.w0[x], cols.w1[x]
         low = np.empty(len(x), np.float32)
         high = np.empty(len(x), np.float32)
@@ -645,10 +647,7 @@ class BilinearResize:
             np.add(a10[tile] * w0, a11[tile] * w1, out=high, casting="unsafe")
         column_cut = cut[tile]
         height = rows.length[by][tile]
-        if rows.uniform is None:
-            inv_step, offset, margin, _ = _crossing_params(rows, by[tile])
-        else:
-            inv_step, offset, margin = rows.uniform
+        inv_step, offset, margin, _ = _crossing_params(rows, by[tile])
         e, falling, sure = _crossing_at(low, high, column_cut, inv_step, offset, margin, height)
         first = np.where(falling, 0, e)
         stop = np.where(falling, e, height)

@@ -39,6 +39,7 @@ from torch import nn
 from services.common.keys import content_key
 from services.extractor.toyworld.captions import colors_present, concept_names, phrases
 from services.extractor.toyworld.generator import FORMAT_VERSION
+from services.extractor.toyworld.layout import sample_spec
 from services.extractor.toyworld.model_cache import StateDict, cache_root, cached_weights
 from services.extractor.toyworld.raster import render_images
 from services.extractor.toyworld.world import WORLD
@@ -223,7 +224,7 @@ def train_toy_clip(recipe: ClipRecipe) -> tuple[StateDict, dict[str, Any]]:
     metrics = {
         "zero_shot": accuracy,
         "chance": {
-            "color": color_chance(recipe.eval_seed, recipe.eval_images, recipe.image_size),
+            "color": color_chance(recipe.eval_seed, recipe.eval_images),
             "shape": 1 / len(WORLD.shapes),
         },
         "train_seconds": round(train_seconds, 3),
@@ -275,10 +276,10 @@ def zero_shot_accuracy(
     shape = np.array([WORLD.shapes.index(specs[i].shapes[0].kind) for i in single])
     shape_color = np.array([colors.index(specs[i].shapes[0].color) for i in single])
     pattern_colors = list(WORLD.pattern_colors)
+    pattern_indices = {colors.index(c) for c in pattern_colors}
     patterned = [
         i for i in every
-        if specs[i].texture.kind != "plain"
-        and len(set(pattern_colors) & set(colors_present(specs[i]))) == 1
+        if specs[i].texture.kind != "plain" and len(pattern_indices & present[i]) == 1
     ]
     pattern_color = np.array([pattern_colors.index(specs[i].pattern_color) for i in patterned])
     return {
@@ -293,9 +294,9 @@ def zero_shot_accuracy(
     }
 
 
-def color_chance(seed: int, n_images: int, image_size: int) -> float:
+def color_chance(seed: int, n_images: int) -> float:
     """The `color` accuracy of a uniform guess: mean fraction of the 8 colours an image shows."""
-    _, specs = render_images(seed, n_images, image_size)
+    specs = (sample_spec(seed, i) for i in range(n_images))  # no need to draw the images
     return float(np.mean([len(colors_present(s)) / len(WORLD.colors) for s in specs]))
 
 
