@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,9 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     ConnectionError,
     TimeoutError,
 )
+# How long `connect` keeps trying a Ray cluster, and its first wait between attempts.
+CONNECT_TIMEOUT_S = 60.0
+CONNECT_FIRST_DELAY_S = 1.0
 # How often `gather` wakes up to check whether the caller is still there.
 POLL_S = 0.25
 
@@ -66,25 +70,39 @@ def unit_blocks(unit_start: int, unit_end: int, block_size: int) -> list[tuple[i
 
 
 def connect(settings: Settings) -> None:
-    """Start a local Ray or connect to the cluster at `settings.ray_address`, once per process."""
+    """Start a local Ray or connect to the cluster at `settings.ray_address`, once per process.
+
+    A cluster is retried with backoff for `CONNECT_TIMEOUT_S`: in a deployment the
+    explainer may start before the Ray head is up, and a Ray client's first connection
+    can fail while the head starts its per-client server.
+    """
     with _init_lock:
         if ray.is_initialized():
             return
         address = settings.ray_address or "local"
         local = address == "local"
-        try:
-            ray.init(
-                address=address,
-                num_cpus=settings.ray_num_cpus if local and settings.ray_num_cpus > 0 else None,
-                include_dashboard=False if local else None,
-                logging_level=logging.WARNING,
-            )
-        except (ConnectionError, RuntimeError) as exc:
-            raise Unavailable(
-                f"cannot reach the Ray cluster at {address!r}: {exc} (a cluster with token"
-                " authentication needs RAY_AUTH_MODE=token and its token)",
-                field="RAY_ADDRESS",
-            ) from exc
+        deadline = time.monotonic() + (0.0 if local else CONNECT_TIMEOUT_S)
+        delay = CONNECT_FIRST_DELAY_S
+        while True:
+            try:
+                ray.init(
+                    address=address,
+                    num_cpus=settings.ray_num_cpus if local and settings.ray_num_cpus > 0 else None,
+                    include_dashboard=False if local else None,
+                    logging_level=logging.WARNING,
+                )
+                break
+            except (ConnectionError, RuntimeError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(
+                        f"cannot reach the Ray cluster at {address!r}: {exc} (a cluster with"
+                        " token authentication needs RAY_AUTH_MODE=token and its token)",
+                        field="RAY_ADDRESS",
+                    ) from exc
+                log.warning("Ray at %s not reachable (%s); retrying in %.0f s", address, exc, delay)
+                ray.shutdown()
+                time.sleep(delay)
+                delay *= 2
         log.info("Ray %s: %s", "started locally" if local else "connected", address)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -13,7 +14,13 @@ from neurodissect.v1 import common_pb2, explainer_pb2
 from prometheus_client import REGISTRY
 
 from services.common import keys
-from services.common.errors import Cancelled, InvalidArgument, NotFound, StoreError
+from services.common.errors import (
+    Cancelled,
+    InvalidArgument,
+    NotFound,
+    StoreError,
+    Unavailable,
+)
 from services.common.settings import Settings
 from services.common.store import LocalStore
 from services.explainer import results_io, sharding
@@ -32,6 +39,62 @@ def test_unit_blocks_follow_the_grid_of_the_block_size() -> None:
     assert unit_blocks(5, 5, 64) == []
     with pytest.raises(ValueError):
         unit_blocks(0, 10, 0)
+
+
+class _FlakyRay:
+    """ray.init failing `failures` times, then succeeding; records the waits between."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.waits: list[float] = []
+
+    def init(self, **_: object) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError("Starting Ray client server failed")
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+def _use(flaky: _FlakyRay, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", flaky.init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    # sharding's own view of the clock: its waits are recorded, not slept
+    clock = SimpleNamespace(monotonic=time.monotonic, sleep=flaky.sleep)
+    monkeypatch.setattr(sharding, "time", clock)
+
+
+def test_a_cluster_is_retried_with_backoff_until_it_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    flaky = _FlakyRay(failures=2)
+    _use(flaky, monkeypatch)
+    sharding.connect(Settings(ray_address="ray://127.0.0.1:10001"))
+    assert flaky.calls == 3
+    assert flaky.waits == [1.0, 2.0]
+
+
+def test_an_unreachable_cluster_is_unavailable_after_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    flaky = _FlakyRay(failures=1000)
+    _use(flaky, monkeypatch)
+    monkeypatch.setattr(sharding, "CONNECT_TIMEOUT_S", 0.0)
+    with pytest.raises(Unavailable) as refused:
+        sharding.connect(Settings(ray_address="ray://127.0.0.1:10001"))
+    assert refused.value.field == "RAY_ADDRESS"
+    assert flaky.calls == 1
+
+
+def test_a_local_ray_that_fails_to_start_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    flaky = _FlakyRay(failures=1)
+    _use(flaky, monkeypatch)
+    with pytest.raises(Unavailable):
+        sharding.connect(Settings())
+    assert flaky.calls == 1 and flaky.waits == []
 
 
 @pytest.fixture(scope="module")
