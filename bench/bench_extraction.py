@@ -41,8 +41,8 @@ from services.extractor.extraction import ComputeConfig, Extraction
 from services.extractor.models import ModelSource
 from services.extractor.preprocessing import Preprocessing, preprocessing
 from services.extractor.probe_dataset import ProbeDataset, ProbeRow
-from services.extractor.toyworld.generator import generate
-from services.extractor.toyworld.toynet import ToyNet
+from services.toyworld.generator import generate
+from services.toyworld.toynet import ToyNet
 
 BATCH = 32
 TARGET = 0.87

@@ -6,7 +6,7 @@ Two families are buildable:
   weights from a local state-dict file, read at the reference MILAN stages
   (conv1's activation, layer1..layer4);
 - the toy world's `toynet`, whose architecture class is `ToyNet` in
-  `services.extractor.toyworld.toynet` (imported only when a toynet is built), read
+  `services.toyworld.toynet` (imported only when a toynet is built), read
   at every top-level child module that outputs a feature map.
 
 Both use ImageNet normalisation (the toy models were trained with it too).
@@ -38,7 +38,7 @@ from services.captioner.encoder import (
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 TOYNET = "toynet"
-TOY_ARCHITECTURES = "services.extractor.toyworld.toynet"
+TOY_ARCHITECTURES = "services.toyworld.toynet"
 # Side of the blank image run once through a custom backbone to find its map stages.
 _PROBE_SIZE = 64
 

@@ -177,8 +177,8 @@ def toy_annotations(cache_dir: Path, recipe: ToyRecipe) -> Path:
     """
     from services.captioner.milannotations import ANNOTATIONS_FILE
     from services.common.keys import content_key
-    from services.extractor.toyworld import write_annotations
-    from services.extractor.toyworld.generator import FORMAT_VERSION
+    from services.toyworld import write_annotations
+    from services.toyworld.generator import FORMAT_VERSION
 
     key = content_key("toy-annotations", TOY_VERSION, FORMAT_VERSION, recipe.annotation_params())
     root = cache_dir / "captioner" / f"toy-annotations-{key}"
@@ -228,7 +228,7 @@ def concept_figures(
     """
     import torch
 
-    from services.extractor.toyworld import WORLD
+    from services.toyworld import WORLD
 
     def forms(label: str) -> set[str]:
         adjective = {WORLD.adjective(label)} if label in WORLD.textures else set()
@@ -272,8 +272,8 @@ def _build_toy_captioner(cache_dir: Path, show_progress: bool) -> Path:
     from services.captioner.decoding import DEFAULT_PMI_LAMBDA
     from services.captioner.milannotations import load_milannotations
     from services.common.keys import content_key, file_digest
-    from services.extractor.toyworld import load_toynet, toynet_path
-    from services.extractor.toyworld.model_cache import training_threads
+    from services.toyworld import load_toynet, toynet_path
+    from services.toyworld.model_cache import training_threads
 
     recipe = ToyRecipe()
     annotations = toy_annotations(cache_dir, recipe)

@@ -25,7 +25,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.settings import Settings
 from services.extractor.local_paths import local_path
 from services.extractor.models import load_weights, weights_digest
-from services.extractor.toyworld.clip import (
+from services.toyworld.clip import (
     ClipRecipe,
     build_toy_clip,
     load_toy_clip,

@@ -22,7 +22,7 @@ from services.extractor.broden import read_broden
 from services.extractor.imagefolder import read_imagefolder
 from services.extractor.local_paths import local_path
 from services.extractor.probe_dataset import ProbeDataset
-from services.extractor.toyworld.generator import generate
+from services.toyworld.generator import generate
 
 DATASET_KINDS = ("broden", "imagefolder", "toyworld")
 TOY_DEFAULTS = {"n_images": 600, "image_size": 64, "seed": 0}

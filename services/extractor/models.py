@@ -38,9 +38,9 @@ from services.common import keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.settings import Settings
 from services.extractor.local_paths import local_path
-from services.extractor.toyworld import planted
-from services.extractor.toyworld.planted import planted_model
-from services.extractor.toyworld.toynet import ToyNet, ToyNetRecipe, load_toynet, toynet_key
+from services.toyworld import planted
+from services.toyworld.planted import planted_model
+from services.toyworld.toynet import ToyNet, ToyNetRecipe, load_toynet, toynet_key
 
 MODEL_SOURCES = ("torchvision", "timm", "torchscript", "toy")
 TOY_MODELS = ("toynet", "planted")

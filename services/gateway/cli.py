@@ -439,7 +439,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_toyworld_generate(args: argparse.Namespace, settings: Settings) -> int:
     """Write the toy world dataset (Broden format) to --out."""
-    from services.extractor.toyworld.generator import generate
+    from services.toyworld.generator import generate
 
     root = generate(Path(args.out), n_images=args.n, image_size=args.size, seed=args.seed)
     console.print(f"toy world: {args.n} images at {args.size}px in {root}", markup=False)

@@ -20,7 +20,7 @@ from services.common.activations import read_manifest
 from services.common.client import open_channel, wait_healthy
 from services.common.settings import Settings
 from services.common.store import LocalStore
-from services.extractor.toyworld.clip import ClipRecipe, build_toy_clip
+from services.toyworld.clip import ClipRecipe, build_toy_clip
 from tests.fixtures.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]

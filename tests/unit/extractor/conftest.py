@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from services.extractor.models import ModelSource
-from services.extractor.toyworld.generator import generate
+from services.toyworld.generator import generate
 
 
 @pytest.fixture(scope="session")

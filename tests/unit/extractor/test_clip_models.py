@@ -24,7 +24,7 @@ from services.extractor.extraction import ComputeConfig, Extraction, ExtractionR
 from services.extractor.models import ModelSource
 from services.extractor.servicer import ExtractorServicer
 from services.extractor.text_embeddings import read_concept_set
-from services.extractor.toyworld.clip import ClipRecipe, build_toy_clip
+from services.toyworld.clip import ClipRecipe, build_toy_clip
 
 ARCH = "nd-tiny-test"
 DIM = 32

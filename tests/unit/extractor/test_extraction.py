@@ -24,7 +24,7 @@ from services.extractor.extraction import ComputeConfig, Extraction, ExtractionR
 from services.extractor.models import ModelSource, resolve_model
 from services.extractor.preprocessing import preprocessing
 from services.extractor.probe_dataset import ProbeDataset
-from services.extractor.toyworld.planted import planted_units
+from services.toyworld.planted import planted_units
 
 N_IMAGES = 64  # the `toy_root` fixture: 64 images at 32 px
 SIZE = 32

@@ -14,7 +14,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.settings import Settings
 from services.extractor.hooks import HookTap, ScriptTap, check_layers, describe
 from services.extractor.models import resolve_model
-from services.extractor.toyworld.toynet import ToyNet
+from services.toyworld.toynet import ToyNet
 
 
 @pytest.fixture()

@@ -37,12 +37,12 @@ from PIL import Image
 from torch import nn
 
 from services.common.keys import content_key
-from services.extractor.toyworld.captions import colors_present, concept_names, phrases
-from services.extractor.toyworld.generator import FORMAT_VERSION
-from services.extractor.toyworld.layout import sample_spec
-from services.extractor.toyworld.model_cache import StateDict, cache_root, cached_weights
-from services.extractor.toyworld.raster import render_images
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.captions import colors_present, concept_names, phrases
+from services.toyworld.generator import FORMAT_VERSION
+from services.toyworld.layout import sample_spec
+from services.toyworld.model_cache import StateDict, cache_root, cached_weights
+from services.toyworld.raster import render_images
+from services.toyworld.world import WORLD
 
 TRAINING_VERSION = 3  # bump when the training code changes what it produces
 CONTEXT_LENGTH = 32

@@ -8,9 +8,9 @@
 - `write_annotations`: MILANNOTATIONS-format data of concept-detector units.
 """
 
-from services.extractor.toyworld.annotations import write_annotations
-from services.extractor.toyworld.captions import caption, describe_shape, phrases
-from services.extractor.toyworld.clip import (
+from services.toyworld.annotations import write_annotations
+from services.toyworld.captions import caption, describe_shape, phrases
+from services.toyworld.clip import (
     ClipRecipe,
     clip_normalize,
     load_toy_clip,
@@ -18,23 +18,23 @@ from services.extractor.toyworld.clip import (
     toy_clip_path,
     zero_shot_accuracy,
 )
-from services.extractor.toyworld.generator import decode_labels, generate, label_planes
-from services.extractor.toyworld.layout import ImageSpec, ShapeSpec, TextureSpec, sample_spec
-from services.extractor.toyworld.planted import PlantedNet, planted_model, planted_units
-from services.extractor.toyworld.preprocessing import (
+from services.toyworld.generator import decode_labels, generate, label_planes
+from services.toyworld.layout import ImageSpec, ShapeSpec, TextureSpec, sample_spec
+from services.toyworld.planted import PlantedNet, planted_model, planted_units
+from services.toyworld.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     imagenet_normalize,
 )
-from services.extractor.toyworld.raster import Raster, rasterize, render_images
-from services.extractor.toyworld.toynet import (
+from services.toyworld.raster import Raster, rasterize, render_images
+from services.toyworld.toynet import (
     ToyNet,
     ToyNetRecipe,
     load_toynet,
     toynet_metrics,
     toynet_path,
 )
-from services.extractor.toyworld.world import WORLD, Label, ToyWorld
+from services.toyworld.world import WORLD, Label, ToyWorld
 
 __all__ = [
     "IMAGENET_MEAN",

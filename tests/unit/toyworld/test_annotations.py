@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.extractor.toyworld.annotations import LAYERS, write_annotations
-from services.extractor.toyworld.layout import sample_spec
-from services.extractor.toyworld.raster import PALETTE, rasterize
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.annotations import LAYERS, write_annotations
+from services.toyworld.layout import sample_spec
+from services.toyworld.raster import PALETTE, rasterize
+from services.toyworld.world import WORLD
 
 SIZE, K, SEED = 32, 5, 7
 

@@ -27,10 +27,10 @@ import numpy as np
 from PIL import Image
 
 from services.common.errors import InvalidArgument
-from services.extractor.toyworld.captions import caption, describe_shape
-from services.extractor.toyworld.layout import ImageSpec, sample_spec
-from services.extractor.toyworld.raster import rasterize
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.captions import caption, describe_shape
+from services.toyworld.layout import ImageSpec, sample_spec
+from services.toyworld.raster import rasterize
+from services.toyworld.world import WORLD
 
 FORMAT_VERSION = 1
 INDEX_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw", *WORLD.categories)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.extractor.toyworld.layout import ImageSpec, ShapeSpec
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.layout import ImageSpec, ShapeSpec
+from services.toyworld.world import WORLD
 
 
 def describe_shape(shape: ShapeSpec) -> str:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.world import WORLD
 
 
 def test_labels_are_numbered_densely_with_unique_names() -> None:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from open_clip.tokenizer import default_bpe
 from PIL import Image
 
-from services.extractor.toyworld import clip
-from services.extractor.toyworld.clip import (
+from services.toyworld import clip
+from services.toyworld.clip import (
     CONTEXT_LENGTH,
     ClipRecipe,
     build_toy_clip,
@@ -26,9 +26,9 @@ from services.extractor.toyworld.clip import (
     toy_clip_tokenizer,
     zero_shot_accuracy,
 )
-from services.extractor.toyworld.raster import render_images
+from services.toyworld.raster import render_images
 
-REPO_CACHE = Path(__file__).resolve().parents[4] / "var" / "cache"
+REPO_CACHE = Path(__file__).resolve().parents[3] / "var" / "cache"
 TINY = ClipRecipe(n_images=32, eval_images=16, steps=2, batch_size=8, widths=(4, 4, 4, 4))
 
 

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from services.common.errors import InvalidArgument
-from services.extractor.toyworld.generator import decode_labels, encode_labels, generate
-from services.extractor.toyworld.raster import PALETTE
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.generator import decode_labels, encode_labels, generate
+from services.toyworld.raster import PALETTE
+from services.toyworld.world import WORLD
 
 N_IMAGES = 60
 SIZE = 32

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from services.common.errors import InvalidArgument
-from services.extractor.toyworld.generator import write_csv
-from services.extractor.toyworld.layout import ImageSpec, sample_spec
-from services.extractor.toyworld.raster import Raster, rasterize
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.generator import write_csv
+from services.toyworld.layout import ImageSpec, sample_spec
+from services.toyworld.raster import Raster, rasterize
+from services.toyworld.world import WORLD
 
 
 @dataclass(frozen=True)

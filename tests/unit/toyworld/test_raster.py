@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from services.extractor.toyworld.layout import ImageSpec, ShapeSpec, TextureSpec, sample_spec
-from services.extractor.toyworld.raster import PALETTE, rasterize, render_images, shape_mask
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.layout import ImageSpec, ShapeSpec, TextureSpec, sample_spec
+from services.toyworld.raster import PALETTE, rasterize, render_images, shape_mask
+from services.toyworld.world import WORLD
 
 GRID = (np.arange(200) + 0.5) / 200 - 0.5
 DX, DY = np.meshgrid(GRID, GRID)

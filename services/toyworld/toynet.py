@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.keys import content_key
-from services.extractor.toyworld.generator import FORMAT_VERSION
-from services.extractor.toyworld.model_cache import StateDict, cache_root, cached_weights
-from services.extractor.toyworld.preprocessing import imagenet_normalize
-from services.extractor.toyworld.raster import render_images
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.generator import FORMAT_VERSION
+from services.toyworld.model_cache import StateDict, cache_root, cached_weights
+from services.toyworld.preprocessing import imagenet_normalize
+from services.toyworld.raster import render_images
+from services.toyworld.world import WORLD
 
 TRAINING_VERSION = 2  # bump when the training code changes what it produces
 LAYERS = ("conv1", "layer1", "layer2", "layer3", "fc")

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from services.extractor.toyworld.captions import caption, concept_names, phrases
-from services.extractor.toyworld.layout import ImageSpec, ShapeSpec, TextureSpec
+from services.toyworld.captions import caption, concept_names, phrases
+from services.toyworld.layout import ImageSpec, ShapeSpec, TextureSpec
 
 SPEC = ImageSpec(
     background="green",

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from services.extractor.toyworld.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from services.toyworld.world import WORLD
 
 SIGMA = 0.06
 GAIN_SIZE = 256

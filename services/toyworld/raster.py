@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.extractor.toyworld.layout import ImageSpec, TextureSpec, sample_spec
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.layout import ImageSpec, TextureSpec, sample_spec
+from services.toyworld.world import WORLD
 
 PALETTE = np.array([rgb for _, rgb in WORLD.colors], dtype=np.uint8)  # (8, 3) uint8
 STRIPE_DUTY = 0.4

@@ -3,11 +3,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from services.extractor.toyworld.generator import label_planes
-from services.extractor.toyworld.planted import DEAD_UNIT, planted_model, planted_units
-from services.extractor.toyworld.preprocessing import imagenet_normalize
-from services.extractor.toyworld.raster import PALETTE, render_images
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.generator import label_planes
+from services.toyworld.planted import DEAD_UNIT, planted_model, planted_units
+from services.toyworld.preprocessing import imagenet_normalize
+from services.toyworld.raster import PALETTE, render_images
+from services.toyworld.world import WORLD
 
 
 def colors_layer(images: np.ndarray) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.world import WORLD
 
 LARGE_RADIUS = (0.16, 0.22)
 SMALL_RADIUS = (0.09, 0.12)

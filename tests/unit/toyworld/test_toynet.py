@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 import torch
 
-from services.extractor.toyworld import toynet
-from services.extractor.toyworld.toynet import (
+from services.toyworld import toynet
+from services.toyworld.toynet import (
     LAYERS,
     ToyNet,
     ToyNetRecipe,
@@ -16,7 +16,7 @@ from services.extractor.toyworld.toynet import (
     toynet_metrics,
     toynet_path,
 )
-from services.extractor.toyworld.world import WORLD
+from services.toyworld.world import WORLD
 
 # Small enough for a unit test (a few seconds on two cores), big enough to learn colours.
 SMALL = ToyNetRecipe(n_images=640, image_size=32, eval_images=200, epochs=4, widths=(8, 16, 32, 32))
