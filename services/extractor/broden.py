@@ -14,6 +14,11 @@ texture, color — material off, as in NetDissect-Lite); rows with no label in a
 category dropped; the first `limit` rows kept. A label's primary category is the selected
 category in which its coverage is largest (ties go to the later category, as in
 NetDissect-Lite); labels in no selected category are not concepts.
+
+Every file the directory names is confined to it: an index or category file that
+resolves outside the root refuses the dataset (FAILED_PRECONDITION on `dataset.uri`);
+an image or label PNG that does (a `../` row, a symlink) makes its row unreadable,
+counted with the bad images and never read (probe_dataset.read_confined).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 from services.common import keys
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.probe_format import Concept
-from services.extractor.probe_dataset import ProbeDataset, ProbeRow
+from services.extractor.probe_dataset import OutsideRoot, ProbeDataset, ProbeRow, confined
 
 DEFAULT_CATEGORIES = ("object", "part", "scene", "texture", "color")
 _REQUIRED_COLUMNS = ("image", "ih", "iw", "sh", "sw")
@@ -36,17 +41,29 @@ def _missing(root: Path, name: str) -> FailedPrecondition:
     )
 
 
-def _read_csv(root: Path, name: str) -> list[dict[str, str]]:
-    path = root / name
+def _dataset_file(root: Path, name: str) -> Path:
+    """The file `name` of the directory, resolved; FailedPrecondition if it escapes or is absent."""
+    try:
+        path = confined(root / name, root)
+    except OutsideRoot as exc:
+        raise FailedPrecondition(f"{exc}; not read", field="dataset.uri") from None
     if not path.is_file():
         raise _missing(root, name)
-    with path.open(newline="", encoding="utf-8") as handle:
+    return path
+
+
+def _read_csv(root: Path, name: str) -> list[dict[str, str]]:
+    with _dataset_file(root, name).open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
 def _columns(root: Path, name: str) -> list[str]:
-    with (root / name).open(newline="", encoding="utf-8") as handle:
+    with _dataset_file(root, name).open(newline="", encoding="utf-8") as handle:
         return next(csv.reader(handle), [])
+
+
+def _digest(root: Path, name: str) -> str:
+    return keys.file_digest(str(_dataset_file(root, name)))
 
 
 def _parse_category_cell(cell: str) -> dict[str, int]:
@@ -87,10 +104,9 @@ def read_broden(
     root: Path, split: str = "", limit: int = 0, categories: list[str] | None = None
 ) -> ProbeDataset:
     """Read a Broden-format directory into a `ProbeDataset` (no image is decoded here)."""
+    root = root.resolve()
     if not root.is_dir():
         raise FailedPrecondition(f"{root} is not a directory", field="dataset.uri")
-    if not (root / "index.csv").is_file():
-        raise _missing(root, "index.csv")
     header = _columns(root, "index.csv")
     for column in _REQUIRED_COLUMNS:
         if column not in header:
@@ -108,9 +124,8 @@ def read_broden(
     concepts = _concepts(label_rows, selected, coverage, category_stats)
     index = _read_csv(root, "index.csv")
     rows, planes, slots, geometry = _rows(root, index, selected, split, limit)
-    digests["index.csv"] = keys.file_digest(str(root / "index.csv"))
-    digests["label.csv"] = keys.file_digest(str(root / "label.csv"))
-    digests["category.csv"] = keys.file_digest(str(root / "category.csv"))
+    for name in ("index.csv", "label.csv", "category.csv"):
+        digests[name] = _digest(root, name)
     fingerprint = keys.content_key("broden", digests, split, limit, selected)
     return ProbeDataset(
         kind="broden",
@@ -140,7 +155,7 @@ def _category_files(
             if number > 0:
                 coverage[category, number] = _number(row.get("coverage", ""))
                 frequency[category, number] = int(_number(row.get("frequency", "")))
-        digests[name] = keys.file_digest(str(root / name))
+        digests[name] = _digest(root, name)
     return coverage, frequency, digests
 
 

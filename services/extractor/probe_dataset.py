@@ -5,10 +5,19 @@ as one (P, sh, sw) int32 array of pixel label planes (a Broden category cell wit
 several PNG layers fills several planes; `plane_categories[p]` names plane p's
 category) and one (Q,) int32 vector of image-level labels padded with 0. Label numbers
 that are not concepts of the selected categories (and the unlabeled 0) read as 0.
+
+Confinement: every file a row names (image, label PNGs) is resolved, symlinks followed,
+and opened only when it lies inside the dataset root and is a regular file; otherwise
+the row is unreadable (`OutsideRoot`, counted like an undecodable image) and nothing
+is read. The root itself was checked against the configured data roots when the
+dataset was opened (`local_paths.local_path`), so inside the root is inside them too.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +37,38 @@ class UnreadableFile(Exception):
     def __init__(self, path: Path, reason: str) -> None:
         self.path = path
         super().__init__(f"{path}: {reason}")
+
+
+class OutsideRoot(UnreadableFile):
+    """A file a dataset names that resolves outside the dataset root; it is never read."""
+
+
+def confined(path: Path, root: Path) -> Path:
+    """`path` resolved (symlinks followed); OutsideRoot unless it lies inside `root`.
+
+    `root` must be resolved already.
+    """
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise OutsideRoot(path, f"resolves to {resolved}, outside the dataset root {root}")
+    return resolved
+
+
+def read_confined(path: Path, root: Path) -> bytes:
+    """The bytes of the regular file `path` inside `root`; UnreadableFile otherwise.
+
+    The resolved path is opened without following a symlink in its last component and
+    checked to be a regular file (a FIFO or a device is refused before any read).
+    """
+    resolved = confined(path, root)
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UnreadableFile(path, exc.strerror or type(exc).__name__) from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnreadableFile(path, "not a regular file")
+        return handle.read()
 
 
 @dataclass(frozen=True)
@@ -61,6 +102,7 @@ class ProbeDataset:
     lookup: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.root = self.root.resolve()
         numbers = [c.number for c in self.concepts]
         self.lookup = np.zeros(max(numbers, default=0) + 1, dtype=np.int32)
         self.lookup[numbers] = numbers
@@ -70,9 +112,10 @@ class ProbeDataset:
         return keys.content_key("probe", FORMAT_VERSION, self.fingerprint, chunk_size)
 
     def load_image(self, row: ProbeRow) -> Image.Image:
-        """The row's image as RGB; UnreadableFile when it cannot be decoded."""
+        """The row's image as RGB; UnreadableFile when it cannot be decoded or escapes the root."""
+        data = read_confined(row.path, self.root)
         try:
-            with Image.open(row.path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 return image.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise UnreadableFile(row.path, str(exc) or type(exc).__name__) from None
@@ -83,7 +126,7 @@ class ProbeDataset:
         planes = np.zeros((len(self.plane_categories), sh, sw), dtype=np.int32)
         lookup = self.lookup
         for plane, path in row.label_files:
-            numbers = _decode_label_png(path, (sh, sw))
+            numbers = _decode_label_png(path, self.root, (sh, sw))
             inside = numbers < len(lookup)
             planes[plane] = np.where(inside, lookup[np.where(inside, numbers, 0)], 0)
         image = np.zeros(self.image_label_slots, dtype=np.int32)
@@ -109,10 +152,11 @@ class ProbeDataset:
         )
 
 
-def _decode_label_png(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """(sh, sw) int64 label numbers R + 256·G of a label PNG, nearest-resized to `size`."""
+def _decode_label_png(path: Path, root: Path, size: tuple[int, int]) -> np.ndarray:
+    """(sh, sw) int64 label numbers R + 256·G of a label PNG inside `root`, resized to `size`."""
+    data = read_confined(path, root)
     try:
-        with Image.open(path) as png:
+        with Image.open(io.BytesIO(data)) as png:
             rgb = png.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise UnreadableFile(path, str(exc) or type(exc).__name__) from None

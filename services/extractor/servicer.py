@@ -4,7 +4,9 @@ Extract: the gateway sends model, layers, dataset, compute and the CLIP models w
 image embeddings it needs; the stream's last message has `finished=True` with the
 dataset key, one acts key per layer, `arch|weights_uri` -> image embedding key, the
 bad image count and examples, and `cached` when nothing was computed. Two identical
-extractions at once run one after the other, so the second is a cache hit.
+extractions at once run one after the other, so the second is a cache hit. A toy world
+that is not generated yet is generated first, with its own progress messages, and
+stops when the call is cancelled.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from services.common.probe_format import ConceptTable, read_concepts
 from services.common.settings import Settings
 from services.common.store import ObjectStore
 from services.extractor.clip_models import ClipEncoder, ClipSource, resolve_clip
-from services.extractor.datasets import DatasetRequest, open_dataset
+from services.extractor.datasets import DatasetRequest, open_dataset, toy_world_generation
 from services.extractor.extraction import (
     ComputeConfig,
     Extraction,
@@ -136,7 +138,17 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         layers = list(request.layers)
         check_layer_names(layers)
         compute = compute_config(request.compute, self.settings)
-        dataset = open_dataset(dataset_request(request.dataset), self.settings)
+        wanted = dataset_request(request.dataset)
+        if wanted.kind == "toyworld":
+            # Generation stops at its next image when the call ends (a cancelled job).
+            stop = threading.Event()
+            context.add_callback(stop.set)
+            for step in toy_world_generation(wanted, self.settings, stop):
+                yield extractor_pb2.ExtractProgress(
+                    images_done=step.done, images_total=step.total,
+                    message="generating the toy world",
+                )
+        dataset = open_dataset(wanted, self.settings)
         max_bad = (
             request.dataset.max_bad_fraction
             if request.dataset.HasField("max_bad_fraction")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,18 @@ OBJECT_COLUMNS = ("image", "object", "label", "color", "size", "description")
 PIXEL_PLANES = (("color", "color"), ("object", "object"), ("part", "part_1"), ("part", "part_2"))
 
 
-def generate(root: Path, n_images: int, image_size: int, seed: int) -> Path:
-    """Write a toy Broden directory of `n_images` images at `image_size` px; return `root`."""
+def generate(
+    root: Path,
+    n_images: int,
+    image_size: int,
+    seed: int,
+    on_image: Callable[[int], None] | None = None,
+) -> Path:
+    """Write a toy Broden directory of `n_images` images at `image_size` px; return `root`.
+
+    `on_image(done)` is called after each image; an exception it raises stops the
+    generation (that is how a cancelled job stops it).
+    """
     _validate(n_images, image_size, seed)
     root = Path(root)
     images_dir = root / "images"
@@ -66,6 +77,8 @@ def generate(root: Path, n_images: int, image_size: int, seed: int) -> Path:
         for k, s in enumerate(spec.shapes):
             size = "small" if s.small else "large"
             object_rows.append([f"{stem}.png", str(k), s.kind, s.color, size, describe_shape(s)])
+        if on_image is not None:
+            on_image(i + 1)
     write_csv(root / "index.csv", INDEX_COLUMNS, index_rows)
     write_csv(root / "captions.csv", ("image", "caption"), caption_rows)
     write_csv(root / "objects.csv", OBJECT_COLUMNS, object_rows)

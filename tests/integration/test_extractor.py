@@ -93,7 +93,7 @@ def test_describe_extract_materialize_embed(
         model=model,
         layers=["layer2", "layer4"],
         dataset=common_pb2.DatasetSpec(
-            kind="toyworld", uri=str(root / "toy"),
+            kind="toyworld",
             toyworld=common_pb2.ToyWorldParams(n_images=40, image_size=32, seed=1),
         ),
         compute=common_pb2.ComputeSpec(batch_size=16, image_chunk_size=16, unit_block_size=128),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.extractor.broden import read_broden
+from services.extractor.probe_dataset import OutsideRoot, UnreadableFile
 
 MASK = 4
 
@@ -183,3 +185,65 @@ def test_missing_index_column_is_named(broden: Path) -> None:
     (broden / "index.csv").write_text(text)
     with pytest.raises(FailedPrecondition, match=r"no 'sh' column"):
         read_broden(broden)
+
+
+def test_index_rows_that_escape_are_unreadable_and_never_opened(
+    broden: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(outside / "secret.png")
+    with (broden / "index.csv").open("a", newline="") as handle:
+        csv.writer(handle).writerows([
+            ["../../outside/secret.png", 8, 8, "train", MASK, MASK, str(STREET), "", "", "", "",
+             ""],
+            ["a.jpg", 8, 8, "train", MASK, MASK, "", "", "../../outside/secret.png", "", "", ""],
+            [str(outside / "secret.png"), 8, 8, "train", MASK, MASK, str(STREET), "", "", "", "",
+             ""],
+        ])
+    opened: list[str] = []
+    real_open = os.open
+
+    def recording_open(path: str | os.PathLike[str], *args: int) -> int:
+        opened.append(os.fspath(path))
+        return real_open(path, *args)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    dataset = read_broden(broden)
+    climbing, bad_label, absolute = dataset.rows[-3:]
+    with pytest.raises(OutsideRoot, match=r"outside the dataset root"):
+        dataset.load_image(climbing)
+    dataset.load_image(bad_label)  # the image itself is inside
+    with pytest.raises(OutsideRoot, match=r"outside/secret.png"):
+        dataset.load_labels(bad_label)
+    with pytest.raises(OutsideRoot):
+        dataset.load_image(absolute)
+    assert opened and not [p for p in opened if "outside" in p]
+
+
+def test_dataset_files_that_escape_refuse_the_dataset(broden: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "label.csv"
+    (broden / "label.csv").rename(outside)
+    (broden / "label.csv").symlink_to(outside)
+    with pytest.raises(FailedPrecondition, match=r"^dataset.uri: .*outside the dataset root"):
+        read_broden(broden)
+    (broden / "label.csv").unlink()
+    outside.rename(broden / "label.csv")
+    # A category whose c_<category>.csv name climbs out of the root to a file there.
+    (tmp_path / "secret.csv").write_text("code,number,name,frequency,coverage\n")
+    with (broden / "category.csv").open("a", newline="") as handle:
+        csv.writer(handle).writerow(["/../../secret", 1, 1, 1, 1])
+    with (broden / "index.csv").open() as handle:
+        text = handle.read()
+    header, rest = text.split("\n", 1)
+    (broden / "index.csv").write_text(header.rstrip("\r") + ",/../../secret\n" + rest)
+    with pytest.raises(FailedPrecondition, match=r"secret.csv.*outside the dataset root"):
+        read_broden(broden, categories=["/../../secret"])
+
+
+def test_a_label_file_that_is_no_regular_file_is_not_read(broden: Path) -> None:
+    (broden / "images" / "a_object.png").unlink()
+    os.mkfifo(broden / "images" / "a_object.png")  # opening it for reading would block
+    dataset = read_broden(broden)
+    with pytest.raises(UnreadableFile, match=r"not a regular file"):
+        dataset.load_labels(dataset.rows[0])

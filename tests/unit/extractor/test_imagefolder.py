@@ -10,6 +10,7 @@ from PIL import Image
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.extractor.imagefolder import read_imagefolder
+from services.extractor.probe_dataset import OutsideRoot
 
 
 def _image(path: Path, value: int) -> None:
@@ -59,3 +60,21 @@ def test_not_an_image_folder(tmp_path: Path, folder: Path) -> None:
         read_imagefolder(tmp_path / "empty")
     with pytest.raises(InvalidArgument, match=r"one category"):
         read_imagefolder(folder / "train", categories=["object"])
+
+
+def test_entries_that_escape_are_rows_that_cannot_be_read(folder: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    _image(outside / "secret.png", 9)
+    (folder / "train" / "dog" / "zz.png").symlink_to(outside / "secret.png")
+    (folder / "train" / "elsewhere").symlink_to(outside, target_is_directory=True)
+    dataset = read_imagefolder(folder / "train")
+    names = [row.name for row in dataset.rows]
+    assert "dog/zz.png" in names and "elsewhere/secret.png" in names
+    for row in dataset.rows:
+        if row.name in ("dog/zz.png", "elsewhere/secret.png"):
+            with pytest.raises(OutsideRoot, match=r"outside the dataset root"):
+                dataset.load_image(row)
+        else:
+            dataset.load_image(row)
+    with pytest.raises(InvalidArgument, match=r"^dataset.split: .*leads outside"):
+        read_imagefolder(folder / "train", split="../val")
