@@ -2,7 +2,9 @@
 
 It registers grpc.health.v1 and server reflection, checks an optional bearer token
 (UNAUTHENTICATED without it; health stays open for probes), serves TLS when given
-certificates, maps the project's errors to status codes, counts every RPC in the
+certificates, decodes requests strictly (bytes that are no valid message, out-of-range
+32-bit integers and deep nesting are INVALID_ARGUMENT, see request_decoding), maps the
+project's errors to status codes, counts every RPC in the
 `neurodissect_rpc_*` metrics, and shuts down gracefully: health turns NOT_SERVING
 first, then in-flight calls get a grace period.
 """
@@ -23,13 +25,35 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.errors import NeurodissectError, Unauthenticated
+from services.common.errors import InvalidArgument, NeurodissectError, Unauthenticated
 from services.common.metrics import RPC_DURATION, RPC_REQUESTS, serve_metrics
+from services.common.request_decoding import decode
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _OPEN_METHODS = ("/grpc.health.v1.Health/",)
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes were refused; the handler answers with `error`."""
+
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
+
+
+def _strict(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer` that returns _Undecodable instead of raising (which gRPC answers INTERNAL)."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return decode(deserializer, data)
+        except InvalidArgument as exc:
+            return _Undecodable(exc)
+
+    return deserialize
 
 
 def _abort_code(context: grpc.ServicerContext) -> str:
@@ -59,13 +83,13 @@ class _ServiceInterceptor(grpc.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_strict(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_strict(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -79,12 +103,12 @@ class _ServiceInterceptor(grpc.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 deny,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_strict(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return grpc.unary_unary_rpc_method_handler(
             deny,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_strict(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -102,6 +126,8 @@ class _ServiceInterceptor(grpc.ServerInterceptor):
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.monotonic()
             try:
+                if isinstance(request, _Undecodable):
+                    raise request.error
                 response = behavior(request, context)
             except Exception as exc:
                 try:
@@ -119,6 +145,8 @@ class _ServiceInterceptor(grpc.ServerInterceptor):
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started = time.monotonic()
             try:
+                if isinstance(request, _Undecodable):
+                    raise request.error
                 yield from behavior(request, context)
             except Exception as exc:
                 try:

@@ -141,3 +141,44 @@ def test_graceful_shutdown_turns_health_not_serving() -> None:
             health_pb2.HealthCheckResponse.NOT_SERVING
         )
     server.stop(0)
+
+
+def _raw(settings: Settings, method: str, data: bytes, token: str = "") -> grpc.RpcError:
+    """Send `data` as the request bytes of `method`; the error it gets."""
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with open_channel(settings.gateway_addr, settings) as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as caught:
+            call(data, timeout=5, metadata=metadata)
+    return caught.value
+
+
+def test_undecodable_and_out_of_range_requests_are_invalid_argument(
+    open_server: tuple[ServiceServer, Settings],
+) -> None:
+    _, settings = open_server
+    error = _raw(settings, "/neurodissect.v1.Gateway/GetJob", b"\xff\xff\xff")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("request: the request is not a valid encoded message")
+    # compute { batch_size: 2**32 + 5 }: protobuf alone would read 5.
+    batch = common_pb2.ComputeSpec.DESCRIPTOR.fields_by_name["batch_size"].number
+    inner = bytes([batch << 3]) + bytes([0x85, 0x80, 0x80, 0x80, 0x10])
+    compute = common_pb2.DissectionSpec.DESCRIPTOR.fields_by_name["compute"].number
+    data = bytes([compute << 3 | 2, len(inner)]) + inner
+    assert common_pb2.DissectionSpec.FromString(data).compute.batch_size == 5
+    error = _raw(settings, "/neurodissect.v1.Gateway/SubmitDissection", data)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("compute.batch_size: 4294967301 is outside the int32")
+    stream = _raw(settings, "/neurodissect.v1.Gateway/WatchJob", b"\x0a\x09short")
+    assert stream.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_undecodable_requests_without_the_token_are_unauthenticated() -> None:
+    server, settings = _start(token="s3cret")
+    try:
+        error = _raw(settings, "/neurodissect.v1.Gateway/GetJob", b"\xff\xff\xff")
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        error = _raw(settings, "/neurodissect.v1.Gateway/GetJob", b"\xff\xff\xff", "s3cret")
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop(0)
