@@ -101,7 +101,7 @@ def checkpoint_path(uri: str, settings: Settings) -> Path:
             field,
         )
     if uri == TOY_CHECKPOINT:
-        from services.captioner.cli import toy_captioner  # the toy world, only when asked for
+        from services.captioner.toy_captioner import toy_captioner  # only when asked for
 
         return toy_captioner(Path(settings.cache_dir))
     raw = uri.removeprefix("file://")

@@ -34,7 +34,7 @@ from services.common.errors import InvalidArgument
 
 FORMAT = "neurodissect.captioner/1"
 # The checkpoint URI that names the toy world's captioner, built by
-# `neurodissect captioner toy` (services.captioner.cli.toy_captioner) into the cache.
+# `neurodissect captioner toy` (services.captioner.toy_captioner) into the cache.
 TOY_CHECKPOINT = "toy"
 
 CheckpointFile = str | os.PathLike[str] | IO[bytes]

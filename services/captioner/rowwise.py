@@ -2,10 +2,12 @@
 
 A hypothesis's numbers must not depend on which other hypotheses share a call, so
 that decoding many units as one batch gives exactly what decoding each unit alone
-gives. Element-wise ops and row-wise reductions have that property; BLAS matrix
-products do too once they see enough rows, but with very few rows they switch to
-matrix-vector kernels that round differently. `linear_rows` therefore pads its
-input to at least `MIN_ROWS` rows.
+gives. Element-wise ops and row-wise reductions have that property. BLAS matrix
+products pick their kernels, blocking and thread split by the matrix shape, and
+which shapes switch kernels differs from one CPU to another (a padding to "enough
+rows" tuned on one CPU failed on another). `linear_rows` therefore calls the product
+only on blocks of exactly `ROW_BLOCK` rows (the last one zero-padded): every call has
+one shape whatever the batch, so a row's result is the same function of that row.
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MIN_ROWS = 8
+ROW_BLOCK = 64
 
 
 def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear(x, weight, bias)` for x (N, in), computed on at least `MIN_ROWS` rows."""
+    """`F.linear(x, weight, bias)` for x (N, in) -> (N, out), on blocks of `ROW_BLOCK` rows."""
     rows = x.shape[0]
-    if rows >= MIN_ROWS:
-        return F.linear(x, weight, bias)
-    padded = torch.cat([x, x.new_zeros(MIN_ROWS - rows, x.shape[1])])
-    return F.linear(padded, weight, bias)[:rows]
+    padding = -rows % ROW_BLOCK
+    if padding:
+        x = torch.cat([x, x.new_zeros(padding, x.shape[1])])
+    blocks = [F.linear(block, weight, bias) for block in x.split(ROW_BLOCK)]
+    return torch.cat(blocks)[:rows]
 
 
 def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:

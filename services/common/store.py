@@ -3,16 +3,25 @@
 Keys are `/`-separated relative paths (see `keys`). Writes are atomic: a reader
 sees either the whole old object, the whole new one, or nothing. Every operation
 is counted in the `neurodissect_store_*` metrics.
+
+Outages: the S3 store retries transient failures (connection errors, 5xx, SlowDown)
+with exponential backoff and full jitter until `retry_s` seconds have passed since the
+call's first failure, so a store that comes back within that time costs a pause, not a
+job. `outage_since` says since when the store has been failing (None while it answers),
+and `deadline(seconds)` bounds the retrying of the calls a thread makes inside it: a
+caller that must answer quickly (a submission, a read for a client) fails fast instead.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import io
 import json
 import os
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +50,17 @@ class ObjectStore(abc.ABC):
     """Byte objects under string keys, plus JSON and array conveniences."""
 
     url: str
+    # Monotonic time of the first failure of the current outage; None while the store answers.
+    outage_since: float | None = None
+
+    def probe(self) -> bool:
+        """One quick check that the store answers (no retries); updates `outage_since`."""
+        return True
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Within the body, this thread's calls give up retrying after `seconds`."""
+        yield
 
     @abc.abstractmethod
     def _put(self, key: str, data: bytes) -> None: ...
@@ -174,9 +194,17 @@ class LocalStore(ObjectStore):
 class S3Store(ObjectStore):
     """Objects in an S3 bucket through the `minio` client.
 
-    Puts stream through multipart uploads of `part_size` bytes; transient errors
-    (connection failures, 5xx, throttling) are retried with jittered exponential backoff.
+    Puts stream through multipart uploads of `part_size` bytes. Transient errors
+    (connection failures, 5xx, throttling) are retried with exponential backoff and full
+    jitter for up to `retry_s` seconds; each attempt is bounded by the HTTP client's
+    connect and read timeouts, and urllib3's own retries are off so that this loop alone
+    decides.
     """
+
+    FIRST_DELAY_S = 0.2
+    MAX_DELAY_S = 10.0
+    CONNECT_TIMEOUT_S = 5.0
+    READ_TIMEOUT_S = 60.0
 
     _TRANSIENT_CODES = frozenset(
         {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted"}
@@ -191,24 +219,32 @@ class S3Store(ObjectStore):
         secure: bool = False,
         region: str | None = None,
         prefix: str = "",
-        retries: int = 5,
+        retry_s: float = 900.0,
         part_size: int = 16 << 20,
     ) -> None:
+        import urllib3
         from minio import Minio
 
         if not endpoint:
             raise InvalidArgument("an S3 store needs an endpoint (host:port)", field="s3_endpoint")
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.retries = retries
+        self.retry_s = retry_s
         self.part_size = part_size
         self.url = f"s3://{bucket}/{self.prefix}"
+        self._local = threading.local()
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=self.CONNECT_TIMEOUT_S, read=self.READ_TIMEOUT_S),
+            retries=False,
+            maxsize=16,
+        )
         self.client = Minio(
             endpoint,
             access_key=access_key,
             secret_key=secret_key,
             secure=secure,
             region=region or "us-east-1",
+            http_client=http,
         )
         self._retry(self._ensure_bucket)
 
@@ -224,17 +260,59 @@ class S3Store(ObjectStore):
             return exc.code in self._TRANSIENT_CODES
         return isinstance(exc, ServerError | HTTPError | ConnectionError | TimeoutError)
 
+    def probe(self) -> bool:
+        """One `bucket_exists` call, no retries: True if the store answered."""
+        try:
+            self.client.bucket_exists(self.bucket)
+        except Exception as exc:
+            if not self._transient(exc):
+                raise StoreError(f"S3 {self.url}: {exc}") from exc
+            self._failing()
+            return False
+        self.outage_since = None
+        return True
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Within the body, this thread's calls give up retrying after `seconds`."""
+        before = getattr(self._local, "retry_s", None)
+        self._local.retry_s = seconds if before is None else min(before, seconds)
+        try:
+            yield
+        finally:
+            self._local.retry_s = before
+
+    def _failing(self) -> None:
+        if self.outage_since is None:
+            self.outage_since = time.monotonic()
+
     def _retry(self, call: Callable[[], T]) -> T:
-        for attempt in range(self.retries + 1):
+        budget = getattr(self._local, "retry_s", None)
+        budget = self.retry_s if budget is None else budget
+        first_failure: float | None = None
+        delay = self.FIRST_DELAY_S
+        while True:
             try:
-                return call()
+                result = call()
+            except NotFound:
+                raise
             except Exception as exc:
-                if attempt == self.retries or not self._transient(exc):
-                    if isinstance(exc, NotFound):
-                        raise
+                if not self._transient(exc):
                     raise StoreError(f"S3 {self.url}: {exc}") from exc
-                time.sleep(min(8.0, 0.1 * 2**attempt) * (0.5 + random.random()))
-        raise AssertionError("unreachable")
+                self._failing()
+                now = time.monotonic()
+                first_failure = first_failure or now
+                waited = now - first_failure
+                if waited + delay > budget:
+                    raise StoreError(
+                        f"the object store {self.url} is unreachable (retried for "
+                        f"{waited:.0f}s): {exc}"
+                    ) from exc
+                time.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, self.MAX_DELAY_S)
+                continue
+            self.outage_since = None
+            return result
 
     def _name(self, key: str) -> str:
         return self.prefix + key
@@ -306,8 +384,12 @@ def open_store(
     secret_key: str = "",
     secure: bool = False,
     region: str | None = None,
+    retry_s: float = 900.0,
 ) -> ObjectStore:
-    """Open the store at `url`: `file://PATH` (relative paths allowed) or `s3://bucket[/prefix]`."""
+    """Open the store at `url`: `file://PATH` (relative paths allowed) or `s3://bucket[/prefix]`.
+
+    `retry_s`: how long an S3 call retries transient failures before it fails.
+    """
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return LocalStore(parsed.netloc + parsed.path if parsed.netloc else parsed.path)
@@ -322,6 +404,7 @@ def open_store(
             secure=secure,
             region=region or "us-east-1",
             prefix=parsed.path,
+            retry_s=retry_s,
         )
     raise InvalidArgument(
         f"unsupported store URL {url!r}; use file://PATH or s3://BUCKET", field="store_url"

@@ -1,6 +1,8 @@
-"""Trained toy models cached on disk under a content key: a plain state dict plus a metrics JSON.
+"""Trained toy models by content key: shipped with the package, else cached on disk.
 
-A cache entry is `{cache_dir}/toyworld/{name}-{key}.pt` (loadable with
+`trained_weights` answers from the package's shipped weights (`shipped`) when they were
+trained for the asked key, and otherwise from the training cache, training on a miss. A
+cache entry is `{cache_dir}/toyworld/{name}-{key}.pt` (loadable with
 `torch.load(weights_only=True)`) and `{name}-{key}.json` (what training reported). Both are
 written atomically, so a crash never leaves a half-written entry; a lock file beside them
 makes concurrent users of one key wait for a single training run. Training runs with
@@ -22,6 +24,7 @@ import torch
 
 from services.common.file_lock import file_lock
 from services.common.settings import Settings
+from services.toyworld.shipped import shipped_path, shipped_record
 
 StateDict = dict[str, torch.Tensor]
 TRAINING_THREADS = 2
@@ -31,6 +34,26 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     """The toy-model cache folder: `cache_dir`, else `NEURODISSECT_CACHE_DIR`, else ./var/cache."""
     base = Path(cache_dir) if cache_dir is not None else Path(Settings.load().cache_dir)
     return base / "toyworld"
+
+
+def weights_path(name: str, key: str, cache_dir: Path | None = None) -> Path:
+    """Where the state dict of `name` for `key` lies: shipped, else in the cache (maybe absent)."""
+    return shipped_path(name, key) or cache_root(cache_dir) / f"{name}-{key}.pt"
+
+
+def trained_weights(
+    name: str,
+    key: str,
+    train: Callable[[], tuple[StateDict, dict[str, Any]]],
+    cache_dir: Path | None = None,
+) -> tuple[StateDict, dict[str, Any]]:
+    """The state dict of `name` for `key` and its metrics: shipped, else cached or trained."""
+    path = shipped_path(name, key)
+    if path is not None:
+        record = shipped_record(name)
+        assert record is not None  # shipped_path found it
+        return torch.load(path, map_location="cpu", weights_only=True), record["metrics"]
+    return cached_weights(cache_root(cache_dir) / f"{name}-{key}.pt", train)
 
 
 def cached_weights(

@@ -5,8 +5,9 @@ Layers (for 64 px inputs): `conv1` (N, 16, 64, 64), `layer1` (N, 32, 32, 32),
 global average pooling and `fc` (N, 18) scene logits. Inputs: (N, 3, S, S) float32 RGB with
 ImageNet normalisation (`preprocessing.imagenet_normalize`).
 
-Training is seeded and runs on the CPU; the weights are cached under a content key of
-the recipe, the architecture and the toy world's format version (`model_cache`).
+Training is seeded and runs on the CPU; the default recipe's weights ship with the package
+(`shipped`), other recipes' are cached under a content key of the recipe, the architecture
+and the toy world's format version (`model_cache`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from services.common.keys import content_key
 from services.toyworld.generator import FORMAT_VERSION
-from services.toyworld.model_cache import StateDict, cache_root, cached_weights
+from services.toyworld.model_cache import StateDict, trained_weights, weights_path
 from services.toyworld.preprocessing import imagenet_normalize
 from services.toyworld.raster import render_images
 from services.toyworld.world import WORLD
@@ -82,15 +83,16 @@ def toynet_key(recipe: ToyNetRecipe) -> str:
 
 
 def toynet_path(cache_dir: Path | None = None, recipe: ToyNetRecipe | None = None) -> Path:
-    """Where the state dict for `recipe` is cached (it may not exist yet)."""
-    recipe = recipe or ToyNetRecipe()
-    return cache_root(cache_dir) / f"toynet-{toynet_key(recipe)}.pt"
+    """Where the state dict for `recipe` lies: shipped, else in the cache (maybe not yet)."""
+    return weights_path("toynet", toynet_key(recipe or ToyNetRecipe()), cache_dir)
 
 
 def load_toynet(cache_dir: Path | None = None, recipe: ToyNetRecipe | None = None) -> ToyNet:
-    """The trained toynet in eval mode, training it first if it is not cached."""
+    """The trained toynet in eval mode: shipped, else cached, else trained first."""
     recipe = recipe or ToyNetRecipe()
-    state, _ = cached_weights(toynet_path(cache_dir, recipe), lambda: train_toynet(recipe))
+    state, _ = trained_weights(
+        "toynet", toynet_key(recipe), lambda: train_toynet(recipe), cache_dir
+    )
     model = ToyNet(recipe.widths)
     model.load_state_dict(state)
     return model.eval()
@@ -99,9 +101,11 @@ def load_toynet(cache_dir: Path | None = None, recipe: ToyNetRecipe | None = Non
 def toynet_metrics(
     cache_dir: Path | None = None, recipe: ToyNetRecipe | None = None
 ) -> dict[str, Any]:
-    """What training reported (held-out accuracy, chance, seconds); trains if not cached."""
+    """What training reported (held-out accuracy, chance, seconds); trains if not at hand."""
     recipe = recipe or ToyNetRecipe()
-    _, metrics = cached_weights(toynet_path(cache_dir, recipe), lambda: train_toynet(recipe))
+    _, metrics = trained_weights(
+        "toynet", toynet_key(recipe), lambda: train_toynet(recipe), cache_dir
+    )
     return metrics
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from services.common import keys
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, StoreError
 from services.common.settings import Settings
 from services.common.store import LocalStore, ObjectStore, S3Store, open_store
 from tests.fixtures.seaweedfs import S3Server, seaweedfs
@@ -152,3 +153,37 @@ def test_s3_transient_errors_are_retried(s3_server: S3Server) -> None:
     store.put("flaky.bin", b"ok")
     assert calls["n"] == 3
     assert store.get("flaky.bin") == b"ok"
+
+
+def test_s3_outage_within_the_retry_window_costs_a_pause(s3_server: S3Server) -> None:
+    store = S3Store("contract", s3_server.endpoint, s3_server.access_key,
+                    s3_server.secret_key, prefix="outage", retry_s=120)
+    store.put("before.bin", b"1")
+    finished: dict[str, float] = {}
+
+    def write_during_outage() -> None:
+        store.put("during.bin", b"2")
+        finished["at"] = time.monotonic()
+
+    with s3_server.outage():
+        assert not store.probe() and store.outage_since is not None
+        writer = threading.Thread(target=write_during_outage)
+        writer.start()
+        time.sleep(4)
+        assert "at" not in finished  # waiting, not failing
+        back = time.monotonic()
+    writer.join(timeout=120)
+    assert finished["at"] >= back
+    assert store.get("during.bin") == b"2" and store.get("before.bin") == b"1"
+    assert store.outage_since is None and store.probe()
+
+
+def test_s3_calls_within_a_deadline_fail_fast_naming_the_store(s3_server: S3Server) -> None:
+    store = S3Store("contract", s3_server.endpoint, s3_server.access_key,
+                    s3_server.secret_key, prefix="deadline", retry_s=600)
+    with s3_server.outage():
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="s3://contract/deadline/ is unreachable"), \
+                store.deadline(2.0):
+            store.get("anything.bin")
+        assert time.monotonic() - started < 15

@@ -4,18 +4,24 @@ Known answer: every toy annotation unit detects one colour, shape or texture
 (`concepts.csv`). On the validation units (never trained on) the PMI caption
 (λ = 0.2) must name the unit's concept for at least 70% of units, and name it at
 least as often as the top beam (λ = 0): PMI must be at least as specific.
-The checkpoint is cached in the repository's var/cache (shared with `make run`).
+The checkpoint ships with the toy world (`services/toyworld/weights`); the recorded
+held-out figures must be what it gives here, within a margin for another CPU's rounding.
 """
 
-import json
 import time
 from pathlib import Path
 
 import pytest
 
 from services.captioner.backbones import load_captioner
-from services.captioner.cli import ToyRecipe, concept_figures, toy_annotations, toy_captioner
 from services.captioner.milannotations import load_milannotations
+from services.captioner.toy_captioner import (
+    ToyRecipe,
+    concept_figures,
+    toy_annotations,
+    toy_captioner,
+    toy_captioner_metrics,
+)
 
 CACHE = Path(__file__).resolve().parents[3] / "var" / "cache"
 
@@ -43,9 +49,9 @@ def test_toy_captioner_names_the_concepts_of_held_out_units() -> None:
     assert pmi.concept_accuracy >= 0.7
     assert pmi.concept_accuracy >= greedy.concept_accuracy
 
-    record = json.loads(path.with_suffix(".json").read_text())
-    assert record["held_out"]["pmi"]["concept_accuracy"] == pmi.concept_accuracy
-    assert record["held_out"]["greedy"]["concept_accuracy"] == greedy.concept_accuracy
+    record = toy_captioner_metrics(CACHE)
+    assert abs(record["held_out"]["pmi"]["concept_accuracy"] - pmi.concept_accuracy) <= 0.03
+    assert abs(record["held_out"]["greedy"]["concept_accuracy"] - greedy.concept_accuracy) <= 0.03
     report = record["report"]
     assert report["val_units"] == len(held_out) and report["backbone"]["architecture"] == "toynet"
     assert report["train_seconds"] < 180  # the budget: minutes at most on 2 cores
