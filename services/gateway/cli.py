@@ -216,23 +216,22 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 def spec_from_args(args: argparse.Namespace) -> common_pb2.DissectionSpec:
     """The spec file (if any) with the flags for common fields applied on top."""
     spec = load_spec(args.spec) if args.spec else common_pb2.DissectionSpec()
-    model, dataset, compute = spec.model, spec.dataset, spec.compute
-    for value, target, field in (
-        (args.model_source, model, "source"),
-        (args.model, model, "name"),
-        (args.weights, model, "weights_uri"),
-        (args.preprocessing, model, "preprocessing"),
-        (args.dataset_kind, dataset, "kind"),
-        (args.dataset_uri, dataset, "uri"),
-        (args.limit, dataset, "limit"),
-        (args.batch_size, compute, "batch_size"),
-        (args.unit_block_size, compute, "unit_block_size"),
-        (args.device, compute, "device"),
-        (args.idempotency_key, spec, "idempotency_key"),
-        (args.name, spec, "name"),
+    for value, path in (
+        (args.model_source, "model.source"),
+        (args.model, "model.name"),
+        (args.weights, "model.weights_uri"),
+        (args.preprocessing, "model.preprocessing"),
+        (args.dataset_kind, "dataset.kind"),
+        (args.dataset_uri, "dataset.uri"),
+        (args.limit, "dataset.limit"),
+        (args.batch_size, "compute.batch_size"),
+        (args.unit_block_size, "compute.unit_block_size"),
+        (args.device, "compute.device"),
+        (args.idempotency_key, "idempotency_key"),
+        (args.name, "name"),
     ):
         if value is not None:
-            setattr(target, field, value)
+            _set_flag(spec, path, value)
     if args.layers is not None:
         del spec.layers[:]
         spec.layers.extend(name.strip() for name in args.layers.split(",") if name.strip())
@@ -249,6 +248,18 @@ def spec_from_args(args: argparse.Namespace) -> common_pb2.DissectionSpec:
     if args.milan_checkpoint is not None:
         spec.milan.checkpoint_uri = args.milan_checkpoint
     return spec
+
+
+def _set_flag(spec: common_pb2.DissectionSpec, path: str, value: object) -> None:
+    """Set the spec field at `path`; InvalidArgument naming it for a value out of its range."""
+    *parents, leaf = path.split(".")
+    target: Any = spec
+    for part in parents:
+        target = getattr(target, part)
+    try:
+        setattr(target, leaf, value)
+    except ValueError as exc:
+        raise InvalidArgument(f"{value} cannot be stored here: {exc}", field=path) from None
 
 
 def _methods(flag: str | None) -> list[str]:
@@ -362,9 +373,17 @@ def cmd_describe_model(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(json_format.MessageToDict(
             described, preserving_proto_field_name=True), indent=1))
         return EXIT_OK
-    table = Table("layer", "shape (U, h, w)", "module", title=f"{args.source}/{args.name}")
-    for layer in described.layers:
-        table.add_row(layer.name, "×".join(str(d) for d in layer.shape), layer.module_type)
+    rows = [(layer.name, "×".join(str(d) for d in layer.shape), layer.module_type)
+            for layer in described.layers]
+    if not console.is_terminal:
+        # Piped: whole names, one tab-separated line per layer, for cut/grep/awk.
+        sys.stdout.write("".join(f"{name}\t{shape}\t{module}\n" for name, shape, module in rows))
+        return EXIT_OK
+    table = Table(title=f"{args.source}/{args.name}")
+    for header in ("layer", "shape (U, h, w)", "module"):
+        table.add_column(header, overflow="fold")  # long names wrap, never end in "…"
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     return EXIT_OK
 

@@ -18,8 +18,6 @@ idempotency key a fresh one, so that such a retry can never create two jobs.
 
 from __future__ import annotations
 
-import json
-import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -27,16 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from google.protobuf import json_format
 from neurodissect.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from services.common.client import call_metadata, open_channel, with_retry
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument
 from services.common.settings import Settings
 from services.gateway import results
 from services.gateway.jobs import TERMINAL
 from services.gateway.peers import DESCRIBE_TIMEOUT_S
+from services.gateway.spec_file import load_spec, spec_from_dict
 
 # Deadline of a WatchJob or ListUnits stream.
 STREAM_TIMEOUT_S = 7 * 24 * 3600.0
@@ -44,43 +42,6 @@ STREAM_TIMEOUT_S = 7 * 24 * 3600.0
 WATCH_RECONNECTS = 8
 
 EXPORT_FORMATS = ("tally", "clip_dissect", "milan")
-
-_PARSE_FIELD = re.compile(r"Failed to parse (\w+) field")
-_NO_FIELD = re.compile(r'has no field named "(\w+)"')
-
-
-def _parse_error_field(message: str) -> str:
-    path = _PARSE_FIELD.findall(message)
-    missing = _NO_FIELD.findall(message)
-    return ".".join(path + missing[:1]) or "spec"
-
-
-def spec_from_dict(data: Mapping[str, Any]) -> common_pb2.DissectionSpec:
-    """A DissectionSpec from protobuf's JSON mapping; INVALID_ARGUMENT naming the bad field."""
-    if not isinstance(data, Mapping):
-        raise InvalidArgument(
-            f"a spec is a mapping of fields, not {type(data).__name__}", field="spec"
-        )
-    try:
-        return json_format.ParseDict(dict(data), common_pb2.DissectionSpec())
-    except json_format.ParseError as exc:
-        message = str(exc).replace("\n", " ")
-        raise InvalidArgument(message, field=_parse_error_field(message)) from None
-
-
-def load_spec(path: str | Path) -> common_pb2.DissectionSpec:
-    """Read a spec file: protobuf's JSON mapping (.json) or the same fields in YAML."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise NotFound(f"cannot read {path}: {exc.strerror}", field="spec") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise InvalidArgument(f"{path} is not valid JSON/YAML: {exc}", field="spec") from None
-    return spec_from_dict(data)
-
 
 def export_csv(layer: str, units: Iterable[common_pb2.UnitResult], export_format: str) -> str:
     """One layer's results in an export format: tally, clip_dissect or milan."""
