@@ -280,6 +280,9 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     with NeurodissectClient(settings) as client:
         job = client.submit(spec)
         console.print(f"job: {job.id}", markup=False)
+        if job.attempt > 1:
+            console.print(f"attempt {job.attempt}: the job FAILED before ({job.previous_error});"
+                          " retrying it, resuming the work it stored", markup=False)
         if not args.wait:
             return EXIT_OK
         job = follow(client, job.id)

@@ -14,7 +14,11 @@ any non-terminal state → FAILED | CANCELLED
 ```
 
 An idempotency key maps (through `keys.idempotency`) to the job it created; a
-resubmission with the same key and the same spec returns that job.
+resubmission with the same key and the same spec returns that job, unless it FAILED:
+then `retry` queues the same job again (FAILED → QUEUED, the one way out of a
+terminal state) as its next `attempt`, with the error it failed with kept in
+`previous_error`. Its id is unchanged, so every stage finds and skips the work the
+failed attempt stored.
 """
 
 from __future__ import annotations
@@ -150,7 +154,7 @@ class JobStore:
 
     def create(self, spec: common_pb2.DissectionSpec) -> common_pb2.Job:
         """Store a new QUEUED job for `spec` (and its idempotency record) and return it."""
-        job = common_pb2.Job(id=uuid.uuid4().hex[:16], state=common_pb2.QUEUED)
+        job = common_pb2.Job(id=uuid.uuid4().hex[:16], state=common_pb2.QUEUED, attempt=1)
         job.spec.CopyFrom(spec)
         job.created_at.GetCurrentTime()
         job.updated_at.CopyFrom(job.created_at)
@@ -160,6 +164,26 @@ class JobStore:
                 self.store.put_json(
                     keys.idempotency(spec.idempotency_key), {"job_id": job.id}
                 )
+        return job
+
+    def retry(self, job_id: str) -> common_pb2.Job:
+        """Queue the FAILED job `job_id` again as its next attempt and return it.
+
+        Raises FailedPrecondition for a job that is not FAILED.
+        """
+        with self._lock:
+            job = self.get(job_id)
+            if job.state != common_pb2.FAILED:
+                raise FailedPrecondition(
+                    f"job {job.id} is {state_name(job.state)}; only a FAILED job is retried",
+                    field="idempotency_key",
+                )
+            job.attempt = max(job.attempt, 1) + 1
+            job.previous_error = job.error
+            job.error = ""
+            job.state = common_pb2.QUEUED
+            job.updated_at.GetCurrentTime()
+            self._write(job)
         return job
 
     def save(self, job: common_pb2.Job) -> None:

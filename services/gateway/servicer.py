@@ -63,21 +63,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def SubmitDissection(  # noqa: N802
         self, request: common_pb2.DissectionSpec, context: grpc.ServicerContext
     ) -> common_pb2.Job:
-        """Validate a spec, store a QUEUED job and queue it (or return the idempotent twin)."""
+        """Validate a spec, store a QUEUED job and queue it (or return the idempotent twin).
+
+        The twin is retried (validated anew) when it FAILED.
+        """
         existing = self._existing(request)
-        if existing is not None:
+        if existing is not None and existing.state != common_pb2.FAILED:
             return existing
         spec, _ = self.validator.validate(request)
         with self._submit_lock:
             existing = self._existing(request)
-            if existing is not None:
+            if existing is not None and existing.state != common_pb2.FAILED:
                 return existing
             if self.orchestrator.queued() >= self.settings.max_queued_jobs:
                 raise ResourceExhausted(
                     f"{self.orchestrator.queued()} jobs are already waiting"
                     f" (limit {self.settings.max_queued_jobs}); try again later"
                 )
-            job = self.jobs.create(spec)
+            job = self.jobs.retry(existing.id) if existing is not None else self.jobs.create(spec)
         self.orchestrator.enqueue(job.id)
         return job
 

@@ -261,7 +261,7 @@ class LayerSummary(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., units: _Optional[int] = ..., detectors: _Optional[int] = ..., unique_labels: _Optional[int] = ..., detectors_per_category: _Optional[_Mapping[str, int]] = ..., simulation_mean: _Optional[_Mapping[str, float]] = ..., simulation_sem: _Optional[_Mapping[str, float]] = ..., dead_units: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "state", "created_at", "updated_at", "stages", "error", "bad_images", "bad_image_examples", "summary", "report_key", "dataset_key", "acts_keys")
+    __slots__ = ("id", "spec", "state", "created_at", "updated_at", "stages", "error", "bad_images", "bad_image_examples", "summary", "report_key", "dataset_key", "acts_keys", "attempt", "previous_error")
     class ActsKeysEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +282,8 @@ class Job(_message.Message):
     REPORT_KEY_FIELD_NUMBER: _ClassVar[int]
     DATASET_KEY_FIELD_NUMBER: _ClassVar[int]
     ACTS_KEYS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_ERROR_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: DissectionSpec
     state: JobState
@@ -295,7 +297,9 @@ class Job(_message.Message):
     report_key: str
     dataset_key: str
     acts_keys: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[DissectionSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., error: _Optional[str] = ..., bad_images: _Optional[int] = ..., bad_image_examples: _Optional[_Iterable[str]] = ..., summary: _Optional[_Iterable[_Union[LayerSummary, _Mapping]]] = ..., report_key: _Optional[str] = ..., dataset_key: _Optional[str] = ..., acts_keys: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    attempt: int
+    previous_error: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[DissectionSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., error: _Optional[str] = ..., bad_images: _Optional[int] = ..., bad_image_examples: _Optional[_Iterable[str]] = ..., summary: _Optional[_Iterable[_Union[LayerSummary, _Mapping]]] = ..., report_key: _Optional[str] = ..., dataset_key: _Optional[str] = ..., acts_keys: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[int] = ..., previous_error: _Optional[str] = ...) -> None: ...
 
 class LayerInfo(_message.Message):
     __slots__ = ("name", "shape", "module_type", "raw_shape")
