@@ -5,7 +5,11 @@ Every check raises one of the project's errors with the offending field path
 the allowed values:
 
 - INVALID_ARGUMENT: a value outside what is allowed, a misspelled layer (with close
-  matches), a path containing `..` or outside the configured data roots;
+  matches), a path containing `..` or outside the configured data roots, a toy world
+  given a `dataset.uri` or outside `services.toyworld.limits`, an open_clip
+  architecture it does not know, CLIP weights whose keys or shapes do not fit the
+  architecture, a concept set file that is empty, unreadable or not UTF-8 (checked
+  here, before any work starts);
 - NOT_FOUND: a model the extractor does not know, a dataset, weight, concept-set or
   checkpoint path that does not exist;
 - RESOURCE_EXHAUSTED: more layers or units than one job may hold.
@@ -29,8 +33,11 @@ from pathlib import Path
 
 from neurodissect.v1 import common_pb2
 
+from services.common.clip_checkpoint import check_open_clip
+from services.common.concept_set import read_concept_set
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.common.settings import Settings
+from services.toyworld.limits import check_toy_world
 
 # Methods in the order they run and are shown; each is a field of DissectionSpec.
 METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "milan", "simulation")
@@ -52,7 +59,6 @@ MAX_UNITS_PER_JOB = 200_000
 MAX_BATCH_SIZE = 4096
 MAX_UNIT_BLOCK = 8192
 MAX_IMAGE_CHUNK = 65_536
-MAX_TOY_IMAGES = 200_000
 MAX_TEXT = 256
 
 _LAYER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
@@ -204,12 +210,14 @@ class SpecValidator:
         _choice(dataset.kind, DATASET_KINDS, "dataset.kind", empty_ok=False)
         if dataset.kind == "toyworld":
             if dataset.uri:
-                self.local_path(dataset.uri, "dataset.uri", must_exist=False)
+                raise InvalidArgument(
+                    "a toy world is generated into the server's cache and cannot be placed;"
+                    " leave the uri empty (a toy world you generated with `neurodissect"
+                    " toyworld generate --out DIR` is kind 'broden' at DIR)",
+                    "dataset.uri",
+                )
             toy = dataset.toyworld
-            _int_range(toy.n_images, 0, MAX_TOY_IMAGES, "dataset.toyworld.n_images", "600")
-            if toy.image_size:
-                _int_range(toy.image_size, 16, 1024, "dataset.toyworld.image_size")
-            _int_range(toy.seed, 0, 2**31 - 1, "dataset.toyworld.seed")
+            check_toy_world(toy.n_images, toy.image_size, toy.seed, "dataset.toyworld")
         else:
             self.local_path(dataset.uri, "dataset.uri")
         _text(dataset.split, "dataset.split")
@@ -240,8 +248,11 @@ class SpecValidator:
                 f"{field}.arch",
             )
         _text(clip.arch, f"{field}.arch")
-        if clip.arch != "toy" or clip.weights_uri:
-            self.local_path(clip.weights_uri, f"{field}.weights_uri")
+        weights = (
+            self.local_path(clip.weights_uri, f"{field}.weights_uri") if clip.weights_uri else None
+        )
+        if clip.arch != "toy":
+            check_open_clip(clip.arch, weights, field)
 
     def _methods(self, spec: common_pb2.DissectionSpec) -> None:
         if spec.HasField("netdissect"):
@@ -265,7 +276,8 @@ class SpecValidator:
             cd = spec.clip_dissect
             self._clip(cd.clip, "clip_dissect.clip")
             if cd.concept_set_uri:
-                self.local_path(cd.concept_set_uri, "clip_dissect.concept_set_uri")
+                field = "clip_dissect.concept_set_uri"
+                read_concept_set(self.local_path(cd.concept_set_uri, field), field)
             _choice(cd.similarity, SIMILARITIES, "clip_dissect.similarity")
             _choice(cd.pooling, POOLINGS, "clip_dissect.pooling")
         if spec.HasField("linear"):
