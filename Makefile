@@ -7,7 +7,7 @@ PROTO_DIR := protos
 PROTOS := $(wildcard $(PROTO_DIR)/neurodissect/v1/*.proto)
 BENCH ?=
 
-.PHONY: setup system-deps run test lint proto bench clean
+.PHONY: setup system-deps run test fuzz lint proto bench clean
 
 setup: $(STAMP) system-deps
 
@@ -32,6 +32,11 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The fuzzers (Hypothesis) with a long random budget; `make test` runs a small fixed one.
+fuzz: setup
+	NEURODISSECT_FUZZ_PROFILE=long $(BIN)/python -m pytest -q \
+		tests/integration/test_gateway_fuzz.py tests/unit/gateway/test_spec_file_fuzz.py
 
 lint: setup
 	$(BIN)/ruff check services tests bench
