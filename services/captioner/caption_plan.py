@@ -19,8 +19,6 @@ import torch
 from neurodissect.v1 import captioner_pb2, common_pb2
 
 from services.captioner.checkpoint import TOY_CHECKPOINT
-from services.captioner.decoding import DEFAULT_BEAM_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_PMI_LAMBDA
-from services.captioner.exemplars import DEFAULT_EXEMPLARS, DEFAULT_MASK_QUANTILE
 from services.common.activations import (
     ActivationManifest,
     requested_manifest,
@@ -28,12 +26,16 @@ from services.common.activations import (
 )
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.settings import Settings
+from services.common.spec_vocabulary import (
+    MASK_QUANTILE,
+    MILAN_BEAM,
+    MILAN_EXEMPLARS,
+    MILAN_MAX_TOKENS,
+    PMI_LAMBDA,
+    UNIT_BLOCK,
+    IntField,
+)
 from services.common.store import ObjectStore
-
-MAX_BEAM = 500
-MAX_TOKENS = 100
-MAX_EXEMPLARS = 100
-MAX_UNIT_BLOCK = 8192
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -85,10 +87,12 @@ def _name(value: str, field: str) -> str:
     return value
 
 
-def _count(value: int, default: int, maximum: int, field: str) -> int:
-    if not 0 <= value <= maximum:
-        raise InvalidArgument(f"{value} is outside [1, {maximum}] (0 = {default})", field)
-    return value or default
+def _count(value: int, spec_field: IntField, field: str) -> int:
+    if not 0 <= value <= spec_field.high:
+        raise InvalidArgument(
+            f"{value} is outside [1, {spec_field.high}] (0 = {spec_field.default})", field
+        )
+    return spec_field.value(value)
 
 
 def checkpoint_path(uri: str, settings: Settings) -> Path:
@@ -138,23 +142,26 @@ def plan_request(
     layer = _name(request.layer, "layer")
     acts_key = _name(request.acts_key, "acts_key")
     params = request.params
-    beam = _count(params.beam, DEFAULT_BEAM_SIZE, MAX_BEAM, "milan.beam")
-    max_tokens = _count(params.max_tokens, DEFAULT_MAX_TOKENS, MAX_TOKENS, "milan.max_tokens")
-    pmi_lambda = params.pmi_lambda if params.HasField("pmi_lambda") else DEFAULT_PMI_LAMBDA
+    beam = _count(params.beam, MILAN_BEAM, "milan.beam")
+    max_tokens = _count(params.max_tokens, MILAN_MAX_TOKENS, "milan.max_tokens")
+    pmi_lambda = params.pmi_lambda if params.HasField("pmi_lambda") else PMI_LAMBDA.default
     if not (math.isfinite(pmi_lambda) and pmi_lambda >= 0.0):
         raise InvalidArgument(f"{pmi_lambda} must be finite and ≥ 0", "milan.pmi_lambda")
-    quantile = params.mask_quantile if params.HasField("mask_quantile") else DEFAULT_MASK_QUANTILE
+    quantile = (
+        params.mask_quantile if params.HasField("mask_quantile") else MASK_QUANTILE.default
+    )
     if not (math.isfinite(quantile) and 0.0 < quantile < 1.0):
         raise InvalidArgument(f"{quantile} is not strictly between 0 and 1", "milan.mask_quantile")
-    if not 0 <= params.exemplars <= MAX_EXEMPLARS:
+    if not 0 <= params.exemplars <= MILAN_EXEMPLARS.high:
         raise InvalidArgument(
-            f"{params.exemplars} is outside [1, {MAX_EXEMPLARS}] (0 = {DEFAULT_EXEMPLARS})",
+            f"{params.exemplars} is outside [1, {MILAN_EXEMPLARS.high}]"
+            f" (0 = {MILAN_EXEMPLARS.default})",
             "milan.exemplars",
         )
     manifest = requested_manifest(store, acts_key, layer, request.dataset_key)
     dataset_key = manifest.dataset_key
     # Default: 15 exemplars, or every image of a smaller probe set.
-    exemplars = params.exemplars or min(DEFAULT_EXEMPLARS, manifest.n_images)
+    exemplars = params.exemplars or min(MILAN_EXEMPLARS.default, manifest.n_images)
     if exemplars > manifest.n_images:
         raise InvalidArgument(
             f"{exemplars} exemplars asked for but the probe set has {manifest.n_images} images",
@@ -162,9 +169,9 @@ def plan_request(
         )
     unit_start, unit_end = requested_units(request.unit_start, request.unit_end, manifest)
     block_size = request.compute.unit_block_size or manifest.unit_block
-    if not 1 <= block_size <= MAX_UNIT_BLOCK:
+    if not 1 <= block_size <= UNIT_BLOCK.high:
         raise InvalidArgument(
-            f"{block_size} is outside [1, {MAX_UNIT_BLOCK}] (0 = the stored block size)",
+            f"{block_size} is outside [1, {UNIT_BLOCK.high}] (0 = the stored block size)",
             "compute.unit_block_size",
         )
     return CaptionPlan(

@@ -38,10 +38,11 @@ from services.captioner.decoder import CaptionDecoder, SearchTables
 from services.captioner.language_model import LanguageModel
 from services.captioner.vocabulary import detokenize
 from services.common.errors import InvalidArgument
+from services.common.spec_vocabulary import MILAN_BEAM, MILAN_MAX_TOKENS, PMI_LAMBDA
 
-DEFAULT_BEAM_SIZE = 50
-DEFAULT_MAX_TOKENS = 15
-DEFAULT_PMI_LAMBDA = 0.2
+DEFAULT_BEAM_SIZE = MILAN_BEAM.default
+DEFAULT_MAX_TOKENS = MILAN_MAX_TOKENS.default
+DEFAULT_PMI_LAMBDA = PMI_LAMBDA.default
 # Units per beam-search batch: large enough for efficient matrix products (a step
 # computes ~10 parent states per unit), small enough that a step's tensors stay in cache.
 UNIT_GROUP = 48

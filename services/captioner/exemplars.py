@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from services.common.errors import InvalidArgument
+from services.common.spec_vocabulary import MASK_QUANTILE, MILAN_EXEMPLARS
 
-DEFAULT_EXEMPLARS = 15
-DEFAULT_MASK_QUANTILE = 0.99
+DEFAULT_EXEMPLARS = MILAN_EXEMPLARS.default
+DEFAULT_MASK_QUANTILE = MASK_QUANTILE.default
 
 
 def spatial_max(acts: np.ndarray) -> np.ndarray:

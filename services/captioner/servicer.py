@@ -14,10 +14,11 @@
    rerank with p(d)). Only when the beams of more units would exceed
    `DECODE_ELEMENTS` scores per step is the batch flushed early, so memory stays
    bounded on wide layers.
-5. One object per block under `keys.result_block(job, layer, "milan", u0, u1)`:
+5. One result block per unit block (`result_store.write_block`, method "milan"):
    `{"units": [{"unit": u, "caption": ..., "logp_caption": ..., "logp_lm": ...}]}`
    (MilanResult in protobuf's JSON mapping, proto field names), then the layer's
-   `captions.csv` (`layer,unit,description`, every stored unit) is rewritten.
+   `captions.csv` export (`layer,unit,description`, every stored unit) and summary
+   are rewritten.
 
 Progress is streamed after every block's exemplars and every stored block; the last
 message has `finished=True`.
@@ -51,7 +52,6 @@ from services.captioner.stored_exemplars import (
     missing_thumbnails,
     read_thumbnails,
 )
-from services.common import keys
 from services.common.activations import read_pooled
 from services.common.client import Peer, open_channel
 from services.common.errors import (
@@ -64,12 +64,20 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.metrics import UNITS_CAPTIONED
+from services.common.result_store import (
+    block_ranges,
+    read_rows,
+    write_block,
+    write_export,
+    write_summary,
+)
 from services.common.settings import Settings
+from services.common.spec_vocabulary import CAPTION_METHOD
 from services.common.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
-METHOD = "milan"
+METHOD = CAPTION_METHOD
 # Exemplar images encoded per backbone forward pass.
 ENCODER_BATCH = 64
 # Bound on (units × beam × vocabulary) decoded together: each beam-search step holds
@@ -81,21 +89,6 @@ MATERIALIZE_BATCH = 256
 # Stores the thumbnails of the given probe image ids (`keys.thumbnail`), asking for
 # the given side in pixels.
 ThumbnailFetch = Callable[[CaptionPlan, Sequence[int], int], None]
-
-
-def captions_key(job_id: str, layer: str) -> str:
-    """Key of a layer's `layer,unit,description` CSV, next to its result blocks."""
-    return keys.results_prefix(job_id, layer, METHOD) + "captions.csv"
-
-
-def stored_blocks(store: ObjectStore, job_id: str, layer: str) -> list[tuple[int, int, str]]:
-    """The layer's stored MILAN result blocks: (u0, u1, key), by u0."""
-    blocks = []
-    for key in store.list(keys.results_prefix(job_id, layer, METHOD)):
-        name = key.rsplit("/", 1)[-1]
-        if name.startswith("u") and name.endswith(".json"):
-            blocks.append((*keys.parse_span(name), key))
-    return sorted(blocks)
 
 
 def result_rows(u0: int, results: Sequence[CaptionResult]) -> list[dict[str, object]]:
@@ -115,15 +108,13 @@ def result_rows(u0: int, results: Sequence[CaptionResult]) -> list[dict[str, obj
     ]
 
 
-def write_captions_csv(store: ObjectStore, job_id: str, layer: str) -> None:
-    """Rewrite the layer's captions.csv from every stored result block."""
-    captions: dict[int, str] = {}
-    for _, _, key in stored_blocks(store, job_id, layer):
-        for row in store.get_json(key)["units"]:
-            captions[int(row["unit"])] = str(row.get("caption", ""))
-    units = sorted(captions)
-    text = captions_csv(layer, units, [captions[u] for u in units])
-    store.put(captions_key(job_id, layer), text.encode())
+def write_layer_outputs(store: ObjectStore, job_id: str, layer: str) -> None:
+    """Rewrite the layer's captions.csv export and summary from every stored result block."""
+    rows = read_rows(store, job_id, layer, METHOD)
+    units = sorted(rows)
+    text = captions_csv(layer, units, [str(rows[u].get("caption", "")) for u in units])
+    write_export(store, job_id, layer, METHOD, text)
+    write_summary(store, job_id, layer, METHOD, {"units": len(rows)})
 
 
 def encode_block(
@@ -170,7 +161,9 @@ def caption_layer(
     """
     total = plan.units_total
     stored = {
-        u for b0, b1, _ in stored_blocks(store, plan.job_id, plan.layer) for u in range(b0, b1)
+        u
+        for b0, b1, _ in block_ranges(store, plan.job_id, plan.layer, METHOD)
+        for u in range(b0, b1)
     }
     todo = [(u0, u1) for u0, u1 in plan.blocks() if not set(range(u0, u1)) <= stored]
     done = total - sum(u1 - u0 for u0, u1 in todo)
@@ -199,9 +192,7 @@ def caption_layer(
         for u0, u1 in pending.blocks:
             rows = result_rows(u0, results[offset : offset + u1 - u0])
             offset += u1 - u0
-            store.put_json(
-                keys.result_block(plan.job_id, plan.layer, METHOD, u0, u1), {"units": rows}
-            )
+            write_block(store, plan.job_id, plan.layer, METHOD, u0, u1, rows)
             UNITS_CAPTIONED.inc(u1 - u0)
             done += u1 - u0
             yield progress(f"captioned units {u0}-{u1}")
@@ -236,7 +227,7 @@ def caption_layer(
         yield progress(f"exemplars of units {u0}-{u1}")
     if pending.blocks:
         yield from flush()
-    write_captions_csv(store, plan.job_id, plan.layer)
+    write_layer_outputs(store, plan.job_id, plan.layer)
     yield progress("done", finished=True)
 
 

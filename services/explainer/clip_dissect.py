@@ -2,9 +2,9 @@
 
 Spec: specs/clip_dissect.md (Oikarinen & Weng, ICLR 2023). Who runs what:
 
-1. once per job: `load_concepts` (the concept file), `encode_concepts` and `encode_images`
-   (with an open_clip model the caller built from a local checkpoint) and `clip_similarity`,
-   giving S (N images, C concepts);
+1. once per job: the extractor embeds the concept set and the probe images with CLIP
+   (`services/extractor/text_embeddings.py`, `clip_models.py`); `clip_similarity` of the
+   stored embeddings gives S (N images, C concepts);
 2. once per layer: `prepare_concepts(method, S)`, the (N, C) matrix every unit block reads
    (P̃ = softmax over concepts of a·S for the WPMI functions, which may be written over S;
    normalised columns for the cosine ones);
@@ -13,8 +13,7 @@ Spec: specs/clip_dissect.md (Oikarinen & Weng, ICLR 2023). Who runs what:
 4. once per layer: `layer_similarity(method, rows)` on the rows of every block stacked in
    unit order. The WPMI marginal log p̄(m) is taken there, over the whole layer, so labels
    never depend on the block size;
-5. `describe_units` (label = argmax, score = max, top 5), ordered by `layer_ranking`, and
-   `descriptions_csv`.
+5. `describe_units` (label = argmax, score = max, top 5), ordered by `layer_ranking`.
 
 Memory stays bounded by a block or a chunk, never by N, beyond S itself and the (U, C)
 rows: `prepare_concepts` takes the softmax in cache-sized row chunks and, with
@@ -29,23 +28,17 @@ float32 rounding and needs a sixteenth of the logarithms.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from services.common.errors import InvalidArgument
+from services.common.spec_vocabulary import SIMILARITIES
 
-METHODS = ("soft_wpmi", "wpmi", "cos", "cos_cubed")
-DEFAULT_METHOD = "soft_wpmi"
 TOP_CONCEPTS = 5
-CSV_HEADER = ("layer", "unit", "description", "similarity")
 
 # Floats of one chunk of rows for top_indices (64 MiB).
 _PASS_ELEMENTS = 1 << 24
@@ -63,19 +56,6 @@ _LOG_PRODUCT_FLOOR = 80.0
 _SATURATION = 1e-3
 # Cosine similarity: columns with a smaller norm than this are treated as zero.
 _TINY = float(np.finfo(np.float32).tiny)
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
-
-
-class ClipModel(Protocol):
-    """What this module uses of an open_clip model (`open_clip.CLIP` satisfies it)."""
-
-    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        """(B, T) tokens -> (B, D) text features."""
-        ...
-
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed images -> (B, D) image features."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -132,82 +112,6 @@ class UnitDescription:
     top_scores: tuple[float, ...]
 
 
-def load_concepts(data: bytes | str) -> list[str]:
-    """Parse a concept set: one concept per line (LF, CRLF or CR), stripped, empty lines dropped.
-
-    Bytes must be UTF-8 (a leading byte-order mark is ignored). Raises InvalidArgument
-    (field `concept_set`) for undecodable bytes or a set with no concept.
-    """
-    if isinstance(data, bytes):
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"not UTF-8 text: {exc}", field="concept_set") from None
-    else:
-        text = data.removeprefix("\ufeff")
-    concepts = [line.strip() for line in _LINE_BREAK.split(text)]
-    concepts = [concept for concept in concepts if concept]
-    if not concepts:
-        raise InvalidArgument("the concept set holds no concept", field="concept_set")
-    return concepts
-
-
-def encode_concepts(
-    model: ClipModel,
-    tokenizer: Callable[[list[str]], torch.Tensor],
-    concepts: Sequence[str],
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-) -> np.ndarray:
-    """Embed concepts with the CLIP text encoder, raw strings with no prompt template.
-
-    `model` (in eval mode, on `device`) and `tokenizer` come from open_clip. Returns
-    (C, D) float32 rows of unit L2 norm.
-    """
-    parts = []
-    with torch.inference_mode():
-        for start in range(0, len(concepts), batch_size):
-            tokens = tokenizer(list(concepts[start : start + batch_size])).to(device)
-            parts.append(_unit_rows_l2(model.encode_text(tokens).float().cpu().numpy()))
-    if not parts:
-        raise InvalidArgument("no concept to embed", field="concept_set")
-    return np.concatenate(parts)
-
-
-def encode_images(
-    model: ClipModel,
-    preprocess: Callable[[Any], torch.Tensor],
-    images: Iterable[Any],
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-) -> np.ndarray:
-    """Embed images (e.g. PIL images) with CLIP's own preprocessing and image encoder.
-
-    `model` (in eval mode, on `device`) and `preprocess` come from open_clip. Images are
-    consumed in batches of `batch_size`. Returns (N, D) float32 rows of unit L2 norm.
-    """
-    parts = []
-    batch: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for image in images:
-            batch.append(preprocess(image))
-            if len(batch) == batch_size:
-                parts.append(_encode_image_batch(model, batch, device))
-                batch = []
-        if batch:
-            parts.append(_encode_image_batch(model, batch, device))
-    if not parts:
-        raise InvalidArgument("no image to embed", field="images")
-    return np.concatenate(parts)
-
-
-def _encode_image_batch(
-    model: ClipModel, batch: list[torch.Tensor], device: str | torch.device
-) -> np.ndarray:
-    features = model.encode_image(torch.stack(batch).to(device))
-    return _unit_rows_l2(features.float().cpu().numpy())
-
-
 def _unit_rows_l2(x: np.ndarray) -> np.ndarray:
     """Rows of `x` (R, D) scaled to unit L2 norm, as float32."""
     x = np.asarray(x, dtype=np.float32)
@@ -225,9 +129,9 @@ def clip_similarity(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -
 
 def check_method(method: str) -> str:
     """Return `method` if it names a similarity function, else raise InvalidArgument."""
-    if method not in METHODS:
+    if method not in SIMILARITIES:
         raise InvalidArgument(
-            f"unknown similarity function {method!r}; allowed: {', '.join(METHODS)}",
+            f"unknown similarity function {method!r}; allowed: {', '.join(SIMILARITIES)}",
             field="similarity_function",
         )
     return method
@@ -375,16 +279,6 @@ def describe_units(
         )
         for k in range(len(best))
     ]
-
-
-def descriptions_csv(layer: str, descriptions: Iterable[UnitDescription]) -> str:
-    """The reference CSV export: header `layer,unit,description,similarity`, one row per unit."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_HEADER)
-    for d in descriptions:
-        writer.writerow((layer, d.unit, d.label, f"{d.score:.6g}"))
-    return buffer.getvalue()
 
 
 def top_indices(values: np.ndarray, k: int) -> np.ndarray:
@@ -584,6 +478,11 @@ def _columns_l2(x: np.ndarray) -> np.ndarray:
 
 
 def _columns_cubed(x: np.ndarray, min_norm: float = 1e-3) -> np.ndarray:
-    """Columns of (N, M) `x` centred, cubed and divided by max(L2 norm, `min_norm`)."""
-    cubed = (x - x.mean(axis=0, keepdims=True)) ** 3
+    """Columns of (N, M) `x` centred, cubed and divided by max(L2 norm, `min_norm`).
+
+    The column means are accumulated in float64: a float32 mean of thousands of
+    images is off by ~1e-5, which the cube carries into the output.
+    """
+    mean = x.mean(axis=0, keepdims=True, dtype=np.float64).astype(x.dtype)
+    cubed = (x - mean) ** 3
     return cubed / np.maximum(np.linalg.norm(cubed, axis=0, keepdims=True), min_norm)

@@ -54,6 +54,7 @@ from typing import Union
 import numpy as np
 
 from services.common.probe_format import LabelChunk
+from services.common.spec_vocabulary import BEAM, FORMULA_LENGTH, LENGTH_PENALTY
 from services.explainer.unit_masks import (
     MaskCounts,
     canonical_rows,
@@ -62,9 +63,6 @@ from services.explainer.unit_masks import (
     unique_rows,
 )
 
-DEFAULT_BEAM = 5
-DEFAULT_MAX_LENGTH = 3
-DEFAULT_LENGTH_PENALTY = 1.0
 # Co-occurrence vectors a table keeps (one per monomial met, e.g. 10 per unit searched).
 _CACHE_LIMIT = 4096
 
@@ -375,10 +373,10 @@ class UnitLabelSets:
 class SearchSettings:
     """Beam search parameters (spec defaults)."""
 
-    beam: int = DEFAULT_BEAM
-    max_length: int = DEFAULT_MAX_LENGTH  # leaves
+    beam: int = BEAM.default
+    max_length: int = FORMULA_LENGTH.default  # leaves
     top_k: int | None = None  # candidate labels: the top_k by primitive IoU, None = all
-    length_penalty: float = DEFAULT_LENGTH_PENALTY  # rank = IoU · penalty^(length - 1)
+    length_penalty: float = LENGTH_PENALTY.default  # rank = IoU · penalty^(length - 1)
 
     def __post_init__(self) -> None:
         if self.beam < 1 or self.max_length < 1 or (self.top_k is not None and self.top_k < 1):

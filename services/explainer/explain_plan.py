@@ -4,31 +4,29 @@ Every check names the offending request field: INVALID_ARGUMENT for a value
 outside what is allowed (unknown method, unit range outside the layer, bad
 parameter), NOT_FOUND for stored inputs that do not exist (activations, concept
 table, CLIP embeddings), FAILED_PRECONDITION for stored inputs that do not fit
-together. Defaults of the method parameters are applied in `method_params`.
+together. Each method checks its own parameters and names the embeddings it needs
+(`method_contract.ExplainMethod`); this module knows no method by name.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from neurodissect.v1 import common_pb2, explainer_pb2
 
 from services.common.activations import ActivationManifest, requested_manifest, requested_units
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.probe_format import ConceptTable, read_concepts
+from services.common.spec_vocabulary import UNIT_BLOCK
 from services.common.store import ObjectStore
-from services.explainer import clip_dissect, linear, netdissect
-from services.explainer.sharding import DEFAULT_UNIT_BLOCK, unit_blocks
+from services.explainer.sharding import unit_blocks
 
-# Methods in the order they run: compositional reuses netdissect's thresholds,
-# simulation scores what the others stored.
-METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "simulation")
-POOLINGS = ("mean", "max")
-LINEAR_CONCEPTS = ("label", "clip")
-MAX_UNIT_BLOCK = 8192
+if TYPE_CHECKING:
+    from services.explainer.method_contract import ExplainMethod
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 
@@ -47,9 +45,8 @@ class ExplainPlan:
     unit_end: int
     block_size: int
     spec: common_pb2.DissectionSpec
-    clip_dissect: explainer_pb2.ConceptEmbeddings
-    linear: explainer_pb2.ConceptEmbeddings
-    simulation: explainer_pb2.ConceptEmbeddings
+    # The request's stored CLIP embeddings by field name (the method they serve).
+    embeddings: Mapping[str, explainer_pb2.ConceptEmbeddings]
 
     @property
     def n_units(self) -> int:
@@ -80,7 +77,8 @@ def _name(value: str, field: str) -> str:
     return value
 
 
-def _choice(value: str, allowed: Sequence[str], field: str) -> None:
+def check_choice(value: str, allowed: Sequence[str], field: str) -> None:
+    """Raise InvalidArgument naming `field` unless `value` is empty (the default) or allowed."""
     if value and value not in allowed:
         listed = ", ".join(repr(a) for a in allowed)
         raise InvalidArgument(
@@ -88,47 +86,28 @@ def _choice(value: str, allowed: Sequence[str], field: str) -> None:
         )
 
 
-def _open_unit(spec_has: bool, value: float, field: str) -> None:
-    if spec_has and not (math.isfinite(value) and 0.0 < value < 1.0):
+def check_open_unit(value: float, field: str) -> None:
+    """Raise InvalidArgument naming `field` unless 0 < `value` < 1."""
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
         raise InvalidArgument(f"{value} is not strictly between 0 and 1", field)
 
 
-def _methods(request: explainer_pb2.ExplainRequest) -> tuple[str, ...]:
+def _methods(
+    request: explainer_pb2.ExplainRequest, known: Mapping[str, ExplainMethod]
+) -> tuple[str, ...]:
     if not request.methods:
-        raise InvalidArgument(f"name at least one method of {', '.join(METHODS)}", "methods")
+        raise InvalidArgument(f"name at least one method of {', '.join(known)}", "methods")
     seen: set[str] = set()
     for i, method in enumerate(request.methods):
-        if method not in METHODS:
-            listed = ", ".join(repr(m) for m in METHODS)
+        if method not in known:
+            listed = ", ".join(repr(m) for m in known)
             raise InvalidArgument(
                 f"unknown method {method!r}; use one of {listed}", f"methods[{i}]"
             )
         if method in seen:
             raise InvalidArgument(f"{method!r} is listed twice", f"methods[{i}]")
         seen.add(method)
-    return tuple(m for m in METHODS if m in seen)
-
-
-def _params(spec: common_pb2.DissectionSpec) -> None:
-    nd, comp, cd, lin = spec.netdissect, spec.compositional, spec.clip_dissect, spec.linear
-    _open_unit(nd.HasField("top_quantile"), nd.top_quantile, "spec.netdissect.top_quantile")
-    _choice(nd.iou_mode, netdissect.IOU_MODES, "spec.netdissect.iou_mode")
-    if nd.exemplars < 0:
-        raise InvalidArgument(f"{nd.exemplars} is negative", "spec.netdissect.exemplars")
-    _open_unit(comp.HasField("top_quantile"), comp.top_quantile, "spec.compositional.top_quantile")
-    for field in ("beam", "max_length", "top_k_primitives"):
-        value = getattr(comp, field)
-        if value < 0:
-            raise InvalidArgument(f"{value} is negative", f"spec.compositional.{field}")
-    _choice(cd.similarity, clip_dissect.METHODS, "spec.clip_dissect.similarity")
-    _choice(cd.pooling, POOLINGS, "spec.clip_dissect.pooling")
-    _choice(lin.concepts, LINEAR_CONCEPTS, "spec.linear.concepts")
-    if lin.max_concepts not in (0, linear.MAX_CONCEPTS):
-        raise InvalidArgument(
-            f"{lin.max_concepts} is not supported; LE selects at most {linear.MAX_CONCEPTS}"
-            " concepts (0 = the default)",
-            "spec.linear.max_concepts",
-        )
+    return tuple(m for m in known if m in seen)
 
 
 def _embeddings(
@@ -142,26 +121,26 @@ def _embeddings(
             raise NotFound(f"no stored object {key!r}", f"{field}.{name}")
 
 
-def needs_concepts(plan: ExplainPlan) -> bool:
-    """Tell whether the plan reads the probe set's labels (concept table and label maps).
+def plan_request(
+    store: ObjectStore,
+    request: explainer_pb2.ExplainRequest,
+    known: Mapping[str, ExplainMethod],
+) -> ExplainPlan:
+    """Check `request` against the store and return its plan, or raise naming the field.
 
-    Every method but CLIP-Dissect does: LE(CLIP) and CLIP simulators calibrate on them.
+    `known` holds the explainer's methods by name, in running order.
     """
-    return any(m != "clip_dissect" for m in plan.methods)
-
-
-def plan_request(store: ObjectStore, request: explainer_pb2.ExplainRequest) -> ExplainPlan:
-    """Check `request` against the store and return its plan, or raise naming the field."""
     job_id = _name(request.job_id, "job_id")
     layer = _name(request.layer, "layer")
-    methods = _methods(request)
+    methods = _methods(request, known)
     dataset_key = _name(request.dataset_key, "dataset_key")
     acts_key = _name(request.acts_key, "acts_key")
-    _params(request.spec)
-    block_size = request.spec.compute.unit_block_size or DEFAULT_UNIT_BLOCK
-    if not 1 <= block_size <= MAX_UNIT_BLOCK:
+    for method in methods:
+        known[method].params(request.spec)
+    block_size = request.spec.compute.unit_block_size or UNIT_BLOCK.default
+    if not 1 <= block_size <= UNIT_BLOCK.high:
         raise InvalidArgument(
-            f"{block_size} is outside [1, {MAX_UNIT_BLOCK}] (0 = {DEFAULT_UNIT_BLOCK})",
+            f"{block_size} is outside [1, {UNIT_BLOCK.high}] (0 = {UNIT_BLOCK.default})",
             "spec.compute.unit_block_size",
         )
     manifest = requested_manifest(store, acts_key, layer, dataset_key)
@@ -177,17 +156,16 @@ def plan_request(store: ObjectStore, request: explainer_pb2.ExplainRequest) -> E
         unit_end=unit_end,
         block_size=block_size,
         spec=request.spec,
-        clip_dissect=request.clip_dissect,
-        linear=request.linear,
-        simulation=request.simulation,
+        embeddings={
+            field.name: getattr(request, field.name)
+            for field in request.DESCRIPTOR.fields
+            if field.message_type is explainer_pb2.ConceptEmbeddings.DESCRIPTOR
+        },
     )
-    if "clip_dissect" in methods:
-        _embeddings(store, request.clip_dissect, "clip_dissect", "CLIP-Dissect")
-    if "linear" in methods and request.spec.linear.concepts == "clip":
-        _embeddings(store, request.linear, "linear", "LE(CLIP)")
-    if "simulation" in methods and (request.simulation.image_key or request.simulation.text_key):
-        _embeddings(store, request.simulation, "simulation", "a CLIP simulator")
-    if needs_concepts(plan):
+    for method in methods:
+        for field, embeddings, why in known[method].embeddings(request):
+            _embeddings(store, embeddings, field, why)
+    if any(known[m].reads_labels for m in methods):
         table = read_table(store, dataset_key)
         if (table.n_images, table.chunk_size) != (manifest.n_images, manifest.image_chunk):
             raise FailedPrecondition(

@@ -29,10 +29,11 @@ from scipy.special import expit
 
 from services.common.errors import InvalidArgument
 from services.common.probe_format import LabelChunk
+from services.common.spec_vocabulary import LINEAR_MAX_CONCEPTS
 
 ALPHA = 0.99
 LAMBDA = 0.05 / 0.99
-MAX_CONCEPTS = 10
+MAX_CONCEPTS = LINEAR_MAX_CONCEPTS
 CANDIDATES = 10
 MIN_GAIN = 0.02
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)

@@ -10,9 +10,10 @@ Follows specs/netdissect.md (reference: NetDissect-Lite, Bau et al. 2017).
    three `iou_mode` denominators, and each unit's top images by raw spatial max.
    (image, unit) pairs whose raw max is at or below T_u have empty masks and are
    skipped without changing any count.
-3. `dissect` / `summarize` / `tally_csv` — IoU(u, c) = Σ|M_u ∩ L_c| /
+3. `dissect` / `tally_csv` — IoU(u, c) = Σ|M_u ∩ L_c| /
    (Σ'|M_u| + Σ|L_c| - Σ|M_u ∩ L_c|), best label per category and overall,
-   detectors (best IoU >= 0.04), per-layer counts and NetDissect-Lite's tally.csv.
+   detectors (best IoU >= 0.04) and NetDissect-Lite's tally.csv (the layer's counts of
+   detectors are the method's summary, `methods/netdissect.layer_summary`).
 
 `iou_mode` picks Σ'|M_u| for a label c of primary category k: `all` sums the mask
 over every image; `netdissect` over images whose ground truth holds any label of k;
@@ -26,18 +27,18 @@ import csv
 import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from services.common.probe_format import ConceptTable, LabelChunk
+from services.common.spec_vocabulary import (
+    DETECTOR_IOU,
+    IOU_MODES,
+    NETDISSECT_EXEMPLARS,
+    TOP_QUANTILE,
+    IoUMode,
+)
 from services.explainer.unit_masks import MaskCounts, count_masks
-
-IoUMode = Literal["lite", "netdissect", "all"]
-IOU_MODES: tuple[IoUMode, ...] = ("lite", "netdissect", "all")
-DEFAULT_TOP_QUANTILE = 0.005
-DEFAULT_DETECTOR_IOU = 0.04
-DEFAULT_EXEMPLARS = 15
 
 # Pass 1 of the threshold selection counts keys by their top bits: 2**16 bins per unit.
 _PREFIX_SHIFT = 16
@@ -73,7 +74,7 @@ class UnitQuantile:
     `np.quantile(values, q)` with a Python float q, so thresholds equal it bit for bit.
     """
 
-    def __init__(self, n_units: int, top_quantile: float = DEFAULT_TOP_QUANTILE) -> None:
+    def __init__(self, n_units: int, top_quantile: float = TOP_QUANTILE.default) -> None:
         if not 0.0 < top_quantile < 1.0:
             raise ValueError(f"top_quantile must lie in (0, 1), got {top_quantile}")
         self.n_units = n_units
@@ -180,7 +181,7 @@ class UnitQuantile:
 
 
 def unit_thresholds(
-    chunks: Callable[[], Iterable[np.ndarray]], top_quantile: float = DEFAULT_TOP_QUANTILE
+    chunks: Callable[[], Iterable[np.ndarray]], top_quantile: float = TOP_QUANTILE.default
 ) -> np.ndarray:
     """Return (U,) float32 T_u: the exact quantile at 1 - top_quantile of each unit.
 
@@ -233,7 +234,7 @@ class IoUTally:
         label_categories: np.ndarray,
         n_categories: int,
         first_unit: int = 0,
-        top_k: int = DEFAULT_EXEMPLARS,
+        top_k: int = NETDISSECT_EXEMPLARS.default,
     ) -> None:
         if n_categories > 64:
             raise ValueError(f"at most 64 categories are supported, got {n_categories}")
@@ -406,7 +407,7 @@ def dissect(
     counts: TallyCounts,
     concepts: ConceptTable,
     iou_mode: IoUMode = "lite",
-    detector_iou: float = DEFAULT_DETECTOR_IOU,
+    detector_iou: float = DETECTOR_IOU.default,
 ) -> list[UnitDissection]:
     """Pick each unit's best label per category and overall (ties: lowest label number)."""
     label_categories = concepts.label_categories()
@@ -447,31 +448,6 @@ def dissect(
         )
         for u in range(len(scores))
     ]
-
-
-@dataclass(frozen=True)
-class LayerSummary:
-    """Per-layer Network Dissection figures; a detector counts under its best label's category."""
-
-    units: int
-    detectors: int
-    unique_labels: int
-    detectors_per_category: dict[str, int]
-    unique_labels_per_category: dict[str, int]
-
-
-def summarize(dissections: Sequence[UnitDissection], categories: Sequence[str]) -> LayerSummary:
-    """Count detectors and distinct detector labels, per category and in all."""
-    detectors = [d for d in dissections if d.detector]
-    return LayerSummary(
-        units=len(dissections),
-        detectors=len(detectors),
-        unique_labels=len({d.best.label for d in detectors}),
-        detectors_per_category={c: sum(d.category == c for d in detectors) for c in categories},
-        unique_labels_per_category={
-            c: len({d.best.label for d in detectors if d.category == c}) for c in categories
-        },
-    )
 
 
 def tally_csv(dissections: Sequence[UnitDissection], concepts: ConceptTable) -> str:

@@ -2,8 +2,8 @@
 
 `Explain` checks the request (`explain_plan.plan_request`, errors name the field),
 makes sure Ray is up (`sharding.connect`: local or the cluster at RAY_ADDRESS),
-then runs the requested methods in order — netdissect, compositional,
-clip_dissect, linear, simulation — streaming one `ExplainProgress` per finished
+then runs the requested methods (`methods.EXPLAINER_METHODS`) in order through the
+generic `stage_runner`, streaming one `ExplainProgress` per slow step and finished
 unit block and a last one with `finished=True`. Blocks already stored are skipped,
 so a repeated or resumed call only does what is missing. When the client cancels,
 outstanding Ray tasks are cancelled and the call ends.
@@ -20,20 +20,13 @@ from neurodissect.v1 import explainer_pb2, explainer_pb2_grpc
 from services.common.errors import Cancelled
 from services.common.settings import Settings
 from services.common.store import ObjectStore
-from services.explainer import method_stages, sharding
+from services.explainer import sharding
 from services.explainer.explain_plan import ExplainPlan, plan_request
-from services.explainer.method_stages import Stage
+from services.explainer.methods import EXPLAINER_METHODS
 from services.explainer.shared_inputs import SharedInputs
+from services.explainer.stage_runner import Stage, run_method
 
 log = logging.getLogger(__name__)
-
-STAGES: dict[str, Callable[[Stage], Iterator[explainer_pb2.ExplainProgress]]] = {
-    "netdissect": method_stages.netdissect_stage,
-    "compositional": method_stages.compositional_stage,
-    "clip_dissect": method_stages.clip_dissect_stage,
-    "linear": method_stages.linear_stage,
-    "simulation": method_stages.simulation_stage,
-}
 
 
 def explain(
@@ -49,7 +42,7 @@ def explain(
     sharding.connect(settings)
     stage = Stage(settings, store, plan, is_active, SharedInputs(store, plan))
     for method in plan.methods:
-        yield from STAGES[method](stage)
+        yield from run_method(stage, EXPLAINER_METHODS[method])
     yield explainer_pb2.ExplainProgress(
         units_done=plan.units_total, units_total=plan.units_total, message="done", finished=True
     )
@@ -66,7 +59,7 @@ class ExplainerServicer(explainer_pb2_grpc.ExplainerServicer):
         self, request: explainer_pb2.ExplainRequest, context: grpc.ServicerContext
     ) -> Iterator[explainer_pb2.ExplainProgress]:
         """Explain units [unit_start, unit_end) of one layer by the requested methods."""
-        plan = plan_request(self.store, request)
+        plan = plan_request(self.store, request, EXPLAINER_METHODS)
         log.info(
             "explain job %s layer %s units %d-%d by %s",
             plan.job_id, plan.layer, plan.unit_start, plan.unit_end, ",".join(plan.methods),

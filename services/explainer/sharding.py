@@ -33,7 +33,6 @@ from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_UNIT_BLOCK = 64
 # Attempts after the first for a block task whose worker died or that raised a transient error.
 MAX_RETRIES = 3
 # Errors worth another attempt: the object store or the network hiccuped.

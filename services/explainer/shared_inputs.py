@@ -3,8 +3,9 @@
 Each input is loaded from the store (or derived) at most once per call and put into
 Ray once (`ray.put`), so the tasks on a node map one shared copy instead of each
 reading it: the concept table, the layer's pooled activations, the probe set's
-label matrix, the persisted train/val/test split, LE's concept matrix, and the
-simulator's concept matrix.
+label matrix, the persisted train/val/test split, CLIP similarities of stored
+embeddings and their sigmoid calibrated on the labels. Method-specific inputs are
+made by the method (`ExplainMethod.prepare`) and cached here under its own name.
 """
 
 from __future__ import annotations
@@ -24,18 +25,6 @@ from services.common.probe_format import ConceptTable, LabelChunk, read_label_ch
 from services.common.store import ObjectStore
 from services.explainer import clip_dissect, linear
 from services.explainer.explain_plan import ExplainPlan, read_table
-from services.explainer.method_params import LinearSettings
-from services.explainer.simulated_predictions import Simulator
-
-
-@dataclass(frozen=True)
-class LinearConcepts:
-    """LE's concept matrix after the concept filter, with names and the split."""
-
-    kind: str  # "label" | "clip"
-    matrix: np.ndarray  # (N, C) float32
-    names: list[str]  # (C,)
-    split: linear.ImageSplit
 
 
 def text_embeddings(
@@ -140,49 +129,6 @@ class SharedInputs:
             ),
         )
 
-    def linear_concepts(self, params: LinearSettings) -> LinearConcepts:
-        """LE's concept matrix P, filtered, with names and split.
-
-        LE(Label): the label matrix. LE(CLIP): σ(a·(S + b)) of the CLIP cosines of
-        the request's `linear` embeddings, (a, b) given or calibrated against the
-        labels of the probe set that share a name with a concept.
-        """
-
-        def load() -> LinearConcepts:
-            if params.concepts == "clip":
-                matrix, names = self._clip_concepts(params)
-            else:
-                matrix, names = self.label_matrix(), [c.name for c in self.table().labels]
-            keep = linear.concept_filter(matrix)
-            if not keep.any():
-                raise FailedPrecondition(
-                    "no concept passes LE's filter (top-5 mean >= 0.5, std > 1e-5)",
-                    "spec.linear.concepts",
-                )
-            return LinearConcepts(
-                kind=params.concepts,
-                matrix=np.ascontiguousarray(matrix[:, keep]),
-                names=[n for n, k in zip(names, keep, strict=True) if k],
-                split=self.split(params.seed),
-            )
-
-        return self.value("linear_concepts", load)
-
-    def _clip_concepts(self, params: LinearSettings) -> tuple[np.ndarray, list[str]]:
-        names, similarity = self.clip_similarity(self.plan.linear)
-        a, b = params.a, params.b
-        if a is None or b is None:
-            fitted = self.calibrate(names, similarity)
-            if fitted is None:
-                raise FailedPrecondition(
-                    "LE(CLIP) calibrates (a, b) on concepts named like the probe set's labels,"
-                    " and none is; set spec.linear.a and spec.linear.b",
-                    "spec.linear.a",
-                )
-            a = fitted[0] if a is None else a
-            b = fitted[1] if b is None else b
-        return linear.clip_concept_matrix(similarity, a, b), names
-
     def clip_similarity(
         self, embeddings: explainer_pb2.ConceptEmbeddings
     ) -> tuple[list[str], np.ndarray]:
@@ -201,22 +147,3 @@ class SharedInputs:
         return linear.calibrate_sigmoid(
             similarity[:, concept_at], self.label_matrix()[:, label_at]
         )
-
-    def simulator(self, seed: int) -> Simulator:
-        """P_sim on the test images of the split.
-
-        With the request's `simulation` embeddings: σ(a·(S + b)) of the simulator
-        CLIP's cosines, (a, b) calibrated on the probe labels that share a name with
-        a text (as LE(CLIP)), plain cosines when none does. Without: the label matrix.
-        """
-        test = self.split(seed).test
-        if not self.plan.simulation.text_key:
-            names = [c.name for c in self.table().labels]
-            return Simulator("labels", names, self.label_matrix()[test])
-        names, similarity = self.clip_similarity(self.plan.simulation)
-        fitted = self.calibrate(names, similarity)
-        if fitted is None:
-            return Simulator("clip cosine", names, similarity[test])
-        a, b = fitted
-        matrix = linear.clip_concept_matrix(similarity[test], a, b)
-        return Simulator(f"clip sigmoid a={a:g} b={b:g}", names, matrix)

@@ -25,9 +25,6 @@ import numpy as np
 
 from services.explainer import compositional, simulation
 
-# Methods whose stored explanations simulation scores, in display order.
-SCORED_METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "milan")
-
 
 @dataclass(frozen=True)
 class Simulator:

@@ -14,36 +14,20 @@ activations on those images:
   it needs no pixel masks, so it works with CLIP simulators too.
 
 Callers map each explanation's concepts to P_sim's columns; an explanation with a concept
-P_sim lacks gets a NaN prediction and is counted as missing. Per layer and method,
-`layer_score` gives the mean ρ and its standard error over the scored units; dead units
-(constant activation on the test images) and missing ones are counted apart, so they never
-make the mean NaN. Ablation scoring (optional in the spec) is not implemented.
+P_sim lacks gets a NaN prediction and is counted as missing. Per layer and method, the
+simulation method (`methods/simulation.py`) stores ρ per unit and the mean ρ with its
+standard error over the scored units; dead units (constant activation on the test images)
+and missing ones are counted apart, so they never make the mean NaN. Ablation scoring
+(optional in the spec) is not implemented.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 
 from services.common.errors import InvalidArgument
-
-
-@dataclass(frozen=True)
-class LayerScore:
-    """Correlation score of one method on one layer.
-
-    `mean` and `stderr` (standard deviation / √scored, ddof = 1) run over the `scored`
-    units; `mean` is None when no unit is scored and `stderr` when fewer than 2 are.
-    """
-
-    mean: float | None
-    stderr: float | None
-    scored: int
-    dead: int
-    missing: int
 
 
 def predict_linear(
@@ -91,34 +75,12 @@ def unit_correlations(predictions: np.ndarray, activations: np.ndarray) -> np.nd
     usable = ~flat & (denominator > 0)
     rho = np.divide((x * y).sum(axis=0), denominator, out=np.zeros(x.shape[1]), where=usable)
     rho = np.clip(rho, -1.0, 1.0)
-    rho[_dead(activations) | _missing(predictions)] = np.nan
+    rho[dead_units(activations) | _missing(predictions)] = np.nan
     return rho
 
 
-def layer_score(predictions: np.ndarray, activations: np.ndarray) -> LayerScore:
-    """Mean ρ ± standard error over the live units that have a prediction, on (n, U) inputs."""
-    rho = unit_correlations(predictions, activations)
-    dead = _dead(np.asarray(activations))
-    missing = _missing(np.asarray(predictions)) & ~dead
-    scored = rho[~(dead | missing)]
-    return LayerScore(
-        mean=float(scored.mean()) if scored.size else None,
-        stderr=float(scored.std(ddof=1) / math.sqrt(scored.size)) if scored.size > 1 else None,
-        scored=int(scored.size),
-        dead=int(dead.sum()),
-        missing=int(missing.sum()),
-    )
-
-
-def method_scores(
-    predictions: Mapping[str, np.ndarray], activations: np.ndarray
-) -> dict[str, LayerScore]:
-    """`layer_score` of every method's (n, U) predictions against the same (n, U) activations."""
-    return {method: layer_score(values, activations) for method, values in predictions.items()}
-
-
-def _dead(activations: np.ndarray) -> np.ndarray:
-    """(U,) bool: the unit's activation is the same on every image."""
+def dead_units(activations: np.ndarray) -> np.ndarray:
+    """(U,) bool of (n, U) activations: the unit's activation is the same on every image."""
     return np.asarray(np.ptp(activations, axis=0) == 0)
 
 

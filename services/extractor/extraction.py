@@ -61,6 +61,12 @@ from services.common.probe_format import (
     write_concepts,
     write_label_chunk,
 )
+from services.common.spec_vocabulary import (
+    BATCH_SIZE,
+    DEFAULT_ACTIVATION_DTYPE,
+    IMAGE_CHUNK,
+    UNIT_BLOCK,
+)
 from services.common.store import ObjectStore
 from services.extractor.clip_models import ClipEncoder, ClipSource
 from services.extractor.hooks import (
@@ -93,10 +99,10 @@ class ComputeConfig:
     """How to run an extraction (ComputeSpec with defaults applied)."""
 
     device: str = "cpu"
-    batch_size: int = 32
-    unit_block: int = 64
-    image_chunk: int = 256
-    dtype: str = "float16"
+    batch_size: int = BATCH_SIZE.default
+    unit_block: int = UNIT_BLOCK.default
+    image_chunk: int = IMAGE_CHUNK.default
+    dtype: str = DEFAULT_ACTIVATION_DTYPE
     loader_threads: int = 2
     writer_threads: int = 2
     max_pending_writes: int = 4

@@ -25,6 +25,13 @@ from neurodissect.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.probe_format import ConceptTable, read_concepts
 from services.common.settings import Settings
+from services.common.spec_vocabulary import (
+    BATCH_SIZE,
+    DEFAULT_ACTIVATION_DTYPE,
+    IMAGE_CHUNK,
+    MAX_BAD_FRACTION,
+    UNIT_BLOCK,
+)
 from services.common.store import ObjectStore
 from services.extractor.clip_models import ClipEncoder, ClipSource, resolve_clip
 from services.extractor.datasets import DatasetRequest, open_dataset, toy_world_generation
@@ -43,10 +50,6 @@ from services.extractor.thumbnails import materialize
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_UNIT_BLOCK = 64
-DEFAULT_IMAGE_CHUNK = 256
-DEFAULT_MAX_BAD_FRACTION = 0.01
 TEXT_ENCODERS_KEPT = 2
 _LAYER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 
@@ -69,10 +72,10 @@ def compute_config(spec: common_pb2.ComputeSpec, settings: Settings) -> ComputeC
     """ComputeSpec with defaults: the server's device, batch 32, 64 units × 256 images."""
     return ComputeConfig(
         device=spec.device or settings.device,
-        batch_size=spec.batch_size or DEFAULT_BATCH_SIZE,
-        unit_block=spec.unit_block_size or DEFAULT_UNIT_BLOCK,
-        image_chunk=spec.image_chunk_size or DEFAULT_IMAGE_CHUNK,
-        dtype=spec.activation_dtype or "float16",
+        batch_size=BATCH_SIZE.value(spec.batch_size),
+        unit_block=UNIT_BLOCK.value(spec.unit_block_size),
+        image_chunk=IMAGE_CHUNK.value(spec.image_chunk_size),
+        dtype=spec.activation_dtype or DEFAULT_ACTIVATION_DTYPE,
         loader_threads=min(4, os.cpu_count() or 1),
     )
 
@@ -152,7 +155,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         max_bad = (
             request.dataset.max_bad_fraction
             if request.dataset.HasField("max_bad_fraction")
-            else DEFAULT_MAX_BAD_FRACTION
+            else MAX_BAD_FRACTION.default
         )
         extraction = Extraction(
             self.store,
@@ -240,7 +243,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
         if not request.HasField("dataset"):
             raise InvalidArgument("the probe dataset is required", field="dataset")
         dataset = open_dataset(dataset_request(request.dataset), self.settings)
-        table = self._stored_table(request.dataset_key or dataset.key(DEFAULT_IMAGE_CHUNK), dataset)
+        table = self._stored_table(request.dataset_key or dataset.key(IMAGE_CHUNK.default), dataset)
         keys = materialize(self.store, dataset, table, list(request.image_ids), request.size)
         return extractor_pb2.MaterializeResponse(keys=keys)
 

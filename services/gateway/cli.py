@@ -51,8 +51,9 @@ from rich.table import Table
 
 from services.common.errors import InvalidArgument, NeurodissectError
 from services.common.settings import SERVICES, Settings
+from services.common.spec_vocabulary import EXPORT_FORMATS
 from services.gateway import results
-from services.gateway.client import EXPORT_FORMATS, NeurodissectClient, export_csv, load_spec
+from services.gateway.client import NeurodissectClient, load_spec
 from services.gateway.jobs import TERMINAL, state_name
 from services.gateway.stack import LocalStack, StackError, available_services
 from services.gateway.validation import METHODS
@@ -307,13 +308,8 @@ def print_summary(job: common_pb2.Job) -> None:
     """The per-layer summaries of a job, as tables."""
     for summary in job.summary:
         table = Table("figure", "value", title=f"layer {summary.layer}")
-        table.add_row("units", str(summary.units))
-        table.add_row("NetDissect detectors", str(summary.detectors))
-        table.add_row("unique detector labels", str(summary.unique_labels))
-        table.add_row("dead units", str(summary.dead_units))
-        for method, mean in sorted(summary.simulation_mean.items()):
-            sem = summary.simulation_sem[method]
-            table.add_row(f"simulation ρ {method}", f"{mean:.3f} ± {sem:.3f}")
+        for figure, value in results.summary_rows(summary):
+            table.add_row(figure, value)
         console.print(table)
     if job.report_key:
         console.print(f"report: {job.report_key}", markup=False)
@@ -450,7 +446,7 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     """Write a layer's results in an export format, to --out or stdout."""
     with NeurodissectClient(settings) as client:
-        text = export_csv(args.layer, client.units(args.job, args.layer), args.format)
+        text = client.export(args.job, args.layer, args.format)
     if args.out:
         Path(args.out).write_text(text)
         console.print(f"wrote {args.out}", markup=False)

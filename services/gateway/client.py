@@ -29,7 +29,6 @@ from google.protobuf import json_format
 from neurodissect.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from services.common.client import call_metadata, open_channel, with_retry
-from services.common.errors import InvalidArgument
 from services.common.settings import Settings
 from services.gateway import results
 from services.gateway.jobs import TERMINAL
@@ -40,22 +39,6 @@ from services.gateway.spec_file import load_spec, spec_from_dict
 STREAM_TIMEOUT_S = 7 * 24 * 3600.0
 # Times in a row a broken WatchJob stream is opened again before giving up.
 WATCH_RECONNECTS = 8
-
-EXPORT_FORMATS = ("tally", "clip_dissect", "milan")
-
-def export_csv(layer: str, units: Iterable[common_pb2.UnitResult], export_format: str) -> str:
-    """One layer's results in an export format: tally, clip_dissect or milan."""
-    rows = list(units)
-    if export_format == "tally":
-        return results.tally_csv(rows)
-    if export_format == "clip_dissect":
-        return results.clip_dissect_csv(layer, rows)
-    if export_format == "milan":
-        return results.milan_csv(layer, rows)
-    raise InvalidArgument(
-        f"{export_format!r} is not an export format; use one of {', '.join(EXPORT_FORMATS)}",
-        field="format",
-    )
 
 
 class NeurodissectClient:
@@ -192,5 +175,11 @@ class NeurodissectClient:
         return [results.unit_dict(u) for u in self.units(job_id, layer, **filters)]
 
     def export(self, job_id: str, layer: str, export_format: str) -> str:
-        """A layer's results as CSV: `tally` (NetDissect-Lite), `clip_dissect` or `milan`."""
-        return export_csv(layer, self.units(job_id, layer), export_format)
+        """A layer's export file as its method stored it (`spec_vocabulary.EXPORT_FORMATS`).
+
+        `tally`: NetDissect-Lite's tally.csv with its pixel counts; `clip_dissect`:
+        `layer,unit,description,similarity`; `milan`: `layer,unit,description`.
+        """
+        request = gateway_pb2.ExportRequest(job_id=job_id, layer=layer, format=export_format)
+        chunks = self.stub.ExportLayer(request, timeout=STREAM_TIMEOUT_S, metadata=self.metadata)
+        return b"".join(chunk.data for chunk in chunks).decode()

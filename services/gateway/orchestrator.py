@@ -51,13 +51,15 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.metrics import JOB_ETA, JOB_LAST_PROGRESS, JOB_PROGRESS, QUEUE_LENGTH
+from services.common.result_store import covered, layer_summary
 from services.common.settings import Settings
+from services.common.spec_vocabulary import EXPLAIN_METHODS
 from services.common.store import ObjectStore
 from services.gateway import results
 from services.gateway.jobs import TERMINAL, JobStore, State, is_before
 from services.gateway.peers import Peers, peer_error
 from services.gateway.report import render_report
-from services.gateway.validation import EXPLAIN_METHODS, requested_methods
+from services.gateway.validation import requested_methods
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +399,7 @@ class Orchestrator:
         self._retrying(run, "explainer", attempt)
         n_units = self._n_units(job, request.layer)
         for method in request.methods:
-            if not results.covered(self.store, job.id, request.layer, method, n_units):
+            if not covered(self.store, job.id, request.layer, method, n_units):
                 raise FailedPrecondition(
                     f"explainer finished layer {request.layer!r} but did not store every unit"
                     f" block of {method!r}"
@@ -485,7 +487,7 @@ class Orchestrator:
         todo: dict[str, list[str]] = {}
         for layer in spec.layers:
             for method in methods:
-                if results.covered(self.store, job.id, layer, method, n_units[layer]):
+                if covered(self.store, job.id, layer, method, n_units[layer]):
                     done[(layer, method)] = n_units[layer]
                 else:
                     todo.setdefault(layer, []).append(method)
@@ -493,6 +495,9 @@ class Orchestrator:
         self._save(run, job, clock.progress(sum(done.values()), total, "starting"))
         if not todo:
             return
+        if spec.HasField("clip_dissect") or spec.linear.concepts == "clip":
+            self._save(run, job, clock.progress(
+                sum(done.values()), total, "embedding the concepts with CLIP (extractor)"))
         embeddings = self._method_embeddings(run, job, image_keys)
         for layer, layer_methods in todo.items():
             request = explainer_pb2.ExplainRequest(
@@ -524,7 +529,7 @@ class Orchestrator:
         done = {
             layer: n
             for layer, n in n_units.items()
-            if results.covered(self.store, job.id, layer, "milan", n)
+            if covered(self.store, job.id, layer, "milan", n)
         }
         clock = _StageClock("caption", "units")
         self._save(run, job, clock.progress(sum(done.values()), total, "starting"))
@@ -554,7 +559,7 @@ class Orchestrator:
                     raise Unavailable(f"captioner: stream for layer {layer!r} ended early")
 
             self._retrying(run, "captioner", attempt)
-            if not results.covered(self.store, job.id, layer, "milan", n_units[layer]):
+            if not covered(self.store, job.id, layer, "milan", n_units[layer]):
                 raise FailedPrecondition(
                     f"captioner finished layer {layer!r} but did not store every unit block"
                 )
@@ -569,7 +574,7 @@ class Orchestrator:
         todo = [
             layer
             for layer in spec.layers
-            if not results.covered(self.store, job.id, layer, "simulation", n_units[layer])
+            if not covered(self.store, job.id, layer, "simulation", n_units[layer])
         ]
         total = sum(n_units.values())
         done = {layer: n for layer, n in n_units.items() if layer not in todo}
@@ -586,6 +591,8 @@ class Orchestrator:
                 for text in results.unit_labels(unit)
             })
             if texts:
+                message = f"embedding {len(texts)} labels and captions with the simulator's CLIP"
+                self._save(run, job, clock.progress(sum(done.values()), total, message))
                 embeddings.image_key = self._image_key(image_keys, simulator)
                 embeddings.text_key = self._embed(
                     run, extractor_pb2.EmbedTextRequest(clip=simulator, texts=texts))
@@ -654,8 +661,8 @@ class Orchestrator:
         }
         del job.summary[:]
         job.summary.extend(
-            results.layer_summary(layer, self._n_units(job, layer), units)
-            for layer, units in layers.items()
+            layer_summary(self.store, job.id, layer, self._n_units(job, layer))
+            for layer in layers
         )
         images = self._thumbnails(run, job, layers)
         run.check()

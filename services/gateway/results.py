@@ -1,18 +1,9 @@
-"""Stored result blocks merged into UnitResult messages, layer summaries and exports.
+"""Stored results as the gateway shows them: UnitResult messages, filters, figures, tables.
 
-The explainer and the captioner store, per layer and method, one JSON object per
-unit block under `keys.result_block`: `{"units": [{"unit": 7, ...}, ...]}` where the
-other fields of a row are that method's result message in protobuf's JSON mapping
-(proto field names). Simulation rows carry the correlation of each method's
-explanation: `{"unit": 7, "simulation": {"netdissect": 0.31, ...}, "dead": false}`;
-a dead unit (constant activation) has `"dead": true` and "NaN" correlations.
-
-Exports (CSV text):
-- `tally_csv`: NetDissect-Lite's tally.csv, `unit` 1-based, rows by score descending.
-  The `-truth`, `-activation` and `-intersect` pixel counts are not part of
-  NetDissectResult and are left empty.
-- `clip_dissect_csv`: `layer,unit,description,similarity`.
-- `milan_csv`: `layer,unit,description`.
+The explainer and the captioner store result blocks, layer summaries and exports
+through `services.common.result_store`, which is also how they are read here. A
+dead unit (constant activation) has NaN simulation values in its UnitResult.
+Exports are served as their methods stored them (`result_store.read_export`).
 """
 
 from __future__ import annotations
@@ -21,7 +12,6 @@ import csv
 import io
 import math
 import re
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,52 +19,12 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from neurodissect.v1 import common_pb2, gateway_pb2
 
-from services.common import keys
+from services.common import result_store
+from services.common.result_store import UNIT_METHODS
+from services.common.spec_vocabulary import SCORING_METHOD
 from services.common.store import ObjectStore
 
-# Methods whose answers are fields of UnitResult, in display order.
-UNIT_METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "milan")
-
 _OPERATORS = re.compile(r"\bAND NOT\b|\bAND\b|\bOR\b|\bNOT\b|[()]")
-
-
-def block_ranges(
-    store: ObjectStore, job_id: str, layer: str, method: str
-) -> list[tuple[int, int, str]]:
-    """The stored unit blocks of one layer and method: (u0, u1, key), by u0."""
-    blocks = []
-    for key in store.list(keys.results_prefix(job_id, layer, method)):
-        name = key.rsplit("/", 1)[-1]
-        if not (name.startswith("u") and name.endswith(".json")):
-            continue
-        u0, u1 = keys.parse_span(name)
-        blocks.append((u0, u1, key))
-    return sorted(blocks)
-
-
-def covered(store: ObjectStore, job_id: str, layer: str, method: str, n_units: int) -> bool:
-    """Tell whether the stored blocks of `method` cover every unit [0, n_units) of `layer`."""
-    reached = 0
-    for u0, u1, _ in block_ranges(store, job_id, layer, method):
-        if u0 > reached:
-            return False
-        reached = max(reached, u1)
-    return reached >= n_units > 0
-
-
-def read_rows(
-    store: ObjectStore, job_id: str, layer: str, method: str, u0: int = 0, u1: int = 0
-) -> dict[int, dict[str, Any]]:
-    """Rows of `method` for units [u0, u1) (u1 = 0: all), by unit."""
-    rows: dict[int, dict[str, Any]] = {}
-    for b0, b1, key in block_ranges(store, job_id, layer, method):
-        if (u1 and b0 >= u1) or b1 <= u0:
-            continue
-        for row in store.get_json(key).get("units", []):
-            unit = int(row["unit"])
-            if unit >= u0 and (not u1 or unit < u1):
-                rows[unit] = row
-    return rows
 
 
 def _simulation_values(row: dict[str, Any]) -> dict[str, float]:
@@ -97,12 +47,14 @@ def unit_results(
         return units[number]
 
     for method in UNIT_METHODS:
-        for number, row in read_rows(store, job_id, layer, method, u0, u1).items():
+        for number, row in result_store.read_rows(store, job_id, layer, method, u0, u1).items():
             fields = {k: v for k, v in row.items() if k != "unit"}
             answer = getattr(unit(number), method)
             answer.SetInParent()  # the method ran: present even when every field is default
             json_format.ParseDict(fields, answer, ignore_unknown_fields=True)
-    for number, row in read_rows(store, job_id, layer, "simulation", u0, u1).items():
+    for number, row in result_store.read_rows(
+        store, job_id, layer, SCORING_METHOD, u0, u1
+    ).items():
         unit(number).simulation.update(_simulation_values(row))
     return [units[n] for n in sorted(units)]
 
@@ -144,35 +96,25 @@ def matches(unit: common_pb2.UnitResult, request: gateway_pb2.ListUnitsRequest) 
     return True
 
 
-def layer_summary(
-    layer: str, n_units: int, units: Sequence[common_pb2.UnitResult]
-) -> common_pb2.LayerSummary:
-    """Per-layer figures: NetDissect detectors and labels, mean simulation ρ ± s.e.m.
-
-    A unit whose simulation values are all non-finite (a dead unit: constant
-    activation) is counted in `dead_units` and left out of the means.
-    """
-    summary = common_pb2.LayerSummary(layer=layer, units=n_units)
-    detectors = [u.netdissect for u in units if u.HasField("netdissect") and u.netdissect.detector]
-    summary.detectors = len(detectors)
-    summary.unique_labels = len({d.label for d in detectors})
-    summary.detectors_per_category.update(Counter(d.category for d in detectors))
-    per_method: dict[str, list[float]] = {}
-    for unit in units:
-        values = dict(unit.simulation)
-        if values and not any(math.isfinite(v) for v in values.values()):
-            summary.dead_units += 1
-            continue
-        for method, value in values.items():
-            if math.isfinite(value):
-                per_method.setdefault(method, []).append(value)
-    for method, rhos in sorted(per_method.items()):
-        n = len(rhos)
-        mean = sum(rhos) / n
-        variance = sum((v - mean) ** 2 for v in rhos) / (n - 1) if n > 1 else 0.0
-        summary.simulation_mean[method] = mean
-        summary.simulation_sem[method] = math.sqrt(variance / n)
-    return summary
+def summary_rows(summary: common_pb2.LayerSummary) -> list[tuple[str, str]]:
+    """(figure, value) rows of a layer summary: units, then the figures of the methods that ran."""
+    rows = [("units", str(summary.units))]
+    if "netdissect" in summary.methods:
+        rows += [
+            ("NetDissect detectors", str(summary.detectors)),
+            ("unique detector labels", str(summary.unique_labels)),
+        ]
+        rows += [
+            (f"detectors ({category})", str(count))
+            for category, count in sorted(summary.detectors_per_category.items())
+        ]
+    if SCORING_METHOD in summary.methods:
+        rows.append(("dead units", str(summary.dead_units)))
+        rows += [
+            (f"simulation ρ {method}", f"{mean:.3f} ± {summary.simulation_sem[method]:.3f}")
+            for method, mean in sorted(summary.simulation_mean.items())
+        ]
+    return rows
 
 
 def message_dict(message: Message) -> dict[str, Any]:
@@ -199,53 +141,6 @@ def _csv(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def tally_csv(units: Sequence[common_pb2.UnitResult], categories: Sequence[str] = ()) -> str:
-    """NetDissect-Lite's tally.csv for the units that have a NetDissect answer.
-
-    `categories` fixes the per-category column order; empty: categories in the
-    order they first appear in the results.
-    """
-    dissected = [u for u in units if u.HasField("netdissect")]
-    order = list(categories) or list(
-        dict.fromkeys(c.category for u in dissected for c in u.netdissect.per_category)
-    )
-    header = ["unit", "category", "label", "score"]
-    for category in order:
-        header += [f"{category}-{col}" for col in ("label", "truth", "activation", "intersect")]
-        header.append(f"{category}-iou")
-    rows = []
-    for unit in sorted(dissected, key=lambda u: (-u.netdissect.iou, u.unit)):
-        nd = unit.netdissect
-        best = {c.category: c for c in nd.per_category}
-        row: list[object] = [unit.unit + 1, nd.category, nd.label, f"{nd.iou:.6f}"]
-        for category in order:
-            entry = best.get(category)
-            label, iou = (entry.label, f"{entry.iou:.6f}") if entry else ("", "")
-            row += [label, "", "", "", iou]
-        rows.append(row)
-    return _csv(header, rows)
-
-
-def clip_dissect_csv(layer: str, units: Sequence[common_pb2.UnitResult]) -> str:
-    """CLIP-Dissect's export: `layer,unit,description,similarity`."""
-    return _csv(
-        ["layer", "unit", "description", "similarity"],
-        (
-            [layer, u.unit, u.clip_dissect.label, f"{u.clip_dissect.score:.6f}"]
-            for u in units
-            if u.HasField("clip_dissect")
-        ),
-    )
-
-
-def milan_csv(layer: str, units: Sequence[common_pb2.UnitResult]) -> str:
-    """MILAN's export: `layer,unit,description`."""
-    return _csv(
-        ["layer", "unit", "description"],
-        ([layer, u.unit, u.milan.caption] for u in units if u.HasField("milan")),
-    )
 
 
 def table_csv(layer: str, units: Sequence[common_pb2.UnitResult]) -> str:

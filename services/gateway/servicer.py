@@ -19,6 +19,7 @@ from services.common.errors import (
     NotFound,
     ResourceExhausted,
 )
+from services.common.result_store import read_export
 from services.common.settings import Settings
 from services.common.store import ObjectStore
 from services.gateway import results
@@ -29,6 +30,10 @@ from services.gateway.validation import SpecValidator, with_defaults
 
 # How often a WatchJob stream re-checks that its client is still there.
 WATCH_POLL_S = 1.0
+
+
+# Bytes of an export file per ExportChunk message (well below gRPC's 4 MiB limit).
+EXPORT_CHUNK_BYTES = 1 << 20
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -173,3 +178,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """The model's layers and their output shapes, from the extractor."""
         self.validator.check_model(request.model)
         return self.peers.describe_model(request.model)
+
+    def ExportLayer(  # noqa: N802
+        self, request: gateway_pb2.ExportRequest, context: grpc.ServicerContext
+    ) -> Iterator[gateway_pb2.ExportChunk]:
+        """A layer's export file as its method stored it, in chunks."""
+        job = self.jobs.get(request.job_id)
+        data = read_export(self.store, job.id, self._layer(job, request.layer), request.format)
+        for start in range(0, len(data), EXPORT_CHUNK_BYTES):
+            yield gateway_pb2.ExportChunk(data=data[start : start + EXPORT_CHUNK_BYTES])

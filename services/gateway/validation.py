@@ -37,29 +37,39 @@ from services.common.clip_checkpoint import check_open_clip
 from services.common.concept_set import read_concept_set
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.common.settings import Settings
+from services.common.spec_vocabulary import (
+    ACTIVATION_DTYPES,
+    BATCH_SIZE,
+    BEAM,
+    CATEGORIES,
+    DATASET_KINDS,
+    DETECTOR_IOU,
+    FORMULA_LENGTH,
+    IMAGE_CHUNK,
+    IOU_MODES,
+    LENGTH_PENALTY,
+    LINEAR_CONCEPTS,
+    LINEAR_MAX_CONCEPTS,
+    MAX_BAD_FRACTION,
+    MAX_LAYERS,
+    MAX_TEXT,
+    MAX_TOP_K_PRIMITIVES,
+    MAX_UNITS_PER_JOB,
+    METHODS,
+    MILAN_BEAM,
+    MILAN_EXEMPLARS,
+    MILAN_MAX_TOKENS,
+    MODEL_SOURCES,
+    NETDISSECT_EXEMPLARS,
+    PMI_LAMBDA,
+    POOLINGS,
+    PREPROCESSING,
+    SIMILARITIES,
+    UNIT_BLOCK,
+    FloatField,
+    IntField,
+)
 from services.toyworld.limits import check_toy_world
-
-# Methods in the order they run and are shown; each is a field of DissectionSpec.
-METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "milan", "simulation")
-# Methods the explainer runs per layer in the EXPLAINING stage.
-EXPLAIN_METHODS = ("netdissect", "compositional", "clip_dissect", "linear")
-
-MODEL_SOURCES = ("torchvision", "timm", "torchscript", "toy")
-PREPROCESSING = ("imagenet", "netdissect", "clip")
-DATASET_KINDS = ("broden", "imagefolder", "toyworld")
-CATEGORIES = ("object", "part", "scene", "texture", "color", "material")
-IOU_MODES = ("lite", "netdissect", "all")
-SIMILARITIES = ("soft_wpmi", "wpmi", "cos", "cos_cubed", "rank_reorder")
-POOLINGS = ("mean", "max")
-LINEAR_CONCEPTS = ("label", "clip")
-ACTIVATION_DTYPES = ("float16", "float32")
-
-MAX_LAYERS = 32
-MAX_UNITS_PER_JOB = 200_000
-MAX_BATCH_SIZE = 4096
-MAX_UNIT_BLOCK = 8192
-MAX_IMAGE_CHUNK = 65_536
-MAX_TEXT = 256
 
 _LAYER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d{1,2})?)$")
@@ -99,6 +109,10 @@ def _int_range(value: int, low: int, high: int, field: str, zero_means: str = ""
     raise InvalidArgument(f"{value} is outside [{low}, {high}]{note}", field)
 
 
+def _count(value: int, spec_field: IntField, field: str) -> None:
+    _int_range(value, 0, spec_field.high, field, str(spec_field.default))
+
+
 def _open_unit(value: float, field: str) -> None:
     if not (math.isfinite(value) and 0.0 < value < 1.0):
         raise InvalidArgument(f"{value} is not strictly between 0 and 1", field)
@@ -107,6 +121,10 @@ def _open_unit(value: float, field: str) -> None:
 def _finite(value: float, field: str, low: float = -math.inf, high: float = math.inf) -> None:
     if not (math.isfinite(value) and low <= value <= high):
         raise InvalidArgument(f"{value} must be a finite number in [{low}, {high}]", field)
+
+
+def _bounded(value: float, spec_field: FloatField, field: str) -> None:
+    _finite(value, field, spec_field.low, spec_field.high)
 
 
 def _text(value: str, field: str) -> None:
@@ -226,7 +244,7 @@ class SpecValidator:
         for i, category in enumerate(dataset.categories):
             _choice(category, CATEGORIES, f"dataset.categories[{i}]", empty_ok=False)
         if dataset.HasField("max_bad_fraction"):
-            _finite(dataset.max_bad_fraction, "dataset.max_bad_fraction", 0.0, 1.0)
+            _bounded(dataset.max_bad_fraction, MAX_BAD_FRACTION, "dataset.max_bad_fraction")
 
     def _compute(self, compute: common_pb2.ComputeSpec) -> None:
         if compute.device and not _DEVICE.match(compute.device):
@@ -234,11 +252,9 @@ class SpecValidator:
                 f"{compute.device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'",
                 "compute.device",
             )
-        _int_range(compute.batch_size, 0, MAX_BATCH_SIZE, "compute.batch_size", "32")
-        _int_range(compute.unit_block_size, 0, MAX_UNIT_BLOCK, "compute.unit_block_size", "64")
-        _int_range(
-            compute.image_chunk_size, 0, MAX_IMAGE_CHUNK, "compute.image_chunk_size", "256"
-        )
+        _count(compute.batch_size, BATCH_SIZE, "compute.batch_size")
+        _count(compute.unit_block_size, UNIT_BLOCK, "compute.unit_block_size")
+        _count(compute.image_chunk_size, IMAGE_CHUNK, "compute.image_chunk_size")
         _choice(compute.activation_dtype, ACTIVATION_DTYPES, "compute.activation_dtype")
 
     def _clip(self, clip: common_pb2.ClipModelSpec, field: str) -> None:
@@ -261,15 +277,21 @@ class SpecValidator:
                 _open_unit(nd.top_quantile, "netdissect.top_quantile")
             _choice(nd.iou_mode, IOU_MODES, "netdissect.iou_mode")
             if nd.HasField("detector_threshold"):
-                _finite(nd.detector_threshold, "netdissect.detector_threshold", 0.0, 1.0)
-            _int_range(nd.exemplars, 0, 200, "netdissect.exemplars", "15")
+                _bounded(nd.detector_threshold, DETECTOR_IOU, "netdissect.detector_threshold")
+            _count(nd.exemplars, NETDISSECT_EXEMPLARS, "netdissect.exemplars")
         if spec.HasField("compositional"):
             comp = spec.compositional
-            _int_range(comp.beam, 0, 100, "compositional.beam", "5")
-            _int_range(comp.max_length, 0, 10, "compositional.max_length", "3")
-            _int_range(comp.top_k_primitives, 0, 100_000, "compositional.top_k_primitives", "all")
+            _count(comp.beam, BEAM, "compositional.beam")
+            _count(comp.max_length, FORMULA_LENGTH, "compositional.max_length")
+            _int_range(
+                comp.top_k_primitives,
+                0,
+                MAX_TOP_K_PRIMITIVES,
+                "compositional.top_k_primitives",
+                "all",
+            )
             if comp.HasField("length_penalty"):
-                _finite(comp.length_penalty, "compositional.length_penalty", 0.0, 10.0)
+                _bounded(comp.length_penalty, LENGTH_PENALTY, "compositional.length_penalty")
             if comp.HasField("top_quantile"):
                 _open_unit(comp.top_quantile, "compositional.top_quantile")
         if spec.HasField("clip_dissect"):
@@ -295,7 +317,12 @@ class SpecValidator:
                 _finite(lin.a, "linear.a", 0.0)
             if lin.HasField("b"):
                 _finite(lin.b, "linear.b")
-            _int_range(lin.max_concepts, 0, 100, "linear.max_concepts", "10")
+            if lin.max_concepts not in (0, LINEAR_MAX_CONCEPTS):
+                raise InvalidArgument(
+                    f"{lin.max_concepts} is not supported; LE selects at most"
+                    f" {LINEAR_MAX_CONCEPTS} concepts (0 = the default)",
+                    "linear.max_concepts",
+                )
             _int_range(lin.seed, 0, 2**31 - 1, "linear.seed")
         if spec.HasField("milan"):
             milan = spec.milan
@@ -306,11 +333,11 @@ class SpecValidator:
                         "milan.checkpoint_uri",
                     )
                 self.local_path(milan.checkpoint_uri, "milan.checkpoint_uri")
-            _int_range(milan.beam, 0, 500, "milan.beam", "50")
-            _int_range(milan.max_tokens, 0, 100, "milan.max_tokens", "15")
+            _count(milan.beam, MILAN_BEAM, "milan.beam")
+            _count(milan.max_tokens, MILAN_MAX_TOKENS, "milan.max_tokens")
             if milan.HasField("pmi_lambda"):
-                _finite(milan.pmi_lambda, "milan.pmi_lambda", 0.0, 10.0)
-            _int_range(milan.exemplars, 0, 100, "milan.exemplars", "15")
+                _bounded(milan.pmi_lambda, PMI_LAMBDA, "milan.pmi_lambda")
+            _count(milan.exemplars, MILAN_EXEMPLARS, "milan.exemplars")
             if milan.HasField("mask_quantile"):
                 _open_unit(milan.mask_quantile, "milan.mask_quantile")
         if spec.HasField("simulation") and spec.simulation.simulator.arch:

@@ -32,10 +32,10 @@ from neurodissect.v1 import (
 from services.captioner.backbones import build_encoder
 from services.captioner.captioner import Captioner
 from services.captioner.checkpoint import save_checkpoint
-from services.captioner.servicer import captions_key
 from services.captioner.vocabulary import Vocabulary
 from services.common import keys
 from services.common.client import wait_healthy
+from services.common.result_store import export_key
 from services.common.settings import Settings
 from services.common.store import LocalStore
 from tests.fixtures.ports import free_port
@@ -183,7 +183,7 @@ def test_caption_materializes_thumbnails_and_stores_results(service: Service) ->
         rows.update({row["unit"]: row for row in block["units"]})
     assert sorted(rows) == list(range(6))
     assert all(set(row) == {"unit", "caption", "logp_caption", "logp_lm"} for row in rows.values())
-    csv_lines = service.store.get(captions_key("grpc", LAYER)).decode().splitlines()
+    csv_lines = service.store.get(export_key("grpc", LAYER, "milan")).decode().splitlines()
     assert csv_lines[0] == "layer,unit,description" and len(csv_lines) == 7
 
     asked = {i for ids, _, _ in service.extractor.calls for i in ids}

@@ -15,11 +15,10 @@ import grpc
 import pytest
 from neurodissect.v1 import common_pb2, explainer_pb2, explainer_pb2_grpc
 
-from services.common import keys
+from services.common import keys, result_store
 from services.common.client import wait_healthy
 from services.common.settings import Settings
 from services.common.store import LocalStore
-from services.explainer import results_io
 from tests.fixtures.planted_layer import OBJECTS, TOP_QUANTILE, PlantedLayer, write_planted
 from tests.fixtures.ports import free_port
 from tests.fixtures.processes import stop
@@ -97,16 +96,16 @@ def test_explain_streams_progress_and_stores_every_block(explainer: Explainer) -
     for method in METHODS:
         last = [p for p in progress if p.method == method][-1]
         assert (last.units_done, last.units_total) == (planted.n_units, planted.n_units), method
-        rows = results_io.read_rows(store, "grpc", planted.layer, method)
+        rows = result_store.read_rows(store, "grpc", planted.layer, method)
         assert sorted(rows) == list(range(planted.n_units)), method
-    netdissect = results_io.read_rows(store, "grpc", planted.layer, "netdissect")
+    netdissect = result_store.read_rows(store, "grpc", planted.layer, "netdissect")
     objects = [u for u in range(planted.n_units) if planted.planted[u] in OBJECTS]
     assert [netdissect[u]["label"] for u in objects] == [planted.planted[u] for u in objects]
-    clip = results_io.read_rows(store, "grpc", planted.layer, "clip_dissect")
+    clip = result_store.read_rows(store, "grpc", planted.layer, "clip_dissect")
     assert [clip[u]["label"] for u in range(planted.n_units)] == list(planted.planted)
     assert store.exists(keys.result_summary("grpc", planted.layer, "netdissect"))
     assert store.exists(keys.result_summary("grpc", planted.layer, "simulation"))
-    tally = store.get(results_io.export_key("grpc", planted.layer, "netdissect", "tally.csv"))
+    tally = store.get(result_store.export_key("grpc", planted.layer, "tally"))
     assert tally.decode().splitlines()[0].startswith("unit,category,label,score")
 
 
@@ -150,7 +149,7 @@ def test_cancelled_call_stops_its_ray_tasks_and_the_server_keeps_serving(
         assert time.monotonic() < deadline, explainer.log.read_text()[-3000:]
         time.sleep(0.2)
     time.sleep(2)  # a task still running now would store its block meanwhile
-    stored = results_io.read_rows(store, "cancelled", big.layer, "netdissect")
+    stored = result_store.read_rows(store, "cancelled", big.layer, "netdissect")
     assert len(stored) < big.n_units
     progress = list(
         explainer.stub.Explain(_request(explainer.planted, ["netdissect"], "after"), timeout=300)

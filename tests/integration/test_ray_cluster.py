@@ -24,10 +24,10 @@ import grpc
 import pytest
 from neurodissect.v1 import common_pb2, explainer_pb2, explainer_pb2_grpc
 
+from services.common import result_store
 from services.common.client import wait_healthy
 from services.common.settings import Settings
 from services.common.store import LocalStore
-from services.explainer import results_io
 from tests.fixtures.planted_layer import PlantedLayer, write_planted
 from tests.fixtures.ports import free_port
 from tests.fixtures.processes import stop
@@ -94,7 +94,7 @@ def _explain(explainer: Explainer, job: str) -> dict[str, dict[int, dict]]:
     )
     progress = list(explainer.stub.Explain(request, timeout=300))
     assert progress[-1].finished
-    return {m: results_io.read_rows(explainer.store, job, planted.layer, m) for m in METHODS}
+    return {m: result_store.read_rows(explainer.store, job, planted.layer, m) for m in METHODS}
 
 
 def _retries(explainer: Explainer) -> float:

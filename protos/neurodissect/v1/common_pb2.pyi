@@ -220,7 +220,7 @@ class StageProgress(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., rate: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., unit: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class LayerSummary(_message.Message):
-    __slots__ = ("layer", "units", "detectors", "unique_labels", "detectors_per_category", "simulation_mean", "simulation_sem", "dead_units")
+    __slots__ = ("layer", "units", "detectors", "unique_labels", "detectors_per_category", "simulation_mean", "simulation_sem", "dead_units", "methods")
     class DetectorsPerCategoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +250,7 @@ class LayerSummary(_message.Message):
     SIMULATION_MEAN_FIELD_NUMBER: _ClassVar[int]
     SIMULATION_SEM_FIELD_NUMBER: _ClassVar[int]
     DEAD_UNITS_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
     layer: str
     units: int
     detectors: int
@@ -258,7 +259,8 @@ class LayerSummary(_message.Message):
     simulation_mean: _containers.ScalarMap[str, float]
     simulation_sem: _containers.ScalarMap[str, float]
     dead_units: int
-    def __init__(self, layer: _Optional[str] = ..., units: _Optional[int] = ..., detectors: _Optional[int] = ..., unique_labels: _Optional[int] = ..., detectors_per_category: _Optional[_Mapping[str, int]] = ..., simulation_mean: _Optional[_Mapping[str, float]] = ..., simulation_sem: _Optional[_Mapping[str, float]] = ..., dead_units: _Optional[int] = ...) -> None: ...
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, layer: _Optional[str] = ..., units: _Optional[int] = ..., detectors: _Optional[int] = ..., unique_labels: _Optional[int] = ..., detectors_per_category: _Optional[_Mapping[str, int]] = ..., simulation_mean: _Optional[_Mapping[str, float]] = ..., simulation_sem: _Optional[_Mapping[str, float]] = ..., dead_units: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "spec", "state", "created_at", "updated_at", "stages", "error", "bad_images", "bad_image_examples", "summary", "report_key", "dataset_key", "acts_keys", "attempt", "previous_error")

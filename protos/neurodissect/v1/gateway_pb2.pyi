@@ -51,6 +51,22 @@ class ListUnitsRequest(_message.Message):
     unit_end: int
     def __init__(self, job_id: _Optional[str] = ..., layer: _Optional[str] = ..., detectors_only: _Optional[bool] = ..., label: _Optional[str] = ..., min_iou: _Optional[float] = ..., unit_start: _Optional[int] = ..., unit_end: _Optional[int] = ...) -> None: ...
 
+class ExportRequest(_message.Message):
+    __slots__ = ("job_id", "layer", "format")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    layer: str
+    format: str
+    def __init__(self, job_id: _Optional[str] = ..., layer: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+
+class ExportChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
 class GetUnitRequest(_message.Message):
     __slots__ = ("job_id", "layer", "unit")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

@@ -75,6 +75,11 @@ class GatewayStub:
                 request_serializer=neurodissect_dot_v1_dot_common__pb2.DescribeModelRequest.SerializeToString,
                 response_deserializer=neurodissect_dot_v1_dot_common__pb2.DescribeModelResponse.FromString,
                 _registered_method=True)
+        self.ExportLayer = channel.unary_stream(
+                '/neurodissect.v1.Gateway/ExportLayer',
+                request_serializer=neurodissect_dot_v1_dot_gateway__pb2.ExportRequest.SerializeToString,
+                response_deserializer=neurodissect_dot_v1_dot_gateway__pb2.ExportChunk.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -129,6 +134,14 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportLayer(self, request, context):
+        """A layer's export file as its method stored it (tally.csv with its pixel counts,
+        CLIP-Dissect's or MILAN's descriptions), in chunks below the message limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +184,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.DescribeModel,
                     request_deserializer=neurodissect_dot_v1_dot_common__pb2.DescribeModelRequest.FromString,
                     response_serializer=neurodissect_dot_v1_dot_common__pb2.DescribeModelResponse.SerializeToString,
+            ),
+            'ExportLayer': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportLayer,
+                    request_deserializer=neurodissect_dot_v1_dot_gateway__pb2.ExportRequest.FromString,
+                    response_serializer=neurodissect_dot_v1_dot_gateway__pb2.ExportChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +407,33 @@ class Gateway:
             '/neurodissect.v1.Gateway/DescribeModel',
             neurodissect_dot_v1_dot_common__pb2.DescribeModelRequest.SerializeToString,
             neurodissect_dot_v1_dot_common__pb2.DescribeModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportLayer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/neurodissect.v1.Gateway/ExportLayer',
+            neurodissect_dot_v1_dot_gateway__pb2.ExportRequest.SerializeToString,
+            neurodissect_dot_v1_dot_gateway__pb2.ExportChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,12 +17,13 @@ from services.captioner.captioner import Captioner
 from services.captioner.checkpoint import save_checkpoint
 from services.captioner.exemplars import exemplar_masks, top_images, unit_thresholds
 from services.captioner.milannotations import load_milannotations
-from services.captioner.servicer import CaptionerServicer, captions_key
+from services.captioner.servicer import CaptionerServicer
 from services.captioner.stored_exemplars import block_exemplars
 from services.captioner.training import ModelDimensions, TrainingConfig, train_captioner
 from services.common import keys
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.metrics import UNITS_CAPTIONED
+from services.common.result_store import export_key
 from services.common.settings import Settings
 from services.common.store import LocalStore
 from tests.unit.captioner.stored_layer import (
@@ -124,7 +125,8 @@ def test_caption_names_each_units_colour_and_stores_every_block(
     assert UNITS_CAPTIONED._value.get() - before == 6
     # the manifest's unit block (4) sets the result blocks
     assert store.list(keys.results_prefix(JOB, LAYER, "milan")) == [
-        captions_key(JOB, LAYER),
+        export_key(JOB, LAYER, "milan"),
+        keys.result_summary(JOB, LAYER, "milan"),
         keys.result_block(JOB, LAYER, "milan", 0, 4),
         keys.result_block(JOB, LAYER, "milan", 4, 6),
     ]
@@ -135,7 +137,7 @@ def test_caption_names_each_units_colour_and_stores_every_block(
         assert unit_colour(unit) in str(row["caption"]).split()
         assert float(row["logp_caption"]) < 0 and float(row["logp_lm"]) < 0
 
-    table = list(csv.reader(io.StringIO(store.get(captions_key(JOB, LAYER)).decode())))
+    table = list(csv.reader(io.StringIO(store.get(export_key(JOB, LAYER, "milan")).decode())))
     assert table[0] == ["layer", "unit", "description"]
     assert table[1:] == [[LAYER, str(u), str(rows[u]["caption"])] for u in range(6)]
 

@@ -7,27 +7,26 @@ import math
 import numpy as np
 import pytest
 import torch
+from neurodissect.v1 import common_pb2
 
 from services.common.errors import InvalidArgument
+from services.common.result_store import message_row
+from services.common.spec_vocabulary import SIMILARITIES
 from services.explainer import clip_dissect
 from services.explainer.clip_dissect import (
-    METHODS,
     SOFT_WPMI,
     WPMI,
     WpmiParams,
     _leave_one_out_logsumexp,
     clip_similarity,
     describe_units,
-    descriptions_csv,
-    encode_concepts,
-    encode_images,
     layer_ranking,
     layer_similarity,
-    load_concepts,
     prepare_concepts,
     top_indices,
     unit_rows,
 )
+from services.explainer.methods.clip_dissect import ClipDissect, descriptions_csv, result_message
 
 
 def similarity_of(method: str, activations: np.ndarray, s: np.ndarray, block: int) -> np.ndarray:
@@ -56,84 +55,7 @@ def planted(
     return s.astype(np.float32), activations.astype(np.float32), concept_of_unit
 
 
-# --- concept sets -----------------------------------------------------------------
-
-
-def test_cr_only_file_loads_with_no_empty_concept() -> None:
-    concepts = load_concepts(b"dog\r\rcat\r  \r tree house \r")
-    assert concepts == ["dog", "cat", "tree house"]
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"dog\ncat\n\nsky\n",
-        b"dog\r\ncat\r\n\r\nsky\r\n",
-        b"dog\rcat\r\rsky",
-        b"\xef\xbb\xbfdog\r\ncat\n\rsky",
-        "dog\n\ncat\r\n  \nsky",
-    ],
-)
-def test_every_line_ending_gives_the_same_concepts(data: bytes | str) -> None:
-    assert load_concepts(data) == ["dog", "cat", "sky"]
-
-
-def test_blank_line_never_shifts_later_labels() -> None:
-    with_blank = load_concepts(b"a\n\n\nb\nc\n")
-    assert with_blank.index("c") == 2
-
-
-@pytest.mark.parametrize("data", [b"", b"\n \r\n\r", b"\xff\xfedog"])
-def test_bad_concept_sets_are_invalid_arguments(data: bytes) -> None:
-    with pytest.raises(InvalidArgument) as caught:
-        load_concepts(data)
-    assert caught.value.field == "concept_set"
-
-
-# --- embeddings -------------------------------------------------------------------
-
-
-class TinyClip(torch.nn.Module):
-    """A stand-in for an open_clip model: token counts and mean pixels, projected to D=3."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.text = torch.nn.Linear(4, 3)
-        self.image = torch.nn.Linear(3, 3)
-
-    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        return self.text(text.float())
-
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return self.image(image.mean(dim=(2, 3)))
-
-
-def tokenize(texts: list[str]) -> torch.Tensor:
-    return torch.tensor([[len(t), t.count("a"), t.count("e"), 1] for t in texts])
-
-
-def test_embeddings_are_unit_rows_and_batching_does_not_matter() -> None:
-    torch.manual_seed(0)
-    model = TinyClip().eval()
-    concepts = ["cat", "sea", "grass", "tree", "banana"]
-    text = encode_concepts(model, tokenize, concepts, batch_size=2)
-    assert text.shape == (5, 3) and text.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(
-        text, encode_concepts(model, tokenize, concepts, batch_size=64), rtol=1e-6
-    )
-
-    images = [np.full((4, 4, 3), i, dtype=np.float32) for i in range(5)]
-
-    def preprocess(image: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(image).permute(2, 0, 1) / 4.0
-
-    image = encode_images(model, preprocess, iter(images), batch_size=2)
-    assert image.shape == (5, 3)
-    np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, rtol=1e-6)
-    s = clip_similarity(image, text)
-    expected = [[float(np.dot(v, t)) for t in text] for v in image]
-    np.testing.assert_allclose(s, expected, rtol=1e-5, atol=1e-6)
+# --- similarity ----------------------------------------------------------------------
 
 
 def test_clip_similarity_has_no_logit_scale() -> None:
@@ -144,7 +66,7 @@ def test_clip_similarity_has_no_logit_scale() -> None:
 # --- labels -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SIMILARITIES)
 def test_every_planted_unit_is_named(method: str) -> None:
     s, activations, concept_of_unit = planted()
     sim = similarity_of(method, activations, s, block=5)
@@ -419,11 +341,13 @@ def test_leave_one_out_logsumexp_matches_the_direct_sum() -> None:
 
 def test_csv_export_has_the_reference_columns_and_quotes_commas() -> None:
     sim = np.array([[0.5, 2.0], [1.0, 0.0]], dtype=np.float32)
-    text = descriptions_csv("layer4", describe_units(sim, ["dog", "cat, tabby"]))
+    described = describe_units(sim, ["dog", "cat, tabby"])
+    rows = {d.unit: message_row(d.unit, result_message(d)) for d in reversed(described)}
+    text = descriptions_csv("layer4", rows)
     assert list(csv.reader(io.StringIO(text))) == [
         ["layer", "unit", "description", "similarity"],
-        ["layer4", "0", "cat, tabby", "2"],
-        ["layer4", "1", "dog", "1"],
+        ["layer4", "0", "cat, tabby", "2.000000"],
+        ["layer4", "1", "dog", "1.000000"],
     ]
 
 
@@ -456,5 +380,16 @@ def test_mismatched_image_counts_are_rejected() -> None:
         unit_rows("cos", activations[:20], prepare_concepts("cos", s))
 
 
-def test_default_method_is_soft_wpmi() -> None:
-    assert clip_dissect.DEFAULT_METHOD == "soft_wpmi"
+def test_default_similarity_is_soft_wpmi() -> None:
+    params = ClipDissect().params(common_pb2.DissectionSpec())
+    assert (params.similarity, params.pooling) == ("soft_wpmi", "mean")
+
+
+def test_cos_cubed_column_means_accumulate_in_float64() -> None:
+    # columns with a large mean and a small spread: a float32 mean is ~7e-6 off after the cube
+    rng = np.random.default_rng(7)
+    x = (rng.random((3000, 500)) * 0.1 + 1.0).astype(np.float32)
+    exact = x.astype(np.float64)
+    cubed = (exact - exact.mean(axis=0)) ** 3
+    expected = cubed / np.maximum(np.linalg.norm(cubed, axis=0), 1e-3)
+    assert np.abs(clip_dissect._columns_cubed(x) - expected).max() < 1e-6

@@ -15,13 +15,14 @@ import pytest
 from PIL import Image
 
 from services.common.probe_format import Concept, ConceptTable, LabelChunk
+from services.common.result_store import message_row
 from services.explainer import unit_masks, upsample
+from services.explainer.methods.netdissect import layer_summary, result_message
 from services.explainer.netdissect import (
     IoUTally,
     TallyCounts,
     dissect,
     iou,
-    summarize,
     tally_csv,
     unit_thresholds,
 )
@@ -388,9 +389,11 @@ def test_dissection_summary_and_tally_csv() -> None:
     assert [d.detector for d in result] == [True, True, False]
     assert result[0].best.iou == pytest.approx(50 / 150)
     assert result[0].per_category["color"].label == 5
-    summary = summarize(result, CATEGORIES)
-    assert summary.detectors == 2 and summary.unique_labels == 2
-    assert summary.detectors_per_category == {"object": 1, "part": 1, "scene": 0, "color": 0}
+    names = concepts.label_names()
+    rows = {d.unit: message_row(d.unit, result_message(d, names, concepts)) for d in result}
+    summary = layer_summary(rows)
+    assert summary["detectors"] == 2 and summary["unique_labels"] == 2
+    assert summary["detectors_per_category"] == {"object": 1, "part": 1}
 
     rows = list(csv.DictReader(io.StringIO(tally_csv(result, concepts))))
     expected_header = ["unit", "category", "label", "score"]

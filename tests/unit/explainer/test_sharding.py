@@ -13,7 +13,7 @@ import ray
 from neurodissect.v1 import common_pb2, explainer_pb2
 from prometheus_client import REGISTRY
 
-from services.common import keys
+from services.common import keys, result_store
 from services.common.errors import (
     Cancelled,
     InvalidArgument,
@@ -23,8 +23,9 @@ from services.common.errors import (
 )
 from services.common.settings import Settings
 from services.common.store import LocalStore
-from services.explainer import results_io, sharding
+from services.explainer import sharding
 from services.explainer.explain_plan import plan_request
+from services.explainer.methods import EXPLAINER_METHODS
 from services.explainer.servicer import explain
 from services.explainer.sharding import BlockOutcome, attempt_number, gather, unit_blocks
 from tests.fixtures.planted_layer import OBJECTS, TOP_QUANTILE, PlantedLayer, write_planted
@@ -137,11 +138,12 @@ def _request(
 def _run(
     store: LocalStore, request: explainer_pb2.ExplainRequest
 ) -> list[explainer_pb2.ExplainProgress]:
-    return list(explain(Settings(store_url=store.url), store, plan_request(store, request)))
+    plan = plan_request(store, request, EXPLAINER_METHODS)
+    return list(explain(Settings(store_url=store.url), store, plan))
 
 
 def _rows(store: LocalStore, job: str, layer: str, method: str) -> dict[int, dict]:
-    return results_io.read_rows(store, job, layer, method)
+    return result_store.read_rows(store, job, layer, method)
 
 
 def _close(a: object, b: object, rel: float) -> bool:
@@ -160,15 +162,15 @@ def _counter(name: str, **labels: str) -> float:
 
 
 def test_result_blocks_are_validated_before_they_are_written(store: LocalStore) -> None:
-    good = results_io.message_row(0, common_pb2.CompositionalResult(formula="a", length=1))
+    good = result_store.message_row(0, common_pb2.CompositionalResult(formula="a", length=1))
     with pytest.raises(ValueError, match="holds units"):
-        results_io.write_block(store, "j", "conv", "compositional", 0, 2, [good])
+        result_store.write_block(store, "j", "conv", "compositional", 0, 2, [good])
     with pytest.raises(ValueError, match="not valid"):
-        results_io.write_block(store, "j", "conv", "compositional", 0, 1, [{**good, "iou": "x"}])
+        result_store.write_block(store, "j", "conv", "compositional", 0, 1, [{**good, "iou": "x"}])
     with pytest.raises(ValueError, match="not valid"):
-        results_io.write_block(store, "j", "conv", "simulation", 0, 1, [{"unit": 0, "x": 1}])
+        result_store.write_block(store, "j", "conv", "simulation", 0, 1, [{"unit": 0, "x": 1}])
     assert not store.list("results/")
-    results_io.write_block(store, "j", "conv", "compositional", 0, 1, [good])
+    result_store.write_block(store, "j", "conv", "compositional", 0, 1, [good])
     assert store.get_json(keys.result_block("j", "conv", "compositional", 0, 1)) == {
         "units": [{"unit": 0, "formula": "a", "length": 1}]
     }
@@ -217,7 +219,7 @@ def test_a_failed_block_raises_its_own_error_and_is_counted(
     with pytest.raises(NotFound, match="acts/"):
         _run(store, _request(planted, ["netdissect"], 8))
     assert _counter("neurodissect_ray_task_failures_total") - failures == 1
-    assert not results_io.block_stored(store, "job", planted.layer, "netdissect", 8, 16)
+    assert not result_store.block_stored(store, "job", planted.layer, "netdissect", 8, 16)
 
 
 # -- explaining through Ray -----------------------------------------------------------------
@@ -265,17 +267,17 @@ def test_clip_dissect_labels_do_not_depend_on_the_requested_range(
 
 
 MARKERS = {
-    "netdissect": lambda u: results_io.message_row(
+    "netdissect": lambda u: result_store.message_row(
         u, common_pb2.NetDissectResult(label="MARKER", category="object")
     ),
-    "compositional": lambda u: results_io.message_row(
+    "compositional": lambda u: result_store.message_row(
         u, common_pb2.CompositionalResult(formula="MARKER", length=1)
     ),
-    "clip_dissect": lambda u: results_io.message_row(
+    "clip_dissect": lambda u: result_store.message_row(
         u, common_pb2.ClipDissectResult(label="MARKER", score=-1.0)
     ),
-    "linear": lambda u: results_io.message_row(u, common_pb2.LinearResult(explanation="MARKER")),
-    "simulation": lambda u: results_io.simulation_row(u, {"MARKER": 0.5}, dead=False),
+    "linear": lambda u: result_store.message_row(u, common_pb2.LinearResult(explanation="MARKER")),
+    "simulation": lambda u: result_store.simulation_row(u, {"MARKER": 0.5}, dead=False),
 }
 
 
@@ -284,7 +286,7 @@ def test_restart_skips_blocks_already_stored(
     local_ray: None, store: LocalStore, planted: PlantedLayer, method: str
 ) -> None:
     rows = [MARKERS[method](u) for u in range(7, 14)]
-    results_io.write_block(store, "job", planted.layer, method, 7, 14, rows)
+    result_store.write_block(store, "job", planted.layer, method, 7, 14, rows)
     explained = _counter("neurodissect_units_explained_total", method=method)
     progress = _run(store, _request(planted, [method], 7))
     assert progress[-1].finished
@@ -295,7 +297,7 @@ def test_restart_skips_blocks_already_stored(
     assert "MARKER" not in str(stored[0])
     assert _counter("neurodissect_units_explained_total", method=method) - explained == 13
     again = _run(store, _request(planted, [method], 7))
-    assert [p.message for p in again[:-1]] == ["already stored"]
+    assert [p.message for p in again[:-1]] == ["already stored", "layer summary and exports"]
     assert _rows(store, "job", planted.layer, method) == stored
 
 
@@ -303,8 +305,8 @@ def test_compositional_reuses_the_jobs_netdissect_thresholds(
     local_ray: None, store: LocalStore, planted: PlantedLayer
 ) -> None:
     never = common_pb2.NetDissectResult(label="car", category="object", threshold=1e9)
-    rows = [results_io.message_row(u, never) for u in range(0, 7)]
-    results_io.write_block(store, "job", planted.layer, "netdissect", 0, 7, rows)
+    rows = [result_store.message_row(u, never) for u in range(0, 7)]
+    result_store.write_block(store, "job", planted.layer, "netdissect", 0, 7, rows)
     _run(store, _request(planted, ["compositional"], 7))
     stored = _rows(store, "job", planted.layer, "compositional")
     # A threshold no activation reaches leaves an empty mask: no formula.
@@ -312,7 +314,7 @@ def test_compositional_reuses_the_jobs_netdissect_thresholds(
     assert [stored[u]["formula"] for u in (9, 10)] == list(planted.planted[9:11])
     request = _request(planted, ["compositional"], 7, job="other")
     request.spec.compositional.top_quantile = TOP_QUANTILE / 2
-    results_io.write_block(store, "other", planted.layer, "netdissect", 0, 7, rows)
+    result_store.write_block(store, "other", planted.layer, "netdissect", 0, 7, rows)
     _run(store, request)
     assert _rows(store, "other", planted.layer, "compositional")[0]["formula"]
 
@@ -331,8 +333,9 @@ def test_simulation_scores_every_method_and_counts_dead_units_apart(
     summary = store.get_json(keys.result_summary("job", planted.layer, "simulation"))
     assert summary["dead_units"] == 1 and summary["units"] == planted.n_units
     assert summary["simulator"] == "labels"
-    scores = summary["methods"]["clip_dissect"]
-    assert scores["units"] == planted.n_units - 1 and scores["mean"] > 0.9 and scores["sem"] > 0
+    assert summary["scored_units"]["clip_dissect"] == planted.n_units - 1
+    assert summary["simulation_mean"]["clip_dissect"] > 0.9
+    assert summary["simulation_sem"]["clip_dissect"] > 0
 
 
 def test_clip_concepts_for_linear_explanations_and_the_simulator(
@@ -350,7 +353,7 @@ def test_clip_concepts_for_linear_explanations_and_the_simulator(
     )
     summary = store.get_json(keys.result_summary("job", planted.layer, "simulation"))
     assert summary["simulator"].startswith("clip sigmoid")
-    assert summary["methods"]["linear"]["mean"] > 0.8
+    assert summary["simulation_mean"]["linear"] > 0.8
     split = store.get_json(keys.split(planted.dataset_key))
     assert (len(split["train"]), len(split["val"]), len(split["test"])) == (84, 12, 24)
 
@@ -382,7 +385,7 @@ def test_bad_requests_name_the_field(
         else:
             setattr(request, name, value)
     with pytest.raises(error) as caught:
-        plan_request(store, request)
+        plan_request(store, request, EXPLAINER_METHODS)
     assert caught.value.field == field
 
 
@@ -390,14 +393,14 @@ def test_missing_inputs_name_the_field(store: LocalStore, planted: PlantedLayer)
     request = _request(planted, ["clip_dissect"], 7)
     request.clip_dissect.text_key = "embed/text/none/none.npz"
     with pytest.raises(NotFound) as caught:
-        plan_request(store, request)
+        plan_request(store, request, EXPLAINER_METHODS)
     assert caught.value.field == "clip_dissect.text_key"
     request = _request(planted, ["clip_dissect"], 7)
     request.ClearField("clip_dissect")
     with pytest.raises(InvalidArgument) as caught:
-        plan_request(store, request)
+        plan_request(store, request, EXPLAINER_METHODS)
     assert caught.value.field == "clip_dissect.image_key"
     store.delete(keys.concepts(planted.dataset_key))
     with pytest.raises(NotFound) as caught:
-        plan_request(store, _request(planted, ["netdissect"], 7))
+        plan_request(store, _request(planted, ["netdissect"], 7), EXPLAINER_METHODS)
     assert caught.value.field == "dataset_key"

@@ -1,21 +1,38 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 
 from services.common.errors import InvalidArgument
 from services.explainer.linear import concept_moments, fit_units, split_images
+from services.explainer.methods.simulation import layer_summary, score_rows
+from services.explainer.simulated_predictions import Simulator
 from services.explainer.simulation import (
-    LayerScore,
-    layer_score,
-    method_scores,
     predict_formula,
     predict_label,
     predict_linear,
     unit_correlations,
 )
+
+
+def _summary(
+    p_sim: np.ndarray, activations: np.ndarray, rows: dict[str, list[dict[str, Any] | None]]
+) -> dict[str, Any]:
+    """The shipped layer summary of the shipped rows scoring `rows` against `activations`."""
+    sim = Simulator("labels", [f"c{i}" for i in range(p_sim.shape[1])], p_sim)
+    return layer_summary({r["unit"]: r for r in score_rows(0, sim, activations, rows)})
+
+
+def _identity_rows(n_units: int, absent: tuple[int, ...] = ()) -> list[dict[str, Any] | None]:
+    """Linear rows predicting unit u by P_sim column u (a concept P_sim lacks for `absent`)."""
+    return [
+        {"terms": [{"concept": "absent" if u in absent else f"c{u}", "weight": 1.0}]}
+        for u in range(n_units)
+    ]
+
 
 P_SIM = np.array(
     [[0.0, 1.0, 0.5], [1.0, 0.0, 0.25], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32
@@ -52,23 +69,21 @@ def test_dead_units_are_counted_apart_and_never_make_the_mean_nan() -> None:
     activations[:, 1] = 0.0
     activations[:, 3] = 2.5
     predictions = activations + rng.standard_normal((40, 5))
-    score = layer_score(predictions, activations)
+    summary = _summary(predictions, activations, {"linear": _identity_rows(5)})
     rho = unit_correlations(predictions, activations)
     live = rho[[0, 2, 4]]
     assert math.isnan(rho[1]) and math.isnan(rho[3])
-    assert (score.scored, score.dead, score.missing) == (3, 2, 0)
-    assert score.mean == pytest.approx(live.mean())
-    assert score.stderr == pytest.approx(live.std(ddof=1) / math.sqrt(3))
+    assert (summary["dead_units"], summary["scored_units"]["linear"]) == (2, 3)
+    assert summary["simulation_mean"]["linear"] == pytest.approx(live.mean())
+    assert summary["simulation_sem"]["linear"] == pytest.approx(live.std(ddof=1) / math.sqrt(3))
 
 
 def test_missing_predictions_are_counted_apart() -> None:
     rng = np.random.default_rng(2)
     activations = rng.standard_normal((30, 3))
-    predictions = activations.copy()
-    predictions[:, 2] = np.nan
-    score = layer_score(predictions, activations)
-    assert (score.scored, score.dead, score.missing) == (2, 0, 1)
-    assert score.mean == pytest.approx(1.0)
+    summary = _summary(activations, activations, {"linear": _identity_rows(3, absent=(2,))})
+    assert (summary["dead_units"], summary["scored_units"]["linear"]) == (0, 2)
+    assert summary["simulation_mean"]["linear"] == pytest.approx(1.0)
 
 
 def test_a_constant_prediction_of_a_live_unit_scores_zero() -> None:
@@ -77,8 +92,8 @@ def test_a_constant_prediction_of_a_live_unit_scores_zero() -> None:
 
 
 def test_a_layer_of_dead_units_has_no_mean() -> None:
-    score = layer_score(np.ones((5, 2)), np.zeros((5, 2)))
-    assert score == LayerScore(mean=None, stderr=None, scored=0, dead=2, missing=0)
+    summary = _summary(np.ones((5, 2)), np.zeros((5, 2)), {"linear": _identity_rows(2)})
+    assert summary["dead_units"] == 2 and summary["simulation_mean"] == {}
 
 
 def test_shapes_must_match() -> None:
@@ -94,12 +109,21 @@ def test_linear_explanations_beat_single_labels_on_the_test_split() -> None:
     ) + 0.3 * rng.standard_normal((4000, 2))
     split = split_images(4000, seed=5)
     explanations = fit_units(p, activations, split, concept_moments(p, split))
-    test_p, test_y = p[split.test], activations[split.test]
-    linear = np.column_stack(
-        [predict_linear(test_p, e.concepts, e.weights, e.bias) for e in explanations]
-    )
-    label = np.column_stack([predict_label(test_p, e.concepts[0]) for e in explanations])
-    scores = method_scores({"linear": linear, "label": label}, test_y)
-    assert scores["linear"].scored == 2 and scores["linear"].mean is not None
-    assert scores["label"].mean is not None
-    assert scores["linear"].mean > 0.9 > scores["label"].mean
+    names = [f"c{i}" for i in range(p.shape[1])]
+    rows: dict[str, list[dict[str, Any] | None]] = {
+        "linear": [
+            {
+                "terms": [
+                    {"concept": names[c], "weight": w}
+                    for c, w in zip(e.concepts, e.weights, strict=True)
+                ],
+                "bias": e.bias,
+            }
+            for e in explanations
+        ],
+        "netdissect": [{"label": names[e.concepts[0]]} for e in explanations],
+    }
+    summary = _summary(p[split.test], activations[split.test], rows)
+    assert summary["scored_units"] == {"linear": 2, "netdissect": 2}
+    means = summary["simulation_mean"]
+    assert means["linear"] > 0.9 > means["netdissect"]

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 
 import pytest
 from neurodissect.v1 import common_pb2, gateway_pb2
 
-from services.common import keys
+from services.common import keys, result_store
+from services.common.errors import InvalidArgument, NotFound
 from services.common.store import LocalStore
 from services.gateway import results
-from services.gateway.report import render_report
 
 JOB, LAYER = "0123456789abcdef", "layer4"
 
@@ -69,11 +67,11 @@ def test_an_answer_with_only_default_fields_is_still_an_answer(store: LocalStore
 
 
 def test_coverage_needs_every_unit(store: LocalStore) -> None:
-    assert results.covered(store, JOB, LAYER, "netdissect", 4)
-    assert not results.covered(store, JOB, LAYER, "netdissect", 5)
-    assert not results.covered(store, JOB, LAYER, "linear", 4)
+    assert result_store.covered(store, JOB, LAYER, "netdissect", 4)
+    assert not result_store.covered(store, JOB, LAYER, "netdissect", 5)
+    assert not result_store.covered(store, JOB, LAYER, "linear", 4)
     store.delete(keys.result_block(JOB, LAYER, "netdissect", 0, 2))
-    assert not results.covered(store, JOB, LAYER, "netdissect", 4)
+    assert not result_store.covered(store, JOB, LAYER, "netdissect", 4)
 
 
 def test_filters(store: LocalStore) -> None:
@@ -91,15 +89,30 @@ def test_filters(store: LocalStore) -> None:
     assert kept(label="grass", detectors_only=True) == [0, 2, 3]
 
 
-def test_layer_summary(store: LocalStore) -> None:
-    summary = results.layer_summary(LAYER, 4, results.unit_results(store, JOB, LAYER))
-    assert (summary.units, summary.detectors, summary.unique_labels) == (4, 3, 2)
+def test_layer_summary_holds_the_figures_of_the_methods_that_stored_one(
+    store: LocalStore,
+) -> None:
+    result_store.write_summary(store, JOB, LAYER, "netdissect", {
+        "units": 4, "detectors": 3, "unique_labels": 2,
+        "detectors_per_category": {"object": 2, "part": 1}})
+    result_store.write_summary(store, JOB, LAYER, "simulation", {
+        "units": 4, "dead_units": 1, "simulation_mean": {"netdissect": 0.3},
+        "simulation_sem": {"netdissect": 0.1}, "simulator": "labels"})
+    summary = result_store.layer_summary(store, JOB, LAYER, 5)
+    assert list(summary.methods) == ["netdissect", "simulation"]
+    assert (summary.layer, summary.units, summary.detectors, summary.unique_labels) == (
+        LAYER, 5, 3, 2)
     assert dict(summary.detectors_per_category) == {"object": 2, "part": 1}
-    assert summary.dead_units == 1
-    assert summary.simulation_mean["netdissect"] == pytest.approx(0.3)
-    assert summary.simulation_sem["netdissect"] == pytest.approx(0.2 / math.sqrt(3))
-    assert summary.simulation_mean["milan"] == pytest.approx(0.2)
-    assert summary.simulation_sem["milan"] == 0.0
+    assert summary.dead_units == 1 and dict(summary.simulation_mean) == {"netdissect": 0.3}
+    assert dict(results.summary_rows(summary))["simulation ρ netdissect"] == "0.300 ± 0.100"
+
+
+def test_summary_rows_show_only_the_methods_that_ran() -> None:
+    only_clip = common_pb2.LayerSummary(layer=LAYER, units=8, methods=["clip_dissect"])
+    assert results.summary_rows(only_clip) == [("units", "8")]
+    dissected = common_pb2.LayerSummary(layer=LAYER, units=8, detectors=0, methods=["netdissect"])
+    assert ("NetDissect detectors", "0") in results.summary_rows(dissected)
+    assert "dead units" not in dict(results.summary_rows(dissected))
 
 
 def test_unit_dicts_have_one_key_per_method(store: LocalStore) -> None:
@@ -108,37 +121,18 @@ def test_unit_dicts_have_one_key_per_method(store: LocalStore) -> None:
     assert row["netdissect"]["detector"] is False
 
 
-def test_tally_csv_is_netdissect_lite_shaped(store: LocalStore) -> None:
-    text = results.tally_csv(results.unit_results(store, JOB, LAYER))
-    rows = list(csv.DictReader(io.StringIO(text)))
-    assert list(rows[0])[:9] == ["unit", "category", "label", "score", "object-label",
-                                 "object-truth", "object-activation", "object-intersect",
-                                 "object-iou"]
-    assert [r["unit"] for r in rows] == ["1", "3", "4", "2"]  # 1-based, by score
-    assert rows[0]["color-label"] == "red" and rows[2]["part-label"] == "car <b>"
-
-
-def test_clip_dissect_and_milan_csv() -> None:
-    unit = common_pb2.UnitResult(layer=LAYER, unit=5)
-    unit.clip_dissect.label = "dog, small"
-    unit.clip_dissect.score = 1.5
-    unit.milan.caption = 'the "dog"'
-    assert results.clip_dissect_csv(LAYER, [unit]) == (
-        'layer,unit,description,similarity\nlayer4,5,"dog, small",1.500000\n')
-    assert results.milan_csv(LAYER, [unit]) == 'layer,unit,description\nlayer4,5,"the ""dog"""\n'
+def test_exports_are_served_as_their_method_stored_them(store: LocalStore) -> None:
+    with pytest.raises(NotFound) as caught:
+        result_store.read_export(store, JOB, LAYER, "tally")
+    assert caught.value.field == "layer" and "netdissect did not run" in str(caught.value)
+    result_store.write_export(store, JOB, LAYER, "tally", "unit,category\n1,object\n")
+    assert store.exists(f"results/{JOB}/{LAYER}/netdissect/tally.csv")
+    assert result_store.read_export(store, JOB, LAYER, "tally") == b"unit,category\n1,object\n"
+    with pytest.raises(InvalidArgument) as caught:
+        result_store.read_export(store, JOB, LAYER, "gradcam")
+    assert caught.value.field == "format"
 
 
 def test_formula_leaves() -> None:
     assert results.formula_leaves("(water OR river) AND NOT blue") == ["water", "river", "blue"]
     assert results.formula_leaves("traffic_light") == ["traffic_light"]
-
-
-def test_report_escapes_and_lists_every_method(store: LocalStore) -> None:
-    units = results.unit_results(store, JOB, LAYER)
-    job = common_pb2.Job(id=JOB, state=common_pb2.REPORTING)
-    job.summary.append(results.layer_summary(LAYER, 4, units))
-    page = render_report(job, {LAYER: units}, {9: "images/9.png"})
-    assert "car &lt;b&gt;" in page and "car <b>" not in page
-    assert "(dog OR cat) AND NOT grass" in page
-    assert page.count('src="images/9.png"') == 4
-    assert "0.3000 ± " in page

@@ -1,0 +1,118 @@
+"""The spec vocabulary: method names, enum values, numeric limits and defaults, defined once.
+
+Every service reads a DissectionSpec through these names: the gateway validates
+against them, the explainer, captioner and extractor apply the same defaults, so
+what the gateway accepts the services run. A proto field documented as
+"default 15" has its 15 here and nowhere else.
+
+`IntField(default, high)` describes an int32 field where 0 means the default and
+the allowed values are [0, high]; `FloatField(default, low, high)` an optional
+double field whose absence means the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+
+@dataclass(frozen=True)
+class IntField:
+    """An int32 spec field: 0 takes `default`, the allowed values are [0, `high`]."""
+
+    default: int
+    high: int
+
+    def value(self, given: int) -> int:
+        """The given value, or the default for 0."""
+        return given or self.default
+
+
+@dataclass(frozen=True)
+class FloatField:
+    """An optional double spec field: unset takes `default`, the allowed values [low, high]."""
+
+    default: float
+    low: float
+    high: float
+
+
+# -- methods --------------------------------------------------------------------------------
+
+# Every method is a field of DissectionSpec; this is the order they run and are shown in.
+METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "milan", "simulation")
+# The methods the explainer runs in the EXPLAINING stage, in running order: compositional
+# reuses netdissect's thresholds.
+EXPLAIN_METHODS = ("netdissect", "compositional", "clip_dissect", "linear")
+# The method the captioner runs in the CAPTIONING stage.
+CAPTION_METHOD = "milan"
+# The method that scores the others' stored answers, after them.
+SCORING_METHOD = "simulation"
+# The methods whose stored answers simulation scores.
+SCORED_METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "milan")
+
+# -- enums ----------------------------------------------------------------------------------
+
+MODEL_SOURCES = ("torchvision", "timm", "torchscript", "toy")
+PREPROCESSING = ("imagenet", "netdissect", "clip")
+DATASET_KINDS = ("broden", "imagefolder", "toyworld")
+CATEGORIES = ("object", "part", "scene", "texture", "color", "material")
+ActivationDtype = Literal["float16", "float32"]
+ACTIVATION_DTYPES: tuple[ActivationDtype, ...] = get_args(ActivationDtype)
+DEFAULT_ACTIVATION_DTYPE: ActivationDtype = "float16"
+
+IoUMode = Literal["lite", "netdissect", "all"]
+IOU_MODES: tuple[IoUMode, ...] = get_args(IoUMode)
+DEFAULT_IOU_MODE: IoUMode = "lite"
+
+Similarity = Literal["soft_wpmi", "wpmi", "cos", "cos_cubed"]
+SIMILARITIES: tuple[Similarity, ...] = get_args(Similarity)
+DEFAULT_SIMILARITY: Similarity = "soft_wpmi"
+
+Pooling = Literal["mean", "max"]
+POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
+DEFAULT_POOLING: Pooling = "mean"
+
+LinearConcepts = Literal["label", "clip"]
+LINEAR_CONCEPTS: tuple[LinearConcepts, ...] = get_args(LinearConcepts)
+DEFAULT_LINEAR_CONCEPTS: LinearConcepts = "label"
+
+# -- job and compute limits -----------------------------------------------------------------
+
+MAX_LAYERS = 32
+MAX_UNITS_PER_JOB = 200_000
+MAX_TEXT = 256
+BATCH_SIZE = IntField(default=32, high=4096)
+UNIT_BLOCK = IntField(default=64, high=8192)
+IMAGE_CHUNK = IntField(default=256, high=65_536)
+MAX_BAD_FRACTION = FloatField(default=0.01, low=0.0, high=1.0)
+
+# -- method parameters ----------------------------------------------------------------------
+
+TOP_QUANTILE = FloatField(default=0.005, low=0.0, high=1.0)  # strictly inside (0, 1)
+DETECTOR_IOU = FloatField(default=0.04, low=0.0, high=1.0)
+NETDISSECT_EXEMPLARS = IntField(default=15, high=200)
+
+BEAM = IntField(default=5, high=100)
+FORMULA_LENGTH = IntField(default=3, high=10)
+MAX_TOP_K_PRIMITIVES = 100_000  # 0: every label is a candidate
+LENGTH_PENALTY = FloatField(default=1.0, low=0.0, high=10.0)
+
+# LE selects at most this many concepts; `max_concepts` may only say so (or 0).
+LINEAR_MAX_CONCEPTS = 10
+
+MILAN_BEAM = IntField(default=50, high=500)
+MILAN_MAX_TOKENS = IntField(default=15, high=100)
+PMI_LAMBDA = FloatField(default=0.2, low=0.0, high=10.0)
+MILAN_EXEMPLARS = IntField(default=15, high=100)
+MASK_QUANTILE = FloatField(default=0.99, low=0.0, high=1.0)  # strictly inside (0, 1)
+
+# -- exports --------------------------------------------------------------------------------
+
+# Export format -> (the method that writes it, its file name beside the method's results).
+EXPORTS = {
+    "tally": ("netdissect", "tally.csv"),
+    "clip_dissect": ("clip_dissect", "descriptions.csv"),
+    "milan": ("milan", "captions.csv"),
+}
+EXPORT_FORMATS = tuple(EXPORTS)

@@ -1,0 +1,20 @@
+"""The explainer's methods, one module each behind `method_contract.ExplainMethod`.
+
+`EXPLAINER_METHODS` holds them by name in running order: compositional reuses
+netdissect's thresholds, simulation scores what the others stored. Adding a method
+adds its module here (and its field to the proto and `spec_vocabulary.METHODS`).
+"""
+
+from __future__ import annotations
+
+from services.explainer.method_contract import ExplainMethod
+from services.explainer.methods.clip_dissect import ClipDissect
+from services.explainer.methods.compositional import Compositional
+from services.explainer.methods.linear import LinearExplanations
+from services.explainer.methods.netdissect import NetDissect
+from services.explainer.methods.simulation import Simulation
+
+EXPLAINER_METHODS: dict[str, ExplainMethod] = {
+    m.name: m
+    for m in (NetDissect(), Compositional(), ClipDissect(), LinearExplanations(), Simulation())
+}

@@ -1,0 +1,198 @@
+"""Network Dissection as an explainer method: thresholds, IoU tally, detectors, tally.csv.
+
+Blocks stream their activations and the probe set's label maps chunk by chunk
+(`netdissect.unit_thresholds`, `netdissect.IoUTally`). Each block stores, besides
+its result rows, its part of NetDissect-Lite's tally.csv with the pixel counts
+(`truth`, `activation`, `intersect` per category), which are not part of
+NetDissectResult; the layer's tally.csv is merged from those parts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from neurodissect.v1 import common_pb2
+
+from services.common import keys
+from services.common.activations import iter_units
+from services.common.errors import InvalidArgument
+from services.common.probe_format import ConceptTable, read_label_chunk
+from services.common.result_store import message_row
+from services.common.spec_vocabulary import (
+    DEFAULT_IOU_MODE,
+    DETECTOR_IOU,
+    IOU_MODES,
+    NETDISSECT_EXEMPLARS,
+    TOP_QUANTILE,
+    IoUMode,
+)
+from services.common.store import ObjectStore
+from services.explainer import netdissect
+from services.explainer.explain_plan import ExplainPlan, check_choice, check_open_unit
+from services.explainer.method_contract import ExplainMethod, Shared
+from services.explainer.stage_runner import Stage
+
+
+@dataclass(frozen=True)
+class NetDissectParams:
+    """Threshold quantile, IoU denominator, detector IoU, exemplars per unit."""
+
+    top_quantile: float
+    iou_mode: IoUMode
+    detector_iou: float
+    exemplars: int
+
+
+def top_quantile(spec: common_pb2.DissectionSpec) -> float:
+    """`netdissect.top_quantile` of the spec, or its default."""
+    p = spec.netdissect
+    return p.top_quantile if p.HasField("top_quantile") else TOP_QUANTILE.default
+
+
+def tally_part_key(job_id: str, layer: str, u0: int, u1: int) -> str:
+    """Key of one block's rows of the tally (`results/J/layer4/netdissect/tally/u0-64.csv`).
+
+    Not a result block (not `.json`); merged into the layer's tally.csv.
+    """
+    prefix = keys.results_prefix(job_id, layer, NetDissect.name)
+    return f"{prefix}tally/{keys.span('u', u0, u1)}.csv"
+
+
+def merge_tally_parts(store: ObjectStore, job_id: str, layer: str) -> str:
+    """The layer's tally.csv from every stored block part: one header, rows by score descending.
+
+    Ties keep unit order, as `netdissect.tally_csv` over the whole layer does.
+    """
+    header: list[str] = []
+    rows: dict[int, list[str]] = {}
+    prefix = tally_part_key(job_id, layer, 0, 0).rsplit("/", 1)[0] + "/"
+    for key in store.list(prefix):
+        if not key.endswith(".csv"):
+            continue
+        lines = list(csv.reader(io.StringIO(store.get(key).decode())))
+        header = lines[0]
+        rows.update({int(line[0]): line for line in lines[1:]})
+    ordered = sorted(rows.values(), key=lambda line: (-float(line[3]), int(line[0])))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(ordered)
+    return out.getvalue()
+
+
+def layer_summary(rows: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """Detectors, unique detector labels and detectors per category of the best label.
+
+    `rows` are stored NetDissect rows (`{"unit", "label", "category", "detector", ...}`).
+    """
+    detectors = [r for r in rows.values() if r.get("detector", False)]
+    return {
+        "units": len(rows),
+        "detectors": len(detectors),
+        "unique_labels": len({r["label"] for r in detectors}),
+        "detectors_per_category": dict(Counter(r["category"] for r in detectors)),
+    }
+
+
+class NetDissect(ExplainMethod):
+    """Network Dissection (Bau et al. 2017; NetDissect-Lite's figures and tally.csv)."""
+
+    name = "netdissect"
+
+    def params(self, spec: common_pb2.DissectionSpec) -> NetDissectParams:
+        """NetDissectParams with defaults (quantile 0.005, `lite`, IoU 0.04, 15 exemplars)."""
+        p = spec.netdissect
+        if p.HasField("top_quantile"):
+            check_open_unit(p.top_quantile, "spec.netdissect.top_quantile")
+        check_choice(p.iou_mode, IOU_MODES, "spec.netdissect.iou_mode")
+        if p.exemplars < 0:
+            raise InvalidArgument(f"{p.exemplars} is negative", "spec.netdissect.exemplars")
+        mode = next((m for m in IOU_MODES if m == p.iou_mode), DEFAULT_IOU_MODE)
+        return NetDissectParams(
+            top_quantile=top_quantile(spec),
+            iou_mode=mode,
+            detector_iou=(
+                p.detector_threshold if p.HasField("detector_threshold") else DETECTOR_IOU.default
+            ),
+            exemplars=NETDISSECT_EXEMPLARS.value(p.exemplars),
+        )
+
+    def prepare(self, stage: Stage, params: Any) -> Generator[str, None, Shared]:
+        """The concept table, shared."""
+        yield "reading the concept table"
+        return (stage.shared.table_ref(),)
+
+    def block_rows(
+        self,
+        store: ObjectStore,
+        plan: ExplainPlan,
+        params: NetDissectParams,
+        u0: int,
+        u1: int,
+        *shared: Any,
+    ) -> list[dict[str, Any]]:
+        """Thresholds, IoU tally, bests and exemplars of units [u0, u1); stores its tally part.
+
+        Two streaming passes over the block's activations select the exact thresholds,
+        a third tallies masks against the label maps chunk by chunk.
+        """
+        (table,) = shared
+        thresholds = netdissect.unit_thresholds(
+            lambda: (acts for _, acts in iter_units(store, plan.manifest, u0, u1)),
+            params.top_quantile,
+        )
+        tally = netdissect.IoUTally(
+            thresholds,
+            table.label_categories(),
+            len(table.categories),
+            first_unit=u0,
+            top_k=params.exemplars,
+        )
+        for i0, acts in iter_units(store, plan.manifest, u0, u1):
+            tally.update(acts, read_label_chunk(store, plan.dataset_key, i0, i0 + len(acts)))
+        dissections = netdissect.dissect(
+            tally.result(), table, params.iou_mode, params.detector_iou
+        )
+        store.put(
+            tally_part_key(plan.job_id, plan.layer, u0, u1),
+            netdissect.tally_csv(dissections, table).encode(),
+        )
+        names = table.label_names()
+        return [message_row(d.unit, result_message(d, names, table)) for d in dissections]
+
+    def summary(
+        self, stage: Stage, params: Any, rows: Mapping[int, Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """Detectors and unique detector labels of the layer (`layer_summary`)."""
+        return layer_summary(rows)
+
+    def exports(
+        self, stage: Stage, params: Any, rows: Mapping[int, Mapping[str, Any]]
+    ) -> dict[str, str]:
+        """tally.csv with its pixel counts, merged from the blocks' parts."""
+        plan = stage.plan
+        return {"tally": merge_tally_parts(stage.store, plan.job_id, plan.layer)}
+
+
+def result_message(
+    d: netdissect.UnitDissection, names: dict[int, str], table: ConceptTable
+) -> common_pb2.NetDissectResult:
+    """The stored NetDissectResult of one unit's dissection (`names`: label number -> name)."""
+    return common_pb2.NetDissectResult(
+        label=names[d.best.label],
+        category=d.category,
+        iou=d.best.iou,
+        per_category=[
+            common_pb2.CategoryBest(category=c, label=names[m.label], iou=m.iou)
+            for c in table.categories
+            if (m := d.per_category.get(c)) is not None
+        ],
+        threshold=d.threshold,
+        detector=d.detector,
+        exemplars=list(d.exemplars),
+    )
