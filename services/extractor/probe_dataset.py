@@ -29,6 +29,8 @@ from services.common.probe_format import Concept, ConceptTable
 
 # Bumped when the stored label layout or row selection changes, so old caches are not reused.
 FORMAT_VERSION = 1
+# The largest image or label file read (a probe image is rarely above a few MB).
+MAX_FILE_BYTES = 256 << 20
 
 
 class UnreadableFile(Exception):
@@ -48,7 +50,10 @@ def confined(path: Path, root: Path) -> Path:
 
     `root` must be resolved already.
     """
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop
+        raise UnreadableFile(path, f"cannot be resolved: {exc}") from None
     if not resolved.is_relative_to(root):
         raise OutsideRoot(path, f"resolves to {resolved}, outside the dataset root {root}")
     return resolved
@@ -58,7 +63,8 @@ def read_confined(path: Path, root: Path) -> bytes:
     """The bytes of the regular file `path` inside `root`; UnreadableFile otherwise.
 
     The resolved path is opened without following a symlink in its last component and
-    checked to be a regular file (a FIFO or a device is refused before any read).
+    checked to be a regular file of at most MAX_FILE_BYTES (a FIFO, a device or a huge
+    file is refused before any read).
     """
     resolved = confined(path, root)
     try:
@@ -66,9 +72,12 @@ def read_confined(path: Path, root: Path) -> bytes:
     except OSError as exc:
         raise UnreadableFile(path, exc.strerror or type(exc).__name__) from None
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise UnreadableFile(path, "not a regular file")
-        return handle.read()
+        if info.st_size > MAX_FILE_BYTES:
+            raise UnreadableFile(path, f"{info.st_size} bytes, more than {MAX_FILE_BYTES}")
+        return handle.read(MAX_FILE_BYTES + 1)
 
 
 @dataclass(frozen=True)

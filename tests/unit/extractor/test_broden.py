@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.extractor import probe_dataset
 from services.extractor.broden import read_broden
 from services.extractor.probe_dataset import OutsideRoot, UnreadableFile
 
@@ -247,3 +248,23 @@ def test_a_label_file_that_is_no_regular_file_is_not_read(broden: Path) -> None:
     dataset = read_broden(broden)
     with pytest.raises(UnreadableFile, match=r"not a regular file"):
         dataset.load_labels(dataset.rows[0])
+
+
+def test_rows_whose_paths_cannot_be_resolved_are_unreadable(
+    broden: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = broden / "images"
+    (images / "loop_a.png").symlink_to(images / "loop_b.png")
+    (images / "loop_b.png").symlink_to(images / "loop_a.png")
+    with (broden / "index.csv").open("a", newline="") as handle:
+        csv.writer(handle).writerows([
+            ["nul\x00.png", 8, 8, "train", MASK, MASK, str(STREET), "", "", "", "", ""],
+            ["loop_a.png", 8, 8, "train", MASK, MASK, str(STREET), "", "", "", "", ""],
+        ])
+    dataset = read_broden(broden)
+    for row in dataset.rows[-2:]:
+        with pytest.raises(UnreadableFile):
+            dataset.load_image(row)
+    monkeypatch.setattr(probe_dataset, "MAX_FILE_BYTES", 16)
+    with pytest.raises(UnreadableFile, match=r"more than 16"):
+        dataset.load_image(dataset.rows[0])
