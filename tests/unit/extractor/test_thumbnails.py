@@ -18,6 +18,7 @@ from services.extractor.broden import read_broden
 from services.extractor.extraction import ComputeConfig, Extraction, ExtractionResult
 from services.extractor.models import ModelSource
 from services.extractor.servicer import ExtractorServicer
+from services.toyworld.generator import generate
 
 
 def test_materialize_thumbnails(tmp_path: Path, toy_root: Path, conv_source: ModelSource) -> None:
@@ -52,3 +53,24 @@ def test_materialize_thumbnails(tmp_path: Path, toy_root: Path, conv_source: Mod
         materialize(image_ids=[1])
     with pytest.raises(InvalidArgument, match="not the one stored"):
         materialize(dataset_key=result.dataset_key, image_ids=[1])
+
+
+def test_an_image_swapped_for_a_symlink_out_is_never_materialized(
+    tmp_path: Path, conv_source: ModelSource
+) -> None:
+    root = generate(tmp_path / "toy", 8, 32, seed=1)
+    store = LocalStore(tmp_path / "store")
+    result = list(Extraction(store, read_broden(root), conv_source, ["0"], ComputeConfig(
+        image_chunk=4)).run())[-1]
+    assert isinstance(result, ExtractionResult) and result.bad_images == 0
+    outside = tmp_path / "secret.png"
+    Image.fromarray(np.full((32, 32, 3), 7, dtype=np.uint8)).save(outside)
+    (root / "images" / "toy_000002.png").unlink()
+    (root / "images" / "toy_000002.png").symlink_to(outside)
+    servicer = ExtractorServicer(Settings(cache_dir=str(tmp_path / "cache")), store)
+    request = extractor_pb2.MaterializeRequest(
+        dataset=common_pb2.DatasetSpec(kind="broden", uri=str(root)),
+        dataset_key=result.dataset_key, image_ids=[2])
+    with pytest.raises(FailedPrecondition, match=r"cannot read probe image 2: .*outside"):
+        servicer.Materialize(request, None)  # type: ignore[arg-type]
+    assert not store.exists(keys.thumbnail(result.dataset_key, 2, 0))
