@@ -21,6 +21,7 @@ from neurodissect.v1 import captioner_pb2, common_pb2
 from services.captioner.checkpoint import TOY_CHECKPOINT
 from services.common.activations import (
     ActivationManifest,
+    check_name,
     requested_manifest,
     requested_units,
 )
@@ -37,7 +38,6 @@ from services.common.spec_vocabulary import (
 )
 from services.common.store import ObjectStore
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -75,16 +75,6 @@ class CaptionPlan:
             self.block_size,
         )
         return list(zip(edges, [*edges[1:], self.unit_end], strict=True))
-
-
-def _name(value: str, field: str) -> str:
-    if not value:
-        raise InvalidArgument("must not be empty", field)
-    if not _NAME.match(value):
-        raise InvalidArgument(
-            f"{value!r} may hold only letters, digits, '_', '.' and '-' (at most 200)", field
-        )
-    return value
 
 
 def _count(value: int, spec_field: IntField, field: str) -> int:
@@ -138,9 +128,9 @@ def plan_request(
     store: ObjectStore, request: captioner_pb2.CaptionRequest, settings: Settings
 ) -> CaptionPlan:
     """Check `request` against the store and settings; return its plan or raise naming the field."""
-    job_id = _name(request.job_id, "job_id")
-    layer = _name(request.layer, "layer")
-    acts_key = _name(request.acts_key, "acts_key")
+    job_id = check_name(request.job_id, "job_id")
+    layer = check_name(request.layer, "layer")
+    acts_key = check_name(request.acts_key, "acts_key")
     params = request.params
     beam = _count(params.beam, MILAN_BEAM, "milan.beam")
     max_tokens = _count(params.max_tokens, MILAN_MAX_TOKENS, "milan.max_tokens")

@@ -16,6 +16,7 @@ import numpy as np
 
 from services.common import keys
 from services.common.errors import InvalidArgument, NotFound
+from services.common.spec_vocabulary import NAME
 from services.common.store import ObjectStore
 
 
@@ -61,6 +62,17 @@ class ActivationManifest:
         """Unit ranges [u0, u1) of the stored chunks."""
         u = self.n_units
         return [(u0, min(u0 + self.unit_block, u)) for u0 in range(0, u, self.unit_block)]
+
+
+def check_name(value: str, field: str) -> str:
+    """Return a request's job id, layer or key `value`; InvalidArgument naming `field` if bad."""
+    if not value:
+        raise InvalidArgument("must not be empty", field)
+    if not NAME.match(value):
+        raise InvalidArgument(
+            f"{value!r} may hold only letters, digits, '_', '.' and '-' (at most 200)", field
+        )
+    return value
 
 
 def read_manifest(store: ObjectStore, acts_key: str, layer: str) -> ActivationManifest:

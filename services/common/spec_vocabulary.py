@@ -12,6 +12,7 @@ double field whose absence means the default.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -79,6 +80,8 @@ DEFAULT_LINEAR_CONCEPTS: LinearConcepts = "label"
 
 # -- job and compute limits -----------------------------------------------------------------
 
+# Layer names, job ids and store key parts: letters, digits, '_', '.', '-' (at most 200).
+NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 MAX_LAYERS = 32
 MAX_UNITS_PER_JOB = 200_000
 MAX_TEXT = 256

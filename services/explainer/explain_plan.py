@@ -11,14 +11,18 @@ together. Each method checks its own parameters and names the embeddings it need
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from neurodissect.v1 import common_pb2, explainer_pb2
 
-from services.common.activations import ActivationManifest, requested_manifest, requested_units
+from services.common.activations import (
+    ActivationManifest,
+    check_name,
+    requested_manifest,
+    requested_units,
+)
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.probe_format import ConceptTable, read_concepts
 from services.common.spec_vocabulary import UNIT_BLOCK
@@ -27,9 +31,6 @@ from services.explainer.sharding import unit_blocks
 
 if TYPE_CHECKING:
     from services.explainer.method_contract import ExplainMethod
-
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
-
 
 @dataclass(frozen=True)
 class ExplainPlan:
@@ -65,16 +66,6 @@ class ExplainPlan:
     def units_total(self) -> int:
         """Number of requested units."""
         return self.unit_end - self.unit_start
-
-
-def _name(value: str, field: str) -> str:
-    if not value:
-        raise InvalidArgument("must not be empty", field)
-    if not _NAME.match(value):
-        raise InvalidArgument(
-            f"{value!r} may hold only letters, digits, '_', '.' and '-' (at most 200)", field
-        )
-    return value
 
 
 def check_choice(value: str, allowed: Sequence[str], field: str) -> None:
@@ -130,11 +121,11 @@ def plan_request(
 
     `known` holds the explainer's methods by name, in running order.
     """
-    job_id = _name(request.job_id, "job_id")
-    layer = _name(request.layer, "layer")
+    job_id = check_name(request.job_id, "job_id")
+    layer = check_name(request.layer, "layer")
     methods = _methods(request, known)
-    dataset_key = _name(request.dataset_key, "dataset_key")
-    acts_key = _name(request.acts_key, "acts_key")
+    dataset_key = check_name(request.dataset_key, "dataset_key")
+    acts_key = check_name(request.acts_key, "acts_key")
     for method in methods:
         known[method].params(request.spec)
     block_size = request.spec.compute.unit_block_size or UNIT_BLOCK.default

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from services.common.spec_vocabulary import (
     DEFAULT_ACTIVATION_DTYPE,
     IMAGE_CHUNK,
     MAX_BAD_FRACTION,
+    NAME,
     UNIT_BLOCK,
 )
 from services.common.store import ObjectStore
@@ -51,7 +51,6 @@ from services.extractor.thumbnails import materialize
 log = logging.getLogger(__name__)
 
 TEXT_ENCODERS_KEPT = 2
-_LAYER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 
 
 def dataset_request(spec: common_pb2.DatasetSpec) -> DatasetRequest:
@@ -84,7 +83,7 @@ def check_layer_names(layers: list[str]) -> None:
     """InvalidArgument for a layer name that is no module path or is repeated."""
     seen: set[str] = set()
     for i, name in enumerate(layers):
-        if not _LAYER_NAME.match(name) or ".." in name:
+        if not NAME.match(name) or ".." in name:
             raise InvalidArgument(f"{name!r} is not a module path", field=f"layers[{i}]")
         if name in seen:
             raise InvalidArgument(f"{name!r} is listed twice", field=f"layers[{i}]")

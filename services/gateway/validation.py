@@ -60,6 +60,7 @@ from services.common.spec_vocabulary import (
     MILAN_EXEMPLARS,
     MILAN_MAX_TOKENS,
     MODEL_SOURCES,
+    NAME,
     NETDISSECT_EXEMPLARS,
     PMI_LAMBDA,
     POOLINGS,
@@ -71,7 +72,6 @@ from services.common.spec_vocabulary import (
 )
 from services.toyworld.limits import check_toy_world
 
-_LAYER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d{1,2})?)$")
 
 Describe = Callable[[common_pb2.ModelSpec], common_pb2.DescribeModelResponse]
@@ -215,7 +215,7 @@ class SpecValidator:
             )
         seen: set[str] = set()
         for i, name in enumerate(layers):
-            if not _LAYER_NAME.match(name):
+            if not NAME.match(name):
                 raise InvalidArgument(
                     f"{name!r} is not a module path (letters, digits, '_', '.', '-')",
                     f"layers[{i}]",
