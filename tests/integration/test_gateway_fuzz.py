@@ -118,7 +118,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
 SPEC = fake_spec(layers=("conv1",))
 
 
-@examples(30)
+@examples(20)
 @given(changes=mutations(SPEC))
 def test_mutated_specs(harness: Harness, changes: list[tuple[str, Any]]) -> None:
     harness.submit(mutated(SPEC, changes))
@@ -149,7 +149,7 @@ def test_random_values_in_every_request_field(
 _OPS = st.sampled_from(["submit", "submit_cancel", "cancel", "get", "watch", "units", "unit"])
 
 
-@examples(8)
+@examples(6)
 @given(ops=st.lists(st.tuples(_OPS, st.integers(0, 20), st.sampled_from(["conv1", "conv2", ""])),
                     min_size=1, max_size=6))
 def test_sequences_of_calls(harness: Harness, ops: list[tuple[str, int, str]]) -> None:
