@@ -31,12 +31,16 @@ class Settings:
     s3_secret_key: str = ""
     s3_secure: bool = False
     s3_region: str = ""
+    # How long an object-store call retries transient failures (an outage) before failing.
+    store_retry_s: float = 900.0
     ray_address: str = ""
     # Ray CPUs of a locally started Ray (0 = all cores).
     ray_num_cpus: int = 0
     host: str = "127.0.0.1"
     port: int = 0  # 0: the service's default port
     metrics_port: int = -1  # -1: the service's default metrics port; 0: disabled
+    # HTTP port of the web UI, which the gateway process serves (0: not served).
+    ui_port: int = 8080
     gateway_addr: str = "127.0.0.1:50051"
     extractor_addr: str = "127.0.0.1:50052"
     explainer_addr: str = "127.0.0.1:50053"
@@ -46,6 +50,10 @@ class Settings:
     tls_key: str = ""
     tls_ca: str = ""
     max_concurrent_jobs: int = 2
+    # A job stage whose peer streams no progress for this long is cancelled and retried,
+    # up to this many times; then the job fails naming the silent peer.
+    stage_no_progress_s: float = 900.0
+    stage_no_progress_retries: int = 2
     max_queued_jobs: int = 100
     device: str = "cpu"
     cache_dir: str = "./var/cache"
@@ -92,6 +100,7 @@ class Settings:
             secret_key=self.s3_secret_key,
             secure=self.s3_secure,
             region=self.s3_region,
+            retry_s=self.store_retry_s,
         )
 
     def replace(self, **changes: Any) -> Settings:

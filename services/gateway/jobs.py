@@ -102,30 +102,35 @@ class JobStore:
     """Jobs persisted in an object store, with change notification for watchers.
 
     One gateway process owns the jobs of a store. All writes go through this
-    class, under one lock; `wait_for_change` lets WatchJob streams sleep until a
-    job they follow is written again.
+    class, under one lock, and are written through to the store; reads answer from
+    the copy this process holds of what it last wrote, so `status` and `jobs` answer
+    while the store is unreachable. `wait_for_change` lets WatchJob streams sleep
+    until a job they follow is written again.
     """
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
+        self._lock = threading.RLock()  # serializes writes (held while the store is written)
+        self._changed = threading.Condition()  # its own lock: watchers never wait on a write
         self._versions: dict[str, int] = {}
         self._states: dict[str, State] = {}
-        for job in self.list():
-            self._states[job.id] = job.state
+        self._jobs: dict[str, bytes] = {}  # serialized, so readers never share a message
+        for key in self.store.list(keys.jobs_prefix()):
+            if key.endswith("/job.json"):
+                job = job_from_json(self.store.get_json(key))
+                self._states[job.id] = job.state
+                self._jobs[job.id] = job.SerializeToString()
         self._publish_counts()
 
     # -- reading ---------------------------------------------------------------------------
 
     def get(self, job_id: str) -> common_pb2.Job:
-        """Load one job; NotFound if there is none with that id."""
+        """One job as last written; NotFound if there is none with that id."""
         check_job_id(job_id)
-        try:
-            data = self.store.get_json(keys.job(job_id))
-        except NotFound:
-            raise NotFound(f"no job {job_id!r}", field="job_id") from None
-        return job_from_json(data)
+        data = self._jobs.get(job_id)
+        if data is None:
+            raise NotFound(f"no job {job_id!r}", field="job_id")
+        return common_pb2.Job.FromString(data)
 
     def list(
         self, states: Iterable[State] = (), limit: int = 0
@@ -133,10 +138,8 @@ class JobStore:
         """Jobs, newest first, optionally only those in `states`, at most `limit` (0 = all)."""
         wanted = set(states)
         jobs = []
-        for key in self.store.list(keys.jobs_prefix()):
-            if not key.endswith("/job.json"):
-                continue
-            job = job_from_json(self.store.get_json(key))
+        for data in list(self._jobs.values()):
+            job = common_pb2.Job.FromString(data)
             if not wanted or job.state in wanted:
                 jobs.append(job)
         jobs.sort(key=lambda j: (j.created_at.ToNanoseconds(), j.id), reverse=True)
@@ -247,10 +250,12 @@ class JobStore:
 
     def _write(self, job: common_pb2.Job) -> None:
         self.store.put_json(keys.job(job.id), job_to_json(job))
+        self._jobs[job.id] = job.SerializeToString()
         self._states[job.id] = job.state
-        self._versions[job.id] = self._versions.get(job.id, 0) + 1
         self._publish_counts()
-        self._changed.notify_all()
+        with self._changed:
+            self._versions[job.id] = self._versions.get(job.id, 0) + 1
+            self._changed.notify_all()
 
     def _publish_counts(self) -> None:
         counts = dict.fromkeys(common_pb2.JobState.values(), 0)
@@ -264,7 +269,7 @@ class JobStore:
 
     def version(self, job_id: str) -> int:
         """How many times this process has written `job_id` (0 if never)."""
-        with self._lock:
+        with self._changed:
             return self._versions.get(job_id, 0)
 
     def wait_for_change(self, job_id: str, seen: int, timeout: float) -> int:

@@ -1,10 +1,13 @@
 """The gateway process: `build(settings).start().wait()`.
 
 On start it resumes every job that is not terminal, from what the object store
-holds; on stop it leaves running jobs as stored, to be resumed by the next start.
+holds, and serves the web UI on `settings.ui_port` (0: not served); on stop it
+leaves running jobs as stored, to be resumed by the next start.
 """
 
 from __future__ import annotations
+
+import logging
 
 import grpc
 from neurodissect.v1 import gateway_pb2, gateway_pb2_grpc
@@ -15,6 +18,11 @@ from services.gateway.jobs import JobStore
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.peers import Peers
 from services.gateway.servicer import GatewayServicer
+from services.gateway.store_watch import StoreWatch
+from services.gateway.webui.data import JobReader
+from services.gateway.webui.server import WebUI
+
+log = logging.getLogger(__name__)
 
 
 class GatewayServer(ServiceServer):
@@ -24,8 +32,12 @@ class GatewayServer(ServiceServer):
         store = settings.open_store()
         self.jobs = JobStore(store)
         self.peers = Peers(settings)
+        self.store_watch = StoreWatch(store)
         self.orchestrator = Orchestrator(settings, store, self.jobs, self.peers)
-        servicer = GatewayServicer(settings, store, self.jobs, self.orchestrator, self.peers)
+        servicer = GatewayServicer(
+            settings, store, self.jobs, self.orchestrator, self.peers, self.store_watch
+        )
+        self.web_ui = WebUI(settings, JobReader(store, self.peers.materialize))
 
         def register(server: grpc.Server) -> list[str]:
             gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
@@ -34,14 +46,27 @@ class GatewayServer(ServiceServer):
         super().__init__("gateway", settings, register, max_workers=64)
 
     def start(self) -> GatewayServer:
-        """Start serving, then resume the stored jobs that are not terminal."""
+        """Start serving gRPC and the web UI, then resume the stored jobs that are not terminal.
+
+        A UI port that cannot be bound is logged and the gateway serves without the UI:
+        the API and the running jobs matter more than the pages.
+        """
         super().start()
+        self.store_watch.start()
+        if self.settings.ui_port:
+            try:
+                self.web_ui.start()
+                log.info("web UI at %s", self.web_ui.url)
+            except OSError as exc:
+                log.error("web UI not served: port %d: %s", self.settings.ui_port, exc)
         self.orchestrator.resume()
         return self
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop the running jobs (their state stays stored), then the server."""
         self.orchestrator.close()
+        self.store_watch.stop()
+        self.web_ui.stop()
         super().stop(grace)
         self.peers.close()
 

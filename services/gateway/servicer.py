@@ -26,10 +26,13 @@ from services.gateway import results
 from services.gateway.jobs import TERMINAL, JobStore
 from services.gateway.orchestrator import Orchestrator
 from services.gateway.peers import Peers
+from services.gateway.store_watch import StoreWatch
 from services.gateway.validation import SpecValidator, with_defaults
 
-# How often a WatchJob stream re-checks that its client is still there.
+# How often a WatchJob stream re-checks that its client is still there (and the store).
 WATCH_POLL_S = 1.0
+# Share of the RPC deadline a call may spend retrying the store before it answers UNAVAILABLE.
+STORE_SHARE = 0.8
 
 
 # Bytes of an export file per ExportChunk message (well below gRPC's 4 MiB limit).
@@ -46,9 +49,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         jobs: JobStore,
         orchestrator: Orchestrator,
         peers: Peers,
+        store_watch: StoreWatch,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.store_watch = store_watch
         self.jobs = jobs
         self.orchestrator = orchestrator
         self.peers = peers
@@ -70,8 +75,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> common_pb2.Job:
         """Validate a spec, store a QUEUED job and queue it (or return the idempotent twin).
 
-        The twin is retried (validated anew) when it FAILED.
+        During a store outage it fails fast with UNAVAILABLE, and a store that stops
+        answering meanwhile is retried only within the RPC deadline.
         """
+        self.store_watch.check_reachable()
+        with self.store.deadline(self.settings.rpc_timeout_s * STORE_SHARE):
+            return self._submit(request)
+
+    def _submit(self, request: common_pb2.DissectionSpec) -> common_pb2.Job:
+        """A new job, the idempotent twin, or the twin's retry when it FAILED (validated anew)."""
         existing = self._existing(request)
         if existing is not None and existing.state != common_pb2.FAILED:
             return existing
@@ -92,21 +104,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def GetJob(  # noqa: N802
         self, request: gateway_pb2.GetJobRequest, context: grpc.ServicerContext
     ) -> common_pb2.Job:
-        """The stored job."""
-        return self.jobs.get(request.job_id)
+        """The job as last stored, saying so when it waits for the object store."""
+        return self.store_watch.decorate(self.jobs.get(request.job_id))
 
     def WatchJob(  # noqa: N802
         self, request: gateway_pb2.GetJobRequest, context: grpc.ServicerContext
     ) -> Iterator[gateway_pb2.JobEvent]:
         """Stream the job on every change (state, progress, ETA) until it is terminal."""
         seen = self.jobs.version(request.job_id)
-        job = self.jobs.get(request.job_id)
+        job = self.store_watch.decorate(self.jobs.get(request.job_id))
         yield gateway_pb2.JobEvent(job=job)
         while job.state not in TERMINAL and context.is_active():
             version = self.jobs.wait_for_change(job.id, seen, WATCH_POLL_S)
-            if version != seen:
-                seen = version
-                job = self.jobs.get(job.id)
+            latest = self.store_watch.decorate(self.jobs.get(job.id))
+            if version != seen or latest != job:  # written, or the store went or came back
+                seen, job = version, latest
                 yield gateway_pb2.JobEvent(job=job)
 
     def ListJobs(  # noqa: N802
@@ -115,9 +127,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Jobs, newest first, optionally filtered by state."""
         if request.limit < 0:
             raise InvalidArgument(f"{request.limit} is negative (0 = all)", field="limit")
-        return gateway_pb2.ListJobsResponse(
-            jobs=self.jobs.list(states=request.states, limit=request.limit)
-        )
+        jobs = self.jobs.list(states=request.states, limit=request.limit)
+        return gateway_pb2.ListJobsResponse(jobs=[self.store_watch.decorate(job) for job in jobs])
 
     def CancelJob(  # noqa: N802
         self, request: gateway_pb2.GetJobRequest, context: grpc.ServicerContext
@@ -152,9 +163,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         if not 0.0 <= request.min_iou <= 1.0:
             raise InvalidArgument(f"{request.min_iou} is outside [0, 1]", field="min_iou")
-        units = results.unit_results(
-            self.store, job.id, layer, request.unit_start, request.unit_end
-        )
+        with self.store.deadline(self.settings.rpc_timeout_s * STORE_SHARE):
+            units = results.unit_results(
+                self.store, job.id, layer, request.unit_start, request.unit_end
+            )
         for unit in units:
             if results.matches(unit, request):
                 yield unit
@@ -167,7 +179,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         layer = self._layer(job, request.layer)
         if request.unit < 0:
             raise InvalidArgument(f"{request.unit} is negative", field="unit")
-        found = results.unit_results(self.store, job.id, layer, request.unit, request.unit + 1)
+        with self.store.deadline(self.settings.rpc_timeout_s * STORE_SHARE):
+            found = results.unit_results(
+                self.store, job.id, layer, request.unit, request.unit + 1
+            )
         if not found:
             raise NotFound(f"no results for unit {request.unit} of layer {layer!r} yet", "unit")
         return found[0]
