@@ -1,0 +1,665 @@
+"""Spatial compositional formulas: operators, printing and parsing, ImRoU scores, beam search.
+
+Follows specs/compositional_spatial.md (reference: Harth 2022, rafaelharth/indres, a
+fork of jayelm/compexp). Masks are `spatial_masks` bitboards on the unit's
+activation grid: (N, W) uint64 per formula, N images.
+
+A formula is a primitive (a label, or its expansion `label-X`), `NOT f`, an n-ary
+AND or OR (flattened: `(A AND NOT B) AND NOT C` is `A AND NOT (B OR C)`), or one of
+the spatial operators:
+
+- `A WITH B`: A in the images where B is non-empty anywhere, empty elsewhere;
+- `A CLOSE TO B`: the cells of A with a B cell within distance √5; `A CLOSE TO (B1 & B2)`
+  needs every Bi close (it is `(A CLOSE TO B1) CLOSE TO B2`);
+- `A CLOSE B` = (A CLOSE TO B) OR (B CLOSE TO A).
+
+Scores of a formula F against the unit's mask M_u, P cells per image, n_i = |M_u|
+and l_i = |F| in image i, I = Σ |M_u ∩ F|, U = Σn + Σl − I:
+IoU = I / U; ImRoU_r = (I − (r/P)·Σ n_i·l_i) / U; imroun = ImRoU_r divided by its
+value at F = M_u, (Σn − (r/P)·Σn²) / Σn.
+
+Length = number of leaves (primitives).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union, get_args
+
+import numpy as np
+
+from services.explainer.spatial_masks import Grid, nonempty, popcount
+
+Score = Literal["iou", "imroun"]
+SCORES: tuple[Score, ...] = get_args(Score)
+OperatorSet = Literal["boolean", "close"]
+OPERATOR_SETS: tuple[OperatorSet, ...] = get_args(OperatorSet)
+IMROU_R = 0.75
+EXPANDED = "-X"
+
+
+@dataclass(frozen=True)
+class Primitive:
+    """A label's grid mask, or its one-step expansion (`label-X`) when `expanded`."""
+
+    label: int
+    expanded: bool = False
+
+
+@dataclass(frozen=True)
+class Not:
+    """The complement over every cell of every image."""
+
+    operand: Formula
+
+
+@dataclass(frozen=True)
+class And:
+    """Every operand (two or more, none an And)."""
+
+    operands: tuple[Formula, ...]
+
+
+@dataclass(frozen=True)
+class Or:
+    """Any operand (two or more, none an Or)."""
+
+    operands: tuple[Formula, ...]
+
+
+@dataclass(frozen=True)
+class With:
+    """`left` in the images where `right` is non-empty."""
+
+    left: Formula
+    right: Formula
+
+
+@dataclass(frozen=True)
+class CloseTo:
+    """The cells of `left` with a cell of every target within distance √5."""
+
+    left: Formula
+    targets: tuple[Formula, ...]
+
+
+@dataclass(frozen=True)
+class Close:
+    """(left CLOSE TO right) OR (right CLOSE TO left)."""
+
+    left: Formula
+    right: Formula
+
+
+Formula = Union[Primitive, Not, And, Or, With, CloseTo, Close]  # noqa: UP007 (runtime alias)
+Spatial = (With, CloseTo, Close)
+
+
+def disjoin(left: Formula, right: Formula) -> Or:
+    """`left OR right`, flattened."""
+    return Or(_flat(left, Or) + _flat(right, Or))
+
+
+def conjoin(left: Formula, right: Formula) -> And:
+    """`left AND right`, flattened."""
+    return And(_flat(left, And) + _flat(right, And))
+
+
+def and_not(left: Formula, right: Formula) -> And:
+    """`left AND NOT right`; a negated operand of `left` absorbs `right` by OR."""
+    if isinstance(left, And):
+        for k, operand in enumerate(left.operands):
+            if isinstance(operand, Not):
+                merged = Not(disjoin(operand.operand, right))
+                return And((*left.operands[:k], merged, *left.operands[k + 1:]))
+    return conjoin(left, Not(right))
+
+
+def close_to(left: Formula, right: Formula) -> CloseTo:
+    """`left CLOSE TO right`; `(A CLOSE TO B) CLOSE TO C` is `A CLOSE TO (B & C)`."""
+    if isinstance(left, CloseTo):
+        return CloseTo(left.left, (*left.targets, right))
+    return CloseTo(left, (right,))
+
+
+def _flat(formula: Formula, kind: type[And] | type[Or]) -> tuple[Formula, ...]:
+    return formula.operands if isinstance(formula, kind) else (formula,)
+
+
+def primitives(formula: Formula) -> list[Primitive]:
+    """The formula's leaves, left to right; its length is their number."""
+    if isinstance(formula, Primitive):
+        return [formula]
+    return [p for child in _children(formula) for p in primitives(child)]
+
+
+def _children(formula: Formula) -> tuple[Formula, ...]:
+    if isinstance(formula, Primitive):
+        return ()
+    if isinstance(formula, Not):
+        return (formula.operand,)
+    if isinstance(formula, And | Or):
+        return formula.operands
+    if isinstance(formula, CloseTo):
+        return (formula.left, *formula.targets)
+    return (formula.left, formula.right)
+
+
+def canonical_key(formula: Formula) -> object:
+    """A key equal for formulas equal up to the order of commutative operands."""
+    if isinstance(formula, Primitive):
+        return (formula.label, formula.expanded)
+    if isinstance(formula, Not):
+        return ("NOT", canonical_key(formula.operand))
+    if isinstance(formula, And | Or):
+        return (type(formula).__name__, frozenset(canonical_key(o) for o in formula.operands))
+    if isinstance(formula, CloseTo):
+        targets = frozenset(canonical_key(t) for t in formula.targets)
+        return ("CLOSE TO", canonical_key(formula.left), targets)
+    if isinstance(formula, Close):
+        return ("CLOSE", frozenset((canonical_key(formula.left), canonical_key(formula.right))))
+    return ("WITH", canonical_key(formula.left), canonical_key(formula.right))
+
+
+def well_formed(formula: Formula) -> bool:
+    """No `A op A` and no repeated operand under one AND, OR or target list."""
+    if isinstance(formula, Primitive):
+        return True
+    if isinstance(formula, And | Or):
+        operands: Sequence[Formula] = formula.operands
+    elif isinstance(formula, CloseTo):
+        operands = (formula.left, *formula.targets)
+    elif isinstance(formula, With | Close):
+        operands = (formula.left, formula.right)
+    else:
+        operands = ()
+    keys = {canonical_key(o) for o in operands}
+    return len(keys) == len(operands) and all(well_formed(c) for c in _children(formula))
+
+
+# -- printing and parsing ------------------------------------------------------------------
+
+_KEYWORDS = ("AND", "OR", "NOT", "WITH", "CLOSE", "TO")
+
+
+def format_formula(formula: Formula, names: Mapping[int, str]) -> str:
+    """Print with label names, e.g. `(A OR B-X) CLOSE TO C`, `A AND NOT (B OR C)`.
+
+    Operands of AND and OR that are other operations, and compound operands of NOT
+    and of the spatial operators, are parenthesised; several CLOSE TO targets print
+    as `(B1 & B2)`. Odd names (keywords, parentheses, quotes, `&`, a `-X` ending,
+    stray spaces) are written as JSON strings.
+    """
+    if isinstance(formula, Primitive):
+        return _quote(names[formula.label]) + (EXPANDED if formula.expanded else "")
+    if isinstance(formula, Not):
+        return f"NOT {_operand(formula.operand, names)}"
+    if isinstance(formula, And | Or):
+        word = " AND " if isinstance(formula, And) else " OR "
+        return word.join(
+            format_formula(o, names) if isinstance(o, Primitive | Not) else _operand(o, names)
+            for o in formula.operands
+        )
+    left = _operand(formula.left, names)
+    if isinstance(formula, CloseTo):
+        if len(formula.targets) == 1:
+            return f"{left} CLOSE TO {_operand(formula.targets[0], names)}"
+        return f"{left} CLOSE TO ({' & '.join(_operand(t, names) for t in formula.targets)})"
+    word = "WITH" if isinstance(formula, With) else "CLOSE"
+    return f"{left} {word} {_operand(formula.right, names)}"
+
+
+def _operand(formula: Formula, names: Mapping[int, str]) -> str:
+    text = format_formula(formula, names)
+    return text if isinstance(formula, Primitive) else f"({text})"
+
+
+def _quote(name: str) -> str:
+    words = name.split(" ")
+    plain = (
+        name
+        and all(words)
+        and not any(w.upper() in _KEYWORDS for w in words)
+        and not name.endswith(EXPANDED)
+        and re.fullmatch(r'[^()"&\s]+( [^()"&\s]+)*', name)
+    )
+    return name if plain else '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_TOKEN = re.compile(r'\s*(?:(\()|(\))|(&)|"((?:[^"\\]|\\.)*)"(-X)?|([^()"&\s]+))')
+
+
+def parse_formula(text: str, numbers: Mapping[str, int]) -> Formula:
+    """Parse `format_formula`'s output back into a formula; ValueError if malformed.
+
+    Precedence NOT > AND > OR > the spatial operators (left-associative); consecutive
+    bare words form one name, a trailing `-X` marks an expansion; `numbers` maps
+    names to label numbers.
+    """
+    tokens: list[tuple[str, str]] = []  # kind: "(", ")", "&", "op", "word", "quoted", "quoted-X"
+    position, end = 0, len(text.rstrip())
+    while position < end:
+        match = _TOKEN.match(text, position)
+        if not match:
+            raise ValueError(f"cannot read formula {text!r} at character {position}")
+        position = match.end()
+        opening, closing, amp, quoted, expanded, word = match.groups()
+        if opening or closing or amp:
+            tokens.append((opening or closing or amp, ""))
+        elif quoted is not None:
+            kind = "quoted-X" if expanded else "quoted"
+            tokens.append((kind, re.sub(r"\\(.)", r"\1", quoted)))
+        elif word.upper() in _KEYWORDS:
+            tokens.append(("op", word.upper()))
+        else:
+            tokens.append(("word", word))
+    parser = _Parser(tokens, numbers, text)
+    formula = parser.spatial()
+    if parser.at < len(tokens):
+        raise ValueError(f"unexpected {tokens[parser.at][1] or tokens[parser.at][0]!r} in {text!r}")
+    return formula
+
+
+class _Parser:
+    """Recursive descent, loosest first: spatial, disjunction, conjunction, negation."""
+
+    def __init__(self, tokens: list[tuple[str, str]], numbers: Mapping[str, int], text: str):
+        self.tokens, self.numbers, self.text, self.at = tokens, numbers, text, 0
+
+    def _kind(self) -> str | None:
+        return self.tokens[self.at][0] if self.at < len(self.tokens) else None
+
+    def _take(self, kind: str, text: str = "") -> bool:
+        if self.at < len(self.tokens) and self.tokens[self.at] == (kind, text):
+            self.at += 1
+            return True
+        return False
+
+    def spatial(self) -> Formula:
+        formula = self.disjunction()
+        while True:
+            if self._take("op", "WITH"):
+                formula = With(formula, self.disjunction())
+            elif self._take("op", "CLOSE"):
+                if self._take("op", "TO"):
+                    for target in self.targets():
+                        formula = close_to(formula, target)
+                else:
+                    formula = Close(formula, self.disjunction())
+            else:
+                return formula
+
+    def targets(self) -> list[Formula]:
+        """One operand, or a parenthesised `&` list of them."""
+        start = self.at
+        if self._take("("):
+            listed = [self.spatial()]
+            while self._take("&"):
+                listed.append(self.spatial())
+            if len(listed) > 1:
+                self._close()
+                return listed
+            self.at = start
+        return [self.disjunction()]
+
+    def _close(self) -> None:
+        if not self._take(")"):
+            raise ValueError(f"missing ')' in {self.text!r}")
+
+    def disjunction(self) -> Formula:
+        formula = self.conjunction()
+        while self._take("op", "OR"):
+            formula = disjoin(formula, self.conjunction())
+        return formula
+
+    def conjunction(self) -> Formula:
+        formula = self.negation()
+        while self._take("op", "AND"):
+            formula = conjoin(formula, self.negation())
+        return formula
+
+    def negation(self) -> Formula:
+        if self._take("op", "NOT"):
+            return Not(self.negation())
+        if self._take("("):
+            formula = self.spatial()
+            self._close()
+            return formula
+        kind = self._kind()
+        if kind in ("quoted", "quoted-X"):
+            name, expanded = self.tokens[self.at][1], kind == "quoted-X"
+            self.at += 1
+        elif kind == "word":
+            words = []
+            while self._kind() == "word":
+                words.append(self.tokens[self.at][1])
+                self.at += 1
+            name = " ".join(words)
+            expanded = name.endswith(EXPANDED)
+            name = name.removesuffix(EXPANDED) if expanded else name
+        else:
+            raise ValueError(f"expected a label name in {self.text!r}")
+        if name not in self.numbers:
+            raise ValueError(f"unknown label {name!r} in {self.text!r}")
+        return Primitive(self.numbers[name], expanded)
+
+
+# -- masks and scores ----------------------------------------------------------------------
+
+
+def evaluate(formula: Formula, leaf: Callable[[Primitive], np.ndarray], grid: Grid) -> np.ndarray:
+    """The formula's (N, W) uint64 bitboards; `leaf` gives each primitive's."""
+    if isinstance(formula, Primitive):
+        return leaf(formula)
+    if isinstance(formula, Not):
+        return grid.complement(evaluate(formula.operand, leaf, grid))
+    if isinstance(formula, And | Or):
+        masks = [evaluate(o, leaf, grid) for o in formula.operands]
+        out = masks[0].copy()
+        for mask in masks[1:]:
+            out = out & mask if isinstance(formula, And) else out | mask
+        return out
+    return _spatial(formula, [evaluate(o, leaf, grid) for o in _operands(formula)], grid)
+
+
+def _operands(formula: With | CloseTo | Close) -> tuple[Formula, ...]:
+    """(left, right), or (left, *targets) of CLOSE TO."""
+    if isinstance(formula, CloseTo):
+        return (formula.left, *formula.targets)
+    return (formula.left, formula.right)
+
+
+def _rebuild(formula: With | CloseTo | Close, operands: tuple[Formula, ...]) -> Formula:
+    """The spatial formula of the same operator over `operands` (as `_operands` orders them)."""
+    if isinstance(formula, CloseTo):
+        return CloseTo(operands[0], operands[1:])
+    return type(formula)(operands[0], operands[1])
+
+
+def _spatial(formula: With | CloseTo | Close, masks: Sequence[np.ndarray], grid: Grid
+             ) -> np.ndarray:
+    """The operator of `formula` over its operands' (..., N, W) masks (broadcast)."""
+    left = masks[0]
+    if isinstance(formula, CloseTo):
+        for target in masks[1:]:
+            left = left & grid.neighbourhood(target)
+        return left
+    right = masks[1]
+    if isinstance(formula, With):
+        return left * nonempty(right)[..., None]
+    return (left & grid.neighbourhood(right)) | (right & grid.neighbourhood(left))
+
+
+@dataclass(frozen=True)
+class Scores:
+    """IoU, ImRoU_r and imroun of K formulas: three (K,) float64 arrays."""
+
+    iou: np.ndarray
+    imrou: np.ndarray
+    imroun: np.ndarray
+
+    def of(self, score: Score) -> np.ndarray:
+        """The (K,) scores a search ranks by."""
+        return self.iou if score == "iou" else self.imroun
+
+
+@dataclass(frozen=True)
+class UnitMask:
+    """The unit's thresholded map: bitboards (N, W) uint64, n_i (N,) int64, and its sums."""
+
+    bits: np.ndarray
+    cells: int  # P per image
+    r: float = IMROU_R
+
+    @property
+    def counts(self) -> np.ndarray:
+        """(N,) int64 n_i."""
+        return popcount(self.bits)
+
+    def normaliser(self) -> float:
+        """ImRoU_r at F = M_u: (Σn − (r/P)·Σn²) / Σn (0 for a unit that never fires)."""
+        n = self.counts
+        total = int(n.sum())
+        return (total - self.r / self.cells * float(n @ n)) / total if total else 0.0
+
+
+def score_masks(unit: UnitMask, masks: np.ndarray, rows: slice = slice(None)) -> Scores:
+    """Scores of (K, n, W) formula masks over images `rows` of the unit's (N, W) bitboards."""
+    bits = unit.bits[rows]
+    n = popcount(bits)
+    area = popcount(masks)  # (K, n) l_i
+    inside = popcount(masks & bits).sum(axis=-1)
+    union = int(n.sum()) + area.sum(axis=-1) - inside
+    safe = np.maximum(union, 1)
+    iou = np.where(union > 0, inside / safe, 0.0)
+    imrou = np.where(union > 0, (inside - unit.r / unit.cells * (area @ n)) / safe, 0.0)
+    normaliser = unit.normaliser()
+    imroun = imrou / normaliser if normaliser > 0 else np.zeros_like(imrou)
+    return Scores(iou, imrou, imroun)
+
+
+# -- beam search ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpatialSearch:
+    """Beam search settings (spec defaults outside the `indres` preset)."""
+
+    beam: int = 5
+    max_length: int = 3
+    top_k: int | None = None  # candidate primitives: the top_k by score, None = all
+    score: Score = "iou"
+    r: float = IMROU_R
+    operators: OperatorSet = "close"
+    length_penalty: float = 1.0  # power form: rank = score · p^(length − 1)
+    linear_length_penalty: float = 0.0  # reference form: rank = score · (1 − c·(length − 1))
+    min_coverage: float = 1e-4  # skip formulas on fewer than this fraction of all cells
+    abort_images: int = 4000  # spatial candidates are first scored on this many images
+    abort_fraction: float = 0.5  # … and dropped below this × the worst beam score (0: off)
+
+    def __post_init__(self) -> None:
+        if self.beam < 1 or self.max_length < 1 or (self.top_k is not None and self.top_k < 1):
+            raise ValueError(f"beam, max_length and top_k must be positive: {self}")
+        if self.score not in SCORES or self.operators not in OPERATOR_SETS:
+            raise ValueError(f"score must be one of {SCORES}, operators one of {OPERATOR_SETS}")
+
+    def penalty(self, length: int) -> float:
+        """The factor of both length penalty forms at `length` leaves."""
+        return self.length_penalty ** (length - 1) * (1 - self.linear_length_penalty * (length - 1))
+
+
+@dataclass(frozen=True)
+class SpatialExplanation:
+    """The best formula of one unit (None when no candidate covers enough cells)."""
+
+    formula: Formula | None
+    iou: float
+    imrou: float
+    imroun: float
+
+    @property
+    def length(self) -> int:
+        """Number of leaves (0 without a formula)."""
+        return 0 if self.formula is None else len(primitives(self.formula))
+
+
+@dataclass(frozen=True)
+class _Scored:
+    formula: Formula
+    mask: np.ndarray  # (N, W) uint64
+    length: int
+    iou: float
+    imrou: float
+    imroun: float
+    score: float
+    rank: float
+
+
+# A batch of extensions of one beam formula by every candidate: (candidate indices,
+# image rows) -> (k, n, W) masks; the formula of candidate i; whether it is spatial.
+_Batch = tuple[Callable[[np.ndarray, slice], np.ndarray], Callable[[int], Formula], bool]
+
+
+def explain_unit(
+    unit: UnitMask,
+    candidates: Sequence[Primitive],
+    masks: np.ndarray,
+    grid: Grid,
+    settings: SpatialSearch = SpatialSearch(),
+) -> SpatialExplanation:
+    """Beam-search the best formula of `candidates` ((K, N, W) uint64 `masks`) for `unit`."""
+    n_images = masks.shape[1]
+    min_cells = settings.min_coverage * n_images * grid.cells
+    scores = score_masks(unit, masks)
+    primary = scores.of(settings.score)
+    usable = np.flatnonzero(popcount(masks).sum(axis=-1) >= min_cells)
+    order = usable[np.lexsort((usable, -primary[usable]))]
+    if settings.top_k is not None:
+        order = order[: settings.top_k]
+    chosen = np.sort(order)
+    prims = [candidates[i] for i in chosen]
+    prim_masks = masks[chosen]
+    index = {p: k for k, p in enumerate(prims)}
+    near = grid.neighbourhood(prim_masks)
+    images_with = nonempty(prim_masks)
+
+    def leaf(p: Primitive) -> np.ndarray:
+        return prim_masks[index[p]]
+
+    def scored(formula: Formula, mask: np.ndarray, length: int, k: int, s: Scores) -> _Scored:
+        value = float(s.of(settings.score)[k])
+        return _Scored(formula, mask, length, float(s.iou[k]), float(s.imrou[k]),
+                       float(s.imroun[k]), value, value * settings.penalty(length))
+
+    beam = _best(
+        [scored(p, prim_masks[k], 1, int(i), scores) for k, (p, i) in enumerate(
+            zip(prims, chosen, strict=True))],
+        settings.beam,
+    )
+    everything = np.arange(len(prims))
+    for length in range(2, settings.max_length + 1):
+        pool = list(beam)
+        seen = {canonical_key(s.formula) for s in pool}
+        worst = beam[-1].score if len(beam) == settings.beam else None
+        for parent in beam:
+            for make, build, spatial in _extensions(parent, prim_masks, near, images_with,
+                                                    prims, leaf, grid, settings.operators):
+                kept = everything
+                if (spatial and worst is not None and worst > 0 and settings.abort_fraction > 0
+                        and n_images > settings.abort_images):
+                    head = slice(0, settings.abort_images)
+                    early = score_masks(unit, make(kept, head), head).of(settings.score)
+                    kept = kept[early >= settings.abort_fraction * worst]
+                batch = make(kept, slice(None))
+                batch_scores = score_masks(unit, batch)
+                rank = batch_scores.of(settings.score) * settings.penalty(length)
+                covered = popcount(batch).sum(axis=-1) >= min_cells
+                added = 0
+                for k in np.lexsort((kept, -rank)):
+                    if added == settings.beam:
+                        break
+                    if not covered[k]:
+                        continue
+                    formula = build(int(kept[k]))
+                    key = canonical_key(formula)
+                    if key in seen or not well_formed(formula):
+                        continue
+                    seen.add(key)
+                    pool.append(scored(formula, batch[k], length, int(k), batch_scores))
+                    added += 1
+        beam = _best(pool, settings.beam)
+    if not beam:
+        return SpatialExplanation(None, 0.0, 0.0, 0.0)
+    top = beam[0]
+    return SpatialExplanation(top.formula, top.iou, top.imrou, top.imroun)
+
+
+def _extensions(
+    parent: _Scored,
+    prim_masks: np.ndarray,
+    near: np.ndarray,
+    images_with: np.ndarray,
+    prims: Sequence[Primitive],
+    leaf: Callable[[Primitive], np.ndarray],
+    grid: Grid,
+    operators: OperatorSet,
+) -> Iterator[_Batch]:
+    """Every operation extending `parent` by one candidate, as batches over the candidates.
+
+    `prim_masks` (K, N, W) of the candidates, `near` their neighbourhoods, `images_with`
+    (K, N) whether each image holds them.
+    """
+    f, fm = parent.formula, parent.mask
+    yield (lambda i, rows: fm[rows] | prim_masks[i, rows]), (lambda i: disjoin(f, prims[i])), False
+    yield (lambda i, rows: fm[rows] & prim_masks[i, rows]), (lambda i: conjoin(f, prims[i])), False
+    yield (
+        lambda i, rows: fm[rows] & grid.complement(prim_masks[i, rows]),
+        lambda i: and_not(f, prims[i]),
+        False,
+    )
+    if operators == "boolean":
+        return
+    f_near, f_images = grid.neighbourhood(fm), nonempty(fm)
+    yield (
+        lambda i, rows: fm[rows] * images_with[i, rows][..., None],
+        lambda i: With(f, prims[i]),
+        True,
+    )
+    yield (
+        lambda i, rows: prim_masks[i, rows] * f_images[rows][..., None],
+        lambda i: With(prims[i], f),
+        True,
+    )
+    yield (lambda i, rows: fm[rows] & near[i, rows]), (lambda i: close_to(f, prims[i])), True
+    yield (
+        lambda i, rows: prim_masks[i, rows] & f_near[rows],
+        lambda i: close_to(prims[i], f),
+        True,
+    )
+    yield (
+        lambda i, rows: (fm[rows] & near[i, rows]) | (prim_masks[i, rows] & f_near[rows]),
+        lambda i: Close(f, prims[i]),
+        True,
+    )
+    if isinstance(f, Spatial):
+        yield from _pushed(f, prim_masks, prims, leaf, grid)
+
+
+def _pushed(
+    f: With | CloseTo | Close,
+    prim_masks: np.ndarray,
+    prims: Sequence[Primitive],
+    leaf: Callable[[Primitive], np.ndarray],
+    grid: Grid,
+) -> Iterator[_Batch]:
+    """OR and AND NOT of a candidate pushed into each operand of a spatial formula."""
+    operands = _operands(f)
+    operand_masks = [evaluate(o, leaf, grid) for o in operands]
+    for k, side in enumerate(operands):
+        for combine, join in (
+            (lambda a, b: a | b, disjoin),
+            (lambda a, b: a & grid.complement(b), and_not),
+        ):
+
+            def make(
+                i: np.ndarray, rows: slice, k: int = k, combine: _Combine = combine
+            ) -> np.ndarray:
+                masks = [m[rows] for m in operand_masks]
+                masks[k] = combine(masks[k], prim_masks[i, rows])
+                return _spatial(f, masks, grid)
+
+            def build(i: int, k: int = k, side: Formula = side, join: _Join = join) -> Formula:
+                return _rebuild(f, (*operands[:k], join(side, prims[i]), *operands[k + 1:]))
+
+            yield make, build, True
+
+
+_Combine = Callable[[np.ndarray, np.ndarray], np.ndarray]
+_Join = Callable[[Formula, Formula], Formula]
+
+
+def _best(pool: list[_Scored], beam: int) -> list[_Scored]:
+    """The `beam` best by rank; the stable sort keeps ties in generation order."""
+    return sorted(pool, key=lambda s: -s.rank)[:beam]

@@ -1,0 +1,179 @@
+"""Masks on a unit's activation grid for spatial compositional formulas.
+
+Follows specs/compositional_spatial.md (reference: Harth 2022, rafaelharth/indres).
+The unit's mask is its raw activation map thresholded on the layer's own h×w grid;
+label masks (mask resolution, H×W) are downsampled to that grid by
+
+- `manual` (fraction t): cell (i, j) covers pixel rows floor(i·H/h) … floor((i+1)·H/h) − 1
+  (columns alike) and is on iff at least the fraction t of its pixels are on;
+- `nearest`: the pixel at the cell's centre, floor((i + ½)·H/h), which is what PIL
+  does when it resizes a mode "1" (boolean) image;
+- `bilinear`: bilinear interpolation of the mask as floats (half-pixel centres, no
+  antialiasing, torch's `interpolate`), on iff ≥ 0.5. Where a cell spans more than
+  two pixels it reads only the two around its centre, so it can differ from `nearest`
+  only where those two disagree.
+
+Grid masks are bit-packed per image ("bitboards"): cell (i, j) is bit b = i·w + j,
+held in word b // 64 at bit b % 64 of a (..., N, W) uint64 array, W = ceil(h·w / 64);
+bits from h·w on are always 0. A 7×7 image is one word, so AND, OR, NOT, a shift
+(a neighbour lookup) and a popcount are one machine operation per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+from torch.nn import functional
+
+Downsampling = Literal["manual", "nearest", "bilinear"]
+DOWNSAMPLINGS: tuple[Downsampling, ...] = get_args(Downsampling)
+
+# The reference's default: 100 of a 16×16 cell's 256 pixels.
+MANUAL_FRACTION = 100 / 256
+# An off cell of an expanded label turns on with at least this many of its 8 neighbours on.
+EXPANSION_NEIGHBOURS = 3
+# CLOSE TO: offsets within distance √5, the 5×5 box minus its corners (21 cells, self included).
+CLOSE_RADIUS2 = 5
+
+
+def cell_edges(size: int, cells: int) -> np.ndarray:
+    """(cells + 1,) int64 pixel edges: cell i covers pixels edges[i] … edges[i + 1] − 1."""
+    return np.arange(cells + 1, dtype=np.int64) * size // cells
+
+
+def downsample(
+    masks: np.ndarray,
+    grid: tuple[int, int],
+    method: Downsampling = "manual",
+    fraction: float = MANUAL_FRACTION,
+) -> np.ndarray:
+    """(N, H, W) bool masks at mask resolution -> (N, h, w) bool on the grid `(h, w)`."""
+    _n, height, width = masks.shape
+    h, w = grid
+    if method == "manual":
+        rows, cols = cell_edges(height, h), cell_edges(width, w)
+        if (np.diff(rows) == 0).any() or (np.diff(cols) == 0).any():
+            raise ValueError(f"a {h}×{w} grid has empty cells on {height}×{width} masks")
+        counts = np.add.reduceat(np.add.reduceat(masks.astype(np.int64), rows[:-1], axis=1),
+                                 cols[:-1], axis=2)
+        area = np.diff(rows)[:, None] * np.diff(cols)[None, :]
+        # count ≥ t·area, compared exactly for fractions with a small denominator.
+        return counts * 1_000_000 >= np.rint(fraction * 1_000_000) * area
+    if method == "nearest":
+        rows = ((2 * np.arange(h) + 1) * height) // (2 * h)
+        cols = ((2 * np.arange(w) + 1) * width) // (2 * w)
+        return masks[:, rows[:, None], cols[None, :]].astype(bool)
+    if method == "bilinear":
+        values = torch.from_numpy(masks.astype(np.float32)).unsqueeze(1)
+        small = functional.interpolate(values, size=grid, mode="bilinear", align_corners=False)
+        return (small[:, 0] >= 0.5).numpy()
+    raise ValueError(f"downsampling must be one of {DOWNSAMPLINGS}, got {method!r}")
+
+
+def expand(grid_masks: np.ndarray, neighbours: int = EXPANSION_NEIGHBOURS) -> np.ndarray:
+    """One dilation `label-X`: (N, h, w) bool -> (N, h, w) bool.
+
+    An off cell turns on iff at least `neighbours` of its 8 neighbours (inside the
+    grid) are on; on cells stay on.
+    """
+    padded = np.pad(grid_masks.astype(np.int8), ((0, 0), (1, 1), (1, 1)))
+    h, w = grid_masks.shape[1:]
+    count = sum(
+        padded[:, 1 + di : 1 + di + h, 1 + dj : 1 + dj + w]
+        for di in (-1, 0, 1)
+        for dj in (-1, 0, 1)
+        if di or dj
+    )
+    return grid_masks | (count >= neighbours)
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """An h×w activation grid and its bitboard layout."""
+
+    h: int
+    w: int
+    words: int = field(init=False)
+    valid: np.ndarray = field(init=False, repr=False)  # (W,) uint64: bits of real cells
+    _columns: dict[int, np.ndarray] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.h < 1 or self.w < 1:
+            raise ValueError(f"a grid needs positive sides, got {self.h}×{self.w}")
+        object.__setattr__(self, "words", -(-self.cells // 64))
+        every = np.ones((1, self.h, self.w), dtype=bool)
+        object.__setattr__(self, "valid", self.pack(every)[0])
+        columns = {}
+        for dj in range(-2, 3):
+            keep = np.zeros((1, self.h, self.w), dtype=bool)
+            keep[:, :, max(0, -dj) : self.w - max(0, dj)] = True
+            columns[dj] = self.pack(keep)[0]
+        object.__setattr__(self, "_columns", columns)
+
+    @property
+    def cells(self) -> int:
+        """P = h·w cells per image."""
+        return self.h * self.w
+
+    def pack(self, grid_masks: np.ndarray) -> np.ndarray:
+        """(..., h, w) bool -> (..., W) uint64 bitboards."""
+        lead = grid_masks.shape[:-2]
+        flat = grid_masks.reshape(*lead, self.cells).astype(bool)
+        padded = np.zeros((*lead, self.words * 64), dtype=bool)
+        padded[..., : self.cells] = flat
+        packed = np.packbits(padded.reshape(*lead, self.words, 8, 8), axis=-1, bitorder="little")
+        return packed.reshape(*lead, self.words * 8).view("<u8").astype(np.uint64)
+
+    def unpack(self, bits: np.ndarray) -> np.ndarray:
+        """(..., W) uint64 bitboards -> (..., h, w) bool."""
+        lead = bits.shape[:-1]
+        raw = np.ascontiguousarray(bits, dtype="<u8").view(np.uint8)
+        flat = np.unpackbits(raw, axis=-1, bitorder="little").astype(bool)
+        return flat[..., : self.cells].reshape(*lead, self.h, self.w)
+
+    def complement(self, bits: np.ndarray) -> np.ndarray:
+        """NOT over every cell: (..., W) uint64 -> (..., W) uint64."""
+        return ~bits & self.valid
+
+    def shift(self, bits: np.ndarray, offset: int) -> np.ndarray:
+        """Bit b of the result is bit b + `offset` of `bits` (0 outside): (..., W) uint64."""
+        q, r = divmod(offset, 64)
+        words = self.words
+        padded = np.zeros((*bits.shape[:-1], 3 * words + 2), dtype=np.uint64)
+        padded[..., words + 1 : 2 * words + 1] = bits
+        start = words + 1 + q
+        if not -words - 1 <= q <= words:
+            return np.zeros_like(bits)
+        low = padded[..., start : start + words]
+        if r == 0:
+            return low.copy()
+        high = padded[..., start + 1 : start + 1 + words]
+        return (low >> np.uint64(r)) | (high << np.uint64(64 - r))
+
+    def neighbourhood(self, bits: np.ndarray) -> np.ndarray:
+        """Cells with an on cell within distance √5 (21-cell neighbourhood): (..., W) uint64.
+
+        The 5×5 box minus its corners is the union of a 5-row × 3-column box and a
+        3-row × 5-column box; each is a dilation along columns, then along rows.
+        """
+        out = np.zeros_like(bits)
+        for col_reach, row_reach in ((1, 2), (2, 1)):
+            across = np.zeros_like(bits)
+            for dj in range(-col_reach, col_reach + 1):
+                across |= self.shift(bits, dj) & self._columns[dj]
+            for di in range(-row_reach, row_reach + 1):
+                out |= self.shift(across, di * self.w)
+        return out & self.valid
+
+
+def popcount(bits: np.ndarray) -> np.ndarray:
+    """On cells per bitboard: (..., W) uint64 -> (...) int64."""
+    return np.bitwise_count(bits).sum(axis=-1, dtype=np.int64)
+
+
+def nonempty(bits: np.ndarray) -> np.ndarray:
+    """Whether each bitboard has an on cell: (..., W) uint64 -> (...) bool."""
+    return (bits != 0).any(axis=-1)
