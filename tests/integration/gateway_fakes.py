@@ -25,12 +25,14 @@ from neurodissect.v1 import (
     extractor_pb2_grpc,
 )
 
-from services.common import keys
+from services.common import keys, result_store
 from services.common.activations import ActivationManifest
 from services.common.errors import InvalidArgument, NotFound
 from services.common.server import ServiceServer
 from services.common.settings import Settings
 from services.common.store import LocalStore, ObjectStore
+from services.explainer.methods import netdissect as netdissect_method
+from services.explainer.methods import simulation as simulation_method
 from services.gateway.client import NeurodissectClient
 from services.gateway.server import GatewayServer, build
 from tests.fixtures.ports import free_port
@@ -39,6 +41,13 @@ from tests.fixtures.ports import free_port
 FAKE_LAYERS = {"conv1": 6, "conv2": 10, "fc": 4}
 N_IMAGES = 12
 BLOCK = 4
+
+
+# The layer summaries of the methods that have figures, made by their shipped code.
+SUMMARIES = {
+    "netdissect": netdissect_method.layer_summary,
+    "simulation": simulation_method.layer_summary,
+}
 
 
 def fake_row(layer: str, method: str, unit: int) -> dict[str, object]:
@@ -64,8 +73,9 @@ def fake_row(layer: str, method: str, unit: int) -> dict[str, object]:
         return {"unit": unit, "caption": f"a {label} thing", "logp_caption": -3.0,
                 "logp_lm": -5.0}
     if method == "simulation":
-        rho = float("nan") if unit == 0 and layer == "fc" else score
-        return {"unit": unit, "simulation": {"netdissect": rho, "linear": rho}}
+        dead = unit == 0 and layer == "fc"  # constant on the test images: no correlation
+        rho = float("nan") if dead else score
+        return result_store.simulation_row(unit, {"netdissect": rho, "linear": rho}, dead)
     raise AssertionError(method)
 
 
@@ -188,6 +198,10 @@ class FakeExplainer(explainer_pb2_grpc.ExplainerServicer):
                 done = u1
                 yield explainer_pb2.ExplainProgress(method=method, units_done=done,
                                                     units_total=n_units)
+            # the layer summary as the method's own code makes it
+            rows = result_store.read_rows(self.store, request.job_id, request.layer, method)
+            summary = SUMMARIES.get(method, lambda rows: {"units": len(rows)})(rows)
+            result_store.write_summary(self.store, request.job_id, request.layer, method, summary)
         yield explainer_pb2.ExplainProgress(finished=True)
 
 
