@@ -11,10 +11,12 @@ BENCH ?=
 
 setup: $(STAMP) system-deps
 
-# promtool (Debian's prometheus package) checks the shipped scrape config and alert rules.
+# promtool (Debian's prometheus package) checks the shipped scrape config and alert rules;
+# Debian's chromium drives the web UI tests (through Playwright, which downloads no browser).
 system-deps:
-	@command -v promtool >/dev/null || { apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@{ command -v promtool && command -v chromium; } >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		prometheus chromium >/dev/null; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

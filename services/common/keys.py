@@ -15,7 +15,8 @@ embed/{dataset_key}/{clip_key}/images.npy              (N, D) CLIP image embeddi
 embed/text/{clip_key}/{texts_key}.npz                  names (C,) + (C, D) CLIP text embeddings
 results/{job_id}/{layer}/{method}/u{u0}-{u1}.json      one object per unit block
 results/{job_id}/{layer}/{method}/summary.json         per-layer summary of one method
-reports/{job_id}/...                                   HTML report and its images
+reports/{job_id}/...                                   static copy of the web UI's pages
+renders/{digest}.png                                   overlays and plots, keyed by content
 ```
 
 Layer names are module paths (`layer4`, `features.28`) and are used verbatim: they
@@ -135,3 +136,11 @@ def results_prefix(job_id: str, layer: str | None = None, method: str | None = N
 
 def report(job_id: str, name: str) -> str:
     return f"reports/{job_id}/{name}"
+
+
+def report_prefix(job_id: str) -> str:
+    return f"reports/{job_id}/"
+
+
+def rendered(digest: str) -> str:
+    return f"renders/{digest}.png"

@@ -12,6 +12,8 @@ neurodissect [global flags] COMMAND ...
   describe-model          a model's layers and output shapes
   results JOB             every method's answer per unit (table | json | csv)
   export JOB              tally.csv (NetDissect-Lite), CLIP-Dissect or MILAN CSV
+  report JOB              the web UI's pages of a job as a static folder (--open: in a browser)
+  show JOB                one unit's activation mask on a probe image, as PNG
   toyworld generate       write the toy world dataset
   demo                    start the stack, dissect toynet on the toy world, print results, stop
 ```
@@ -32,6 +34,7 @@ import logging
 import signal
 import sys
 import threading
+import webbrowser
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,8 +58,10 @@ from services.common.spec_vocabulary import EXPORT_FORMATS
 from services.gateway import results
 from services.gateway.client import NeurodissectClient, load_spec
 from services.gateway.jobs import TERMINAL, state_name
+from services.gateway.peers import Peers
 from services.gateway.stack import LocalStack, StackError, available_services
 from services.gateway.validation import METHODS
+from services.gateway.webui.commands import copy_report, unit_overlay
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_REJECTED, EXIT_STACK_FAILED = 0, 1, 2, 3
 
@@ -455,6 +460,33 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    """Write a job's pages as a self-contained static folder, read from the store."""
+    out = Path(args.out or f"report-{args.job}")
+    files, stored = copy_report(settings.open_store(), args.job, out)
+    how = "the job's stored copy" if stored else "built from the store now"
+    console.print(f"wrote {files} files to {out} ({how})", markup=False)
+    if args.open:
+        webbrowser.open((out / "index.html").resolve().as_uri())
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    """Write one unit's activation mask on a probe image (default: its top exemplar)."""
+    peers = Peers(settings)
+    try:
+        png, image = unit_overlay(
+            settings.open_store(), peers.materialize, args.job, args.layer, args.unit,
+            args.image, args.size,
+        )
+    finally:
+        peers.close()
+    Path(args.out).write_bytes(png)
+    console.print(f"wrote {args.out}: layer {args.layer} unit {args.unit} on image {image}",
+                  markup=False)
+    return EXIT_OK
+
+
 def cmd_toyworld_generate(args: argparse.Namespace, settings: Settings) -> int:
     """Write the toy world dataset (Broden format) to --out."""
     from services.toyworld.generator import generate
@@ -537,9 +569,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             print_summary(job)
         console.print(f"outputs, in the store {stack.settings.store_url}:", markup=False)
         console.print(f"  results  results/{job.id}/<layer>/<method>/u*.json", markup=False)
-        console.print(f"  report   reports/{job.id}/index.html", markup=False)
+        console.print(f"  pages    reports/{job.id}/index.html", markup=False)
         console.print(f"they stay: `neurodissect up`, then `neurodissect results {job.id}"
                       f" --layer {job.spec.layers[-1]}`", markup=False)
+        console.print(f"web UI (while `neurodissect up` runs): http://{settings.host}:"
+                      f"{settings.ui_port}/jobs/{job.id}/index.html", markup=False)
+        console.print(f"static copy: `neurodissect report {job.id} --out report-{job.id}"
+                      " --open`", markup=False)
         return EXIT_OK
     finally:
         console.print("stopping the local stack")
@@ -634,6 +670,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--layer", required=True)
     export.add_argument("--format", choices=EXPORT_FORMATS, required=True)
     export.add_argument("--out", help="file to write (default stdout)")
+    report = command("report", cmd_report, "a job's pages as a static folder")
+    report.add_argument("job")
+    report.add_argument("--out", help="folder to write (default report-JOB)")
+    report.add_argument("--open", action="store_true", help="open it in a browser")
+    show = command("show", cmd_show, "one unit's activation mask on a probe image, as PNG")
+    show.add_argument("job")
+    show.add_argument("--layer", required=True)
+    show.add_argument("--unit", type=int, required=True)
+    show.add_argument("--image", type=int, help="probe image id (default: the top exemplar)")
+    show.add_argument("--size", type=int, default=224, help="longer side in pixels")
+    show.add_argument("--out", required=True, help="PNG file to write")
     toy = commands.add_parser("toyworld", help="the toy world", description="the toy world")
     toy_commands = toy.add_subparsers(dest="toy_command", required=True)
     generate = toy_commands.add_parser("generate", help="write the toy world dataset")

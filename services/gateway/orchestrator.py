@@ -12,8 +12,9 @@ Stages, each driven by one peer RPC per layer (one Extract for all layers):
 3. CAPTIONING: per layer, Caption (when the spec sets `milan`).
 4. REPORTING: when the spec sets `simulation`, every label and caption the methods
    produced is embedded with the simulator CLIP (when one is configured) and
-   Explain runs `simulation` per layer; then per-layer summaries are computed and
-   the HTML report is written to `reports/{job}/index.html`.
+   Explain runs `simulation` per layer; then per-layer summaries are computed, the
+   units' exemplar thumbnails are materialized by the extractor, and the web UI's
+   pages are written as a static copy under `reports/{job}/` (`index.html` first).
 
 A stage whose outputs are already stored (every unit block of a layer and method)
 is not called again, and the peers themselves skip cached work, so a job resumed
@@ -25,6 +26,7 @@ with the error. CancelJob marks the job CANCELLED and cancels the in-flight RPC.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -58,8 +60,11 @@ from services.common.store import ObjectStore
 from services.gateway import results
 from services.gateway.jobs import TERMINAL, JobStore, State, is_before
 from services.gateway.peers import Peers, peer_error
-from services.gateway.report import render_report
 from services.gateway.validation import requested_methods
+from services.gateway.webui import export, figures
+from services.gateway.webui.data import JobReader
+from services.gateway.webui.pages import PageBuilder
+from services.gateway.webui.render import Renders
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +77,8 @@ STAGE_DEADLINE_S = 24 * 3600.0
 RETRY_FIRST_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 15.0
 RETRY_RESET_S = 30.0
-# Exemplar thumbnails shown per unit in the report, their side in pixels, and a cap
-# on the distinct images copied next to it.
-REPORT_EXEMPLARS = 3
-REPORT_THUMBNAIL_PX = 48
-REPORT_MAX_IMAGES = 600
+# Thumbnails asked of the extractor in one Materialize call.
+MATERIALIZE_BATCH = 512
 
 
 class _Cancellable(Protocol):
@@ -617,38 +619,29 @@ class Orchestrator:
 
     def _thumbnails(
         self, run: _Run, job: common_pb2.Job, layers: dict[str, list[common_pb2.UnitResult]]
-    ) -> dict[int, str]:
-        """Copy the units' top exemplars next to the report; return image id -> relative path.
+    ) -> None:
+        """Have the extractor store the thumbnails of every unit's exemplars shown in the pages.
 
-        The thumbnails are materialized by the extractor. The report is still
-        written without images when it cannot provide them; that is logged, not a
-        job failure.
+        The pages are still written without the images it cannot provide; that is
+        logged, not a job failure.
         """
         wanted = list(dict.fromkeys(
             image_id
             for units in layers.values()
             for unit in units
-            for image_id in unit.netdissect.exemplars[:REPORT_EXEMPLARS]
-        ))[:REPORT_MAX_IMAGES]
-        if not wanted:
-            return {}
-        request = extractor_pb2.MaterializeRequest(
-            dataset=job.spec.dataset,
-            dataset_key=job.dataset_key,
-            image_ids=wanted,
-            size=REPORT_THUMBNAIL_PX,
-        )
+            for image_id in unit.netdissect.exemplars[:figures.UNIT_EXEMPLARS]
+        ))
         try:
-            stored = self._retrying(run, "extractor", lambda: self.peers.materialize(request))
-            images = {}
-            for image_id, key in zip(wanted, stored, strict=True):
-                name = f"images/{image_id}.png"
-                self.store.put(keys.report(job.id, name), self.store.get(key))
-                images[image_id] = name
-            return images
-        except (NeurodissectError, ValueError) as exc:
-            log.warning("job %s: report without thumbnails: %s", job.id, exc)
-            return {}
+            for start in range(0, len(wanted), MATERIALIZE_BATCH):
+                request = extractor_pb2.MaterializeRequest(
+                    dataset=job.spec.dataset,
+                    dataset_key=job.dataset_key,
+                    image_ids=wanted[start : start + MATERIALIZE_BATCH],
+                    size=figures.IMAGE_PX,
+                )
+                self._retrying(run, "extractor", functools.partial(self.peers.materialize, request))
+        except NeurodissectError as exc:
+            log.warning("job %s: pages without some exemplar images: %s", job.id, exc)
 
     def _report(self, run: _Run, job: common_pb2.Job, image_keys: dict[str, str]) -> None:
         self._enter(run, job, common_pb2.REPORTING)
@@ -664,10 +657,14 @@ class Orchestrator:
             layer_summary(self.store, job.id, layer, self._n_units(job, layer))
             for layer in layers
         )
-        images = self._thumbnails(run, job, layers)
+        self._thumbnails(run, job, layers)
         run.check()
-        report_key = keys.report(job.id, "index.html")
-        self.store.put(report_key, render_report(job, layers, images).encode())
-        job.report_key = report_key
+        # The copy describes the job as it ends: this stage is its last step.
+        finished = common_pb2.Job()
+        finished.CopyFrom(job)
+        finished.state = common_pb2.SUCCEEDED
+        builder = PageBuilder(JobReader(self.store), Renders(self.store), live=False)
+        export.write_copy(builder, finished, export.store_put(self.store, job.id))
+        job.report_key = keys.report(job.id, "index.html")
         total = sum(s.units for s in job.summary)
         self._save(run, job, clock.progress(total, total, "report written"))

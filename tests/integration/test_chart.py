@@ -476,6 +476,23 @@ def test_chart_made_secrets_hold_the_given_values() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_the_gateway_service_exposes_the_web_ui(name: str) -> None:
+    manifests, objects = render(name)
+    ports = named(objects, "Service", f"{FULLNAME}-gateway")["spec"]["ports"]
+    assert {"name": "ui", "port": 8080, "targetPort": "ui", "protocol": "TCP",
+            "appProtocol": "http"} in ports
+    container = named(objects, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"][
+        "containers"][0]
+    assert {"name": "ui", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert {"name": "NEURODISSECT_UI_PORT", "value": "8080"} in container["env"]
+    for other in ("extractor", "explainer", "captioner"):
+        service = named(objects, "Service", f"{FULLNAME}-{other}")
+        assert "ui" not in [p["name"] for p in service["spec"]["ports"]]
+    notes = manifests["neurodissect/templates/NOTES.txt"]
+    assert f"port-forward svc/{FULLNAME}-gateway 8080:8080" in notes
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_notes_tell_how_to_submit_a_job(name: str) -> None:
     manifests, _ = render(name)
     notes = manifests["neurodissect/templates/NOTES.txt"]

@@ -74,9 +74,12 @@ def test_a_job_runs_every_stage_and_its_results_merge(world: FakeWorld) -> None:
     simulated = [r for r in world.behaviour.embedded if r.texts]
     assert simulated and "a conv1-label0 thing" in simulated[0].texts
     assert "sky" in simulated[0].texts
-    report = world.store.get(keys.report(job.id, "index.html")).decode()
-    assert "conv2-label1" in report and 'src="images/3.png"' in report
-    assert world.store.get(keys.report(job.id, "images/3.png")) == b"\x89PNG fake"
+    # The REPORTING stage stored the static copy of the pages (the fake thumbnails are
+    # no images, so its unit pages show no exemplars).
+    assert "SUCCEEDED" in world.store.get(keys.report(job.id, "index.html")).decode()
+    assert "conv2-label1" in world.store.get(keys.report(job.id, "layer-conv2.html")).decode()
+    unit_page = world.store.get(keys.report(job.id, "unit-conv2-3.html")).decode()
+    assert fake_row("conv2", "linear", 3)["explanation"] in unit_page
 
 
 def test_every_progress_and_transition_is_persisted_and_watched(world: FakeWorld) -> None:

@@ -48,7 +48,8 @@ def _wait_for_ui(url: str, timeout: float = 60.0) -> None:
             return
         except (urllib.error.URLError, ConnectionError):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the web UI at {url} did not answer in {timeout:.0f}s") from None
+                raise TimeoutError(f"the web UI at {url} did not answer in {timeout:.0f}s") \
+                    from None
             time.sleep(0.2)
 
 

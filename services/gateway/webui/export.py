@@ -30,29 +30,32 @@ def job_pages(builder: PageBuilder, job: common_pb2.Job) -> Iterator[Page]:
             yield builder.unit_page(job, unit)
 
 
-def write_tables(builder: PageBuilder, job: common_pb2.Job, put: Put) -> None:
-    """Write each layer's table, which the server reads for a finished job's layer pages."""
+def write_tables(builder: PageBuilder, job: common_pb2.Job, put: Put) -> int:
+    """Write each layer's table, which the server reads for a finished job's layer pages.
+
+    Returns the number of files written.
+    """
     for layer in job.spec.layers:
         table = builder.layer_table(job, layer)
         put(table_file(layer), json.dumps(table, separators=(",", ":"), allow_nan=False).encode())
+    return len(job.spec.layers)
 
 
 def write_copy(builder: PageBuilder, job: common_pb2.Job, put: Put) -> int:
     """Write every page of `job`, each picture they show once, and the layers' tables.
 
-    Returns the page count.
+    Returns the number of files written.
     """
-    write_tables(builder, job, put)
+    files = write_tables(builder, job, put)
     written: set[str] = set()
-    pages = 0
     for page in job_pages(builder, job):
         put(page.name, page.html.encode())
-        pages += 1
+        files += 1
         for digest in page.images:
             if digest not in written:
                 put(image_file(digest), builder.renders.get(digest))
                 written.add(digest)
-    return pages
+    return files + len(written)
 
 
 def store_put(store: ObjectStore, job_id: str) -> Put:
