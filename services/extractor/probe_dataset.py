@@ -16,6 +16,7 @@ dataset was opened (`local_paths.local_path`), so inside the root is inside them
 from __future__ import annotations
 
 import io
+import logging
 import os
 import stat
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from PIL import Image
 
 from services.common import keys
 from services.common.probe_format import Concept, ConceptTable
+
+log = logging.getLogger(__name__)
 
 # Bumped when the stored label layout or row selection changes, so old caches are not reused.
 FORMAT_VERSION = 1
@@ -55,7 +58,9 @@ def confined(path: Path, root: Path) -> Path:
     except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop
         raise UnreadableFile(path, f"cannot be resolved: {exc}") from None
     if not resolved.is_relative_to(root):
-        raise OutsideRoot(path, f"resolves to {resolved}, outside the dataset root {root}")
+        error = OutsideRoot(path, f"resolves to {resolved}, outside the dataset root {root}")
+        log.warning("not read: %s", error)
+        raise error
     return resolved
 
 

@@ -189,7 +189,8 @@ def test_missing_index_column_is_named(broden: Path) -> None:
 
 
 def test_index_rows_that_escape_are_unreadable_and_never_opened(
-    broden: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    broden: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -220,6 +221,8 @@ def test_index_rows_that_escape_are_unreadable_and_never_opened(
     with pytest.raises(OutsideRoot):
         dataset.load_image(absolute)
     assert opened and not [p for p in opened if "outside" in p]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3 and all("outside the dataset root" in w for w in warnings)
 
 
 def test_dataset_files_that_escape_refuse_the_dataset(broden: Path, tmp_path: Path) -> None:
