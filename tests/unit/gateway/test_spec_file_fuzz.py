@@ -7,6 +7,7 @@ the project's errors (the CLI's exit 2), never anything else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -40,10 +41,8 @@ def _parse(name: str, content: bytes) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / name
         path.write_bytes(content)
-        try:
+        with contextlib.suppress(NeurodissectError):
             assert isinstance(load_spec(path), common_pb2.DissectionSpec)
-        except NeurodissectError:
-            pass
 
 
 @examples(60)
