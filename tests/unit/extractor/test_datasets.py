@@ -94,14 +94,6 @@ def test_toy_world_size_limits(
     assert not (tmp_path / "cache").exists()
 
 
-def test_the_largest_allowed_toy_worlds_fit_the_pixel_budget() -> None:
-    limits.check_toy_world(limits.MAX_IMAGES, limits.DEFAULT_IMAGE_SIZE, 0, "t")
-    side = limits.MAX_IMAGE_SIZE
-    limits.check_toy_world(limits.MAX_PIXELS // side**2, side, 0, "t")
-    with pytest.raises(ResourceExhausted):
-        limits.check_toy_world(limits.MAX_PIXELS // side**2 + 1, side, 0, "t")
-
-
 def test_generation_reports_progress(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

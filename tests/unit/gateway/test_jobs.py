@@ -91,3 +91,20 @@ def test_wait_for_change_wakes_on_a_write(tmp_path: Path) -> None:
     assert jobs.wait_for_change(job.id, seen, timeout=0.05) == seen
     jobs.transition(job, X)
     assert jobs.wait_for_change(job.id, seen, timeout=0.05) == seen + 1
+
+
+def test_only_a_failed_job_is_retried_as_its_next_attempt(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    jobs = JobStore(store)
+    job = jobs.create(spec())
+    assert job.attempt == 1
+    with pytest.raises(FailedPrecondition, match=r"QUEUED; only a FAILED job is retried"):
+        jobs.retry(job.id)
+    jobs.transition(job, FAIL, error="extract: boom")
+    retried = jobs.retry(job.id)
+    assert (retried.id, retried.state, retried.attempt) == (job.id, Q, 2)
+    assert retried.previous_error == "extract: boom" and not retried.error
+    assert JobStore(store).get(job.id) == retried  # persisted
+    jobs.transition(retried, CANCEL)
+    with pytest.raises(FailedPrecondition, match=r"CANCELLED"):
+        jobs.retry(job.id)
