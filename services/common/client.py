@@ -80,18 +80,26 @@ class Peer:
         return iter(method(request, timeout=timeout, metadata=self.metadata))
 
 
-def wait_healthy(address: str, settings: Settings, timeout: float = 60.0) -> None:
-    """Block until `address` answers grpc.health.v1 with SERVING, or raise TimeoutError."""
+def wait_healthy(
+    address: str, settings: Settings, timeout: float = 60.0, service: str = ""
+) -> None:
+    """Block until `address` answers grpc.health.v1 with SERVING, or raise TimeoutError.
+
+    `service` names the gRPC service asked for (e.g. `neurodissect.v1.Explainer`), so
+    that another server listening on the same address does not pass; "" asks for the
+    server as a whole.
+    """
     deadline = time.monotonic() + timeout
     with open_channel(address, settings) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
-                response = stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+                response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{address} not healthy after {timeout:.0f}s")
+                what = f"{service} on {address}" if service else address
+                raise TimeoutError(f"{what} not healthy after {timeout:.0f}s")
             time.sleep(0.2)

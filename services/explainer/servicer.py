@@ -40,7 +40,9 @@ def explain(
     Raises `Cancelled` once `is_active()` turns false (outstanding tasks are cancelled).
     """
     sharding.connect(settings)
-    stage = Stage(settings, store, plan, is_active, SharedInputs(store, plan))
+    stage = Stage(
+        sharding.task_settings(settings), store, plan, is_active, SharedInputs(store, plan)
+    )
     for method in plan.methods:
         yield from run_method(stage, EXPLAINER_METHODS[method])
     yield explainer_pb2.ExplainProgress(

@@ -11,13 +11,23 @@ Ray local vs cluster is the `ray_address` setting (`RAY_ADDRESS`): empty starts 
 local Ray in this process (`ray_num_cpus` CPUs when > 0), anything else connects to
 that cluster; both go through the same `ray.init` call. A cluster with token
 authentication (Ray's default for `ray start`) needs `RAY_AUTH_MODE=token` and its
-token (`RAY_AUTH_TOKEN`, or the token file) in the explainer's environment: Ray
-never turns token auth on by itself for an explicit address.
+token (`RAY_AUTH_TOKEN`, or the token file `RAY_AUTH_TOKEN_PATH`) in the explainer's
+environment: Ray never turns token auth on by itself for an explicit address. A
+local Ray is started without the API token or store secrets in its environment
+(its workers inherit it); tasks get the store credentials as arguments.
+
+`RayWatch` probes the cluster's endpoint every second: the explainer's health
+follows it, and a cluster this process was connected to that stops accepting
+connections (its head died; a restarted head is a new cluster) is reported lost,
+so the explainer exits and its supervisor starts it afresh instead of hanging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +57,11 @@ CONNECT_TIMEOUT_S = 60.0
 CONNECT_FIRST_DELAY_S = 1.0
 # How often `gather` wakes up to check whether the caller is still there.
 POLL_S = 0.25
+# How often `RayWatch` probes the cluster, and how long one probe may take.
+RAY_PROBE_S = 1.0
+RAY_PROBE_TIMEOUT_S = 2.0
+# Environment variables a local Ray (and so its workers) never inherits.
+SECRET_ENV_PREFIXES = ("NEURODISSECT_AUTH_TOKEN", "NEURODISSECT_S3_", "AWS_")
 
 _init_lock = threading.Lock()
 
@@ -84,12 +99,14 @@ def connect(settings: Settings) -> None:
         delay = CONNECT_FIRST_DELAY_S
         while True:
             try:
-                ray.init(
-                    address=address,
-                    num_cpus=settings.ray_num_cpus if local and settings.ray_num_cpus > 0 else None,
-                    include_dashboard=False if local else None,
-                    logging_level=logging.WARNING,
-                )
+                with _without_secrets() if local else contextlib.nullcontext():
+                    ray.init(
+                        address=address,
+                        num_cpus=settings.ray_num_cpus
+                        if local and settings.ray_num_cpus > 0 else None,
+                        include_dashboard=False if local else None,
+                        logging_level=logging.WARNING,
+                    )
                 break
             except (ConnectionError, RuntimeError) as exc:
                 if time.monotonic() + delay > deadline:
@@ -103,6 +120,96 @@ def connect(settings: Settings) -> None:
                 time.sleep(delay)
                 delay *= 2
         log.info("Ray %s: %s", "started locally" if local else "connected", address)
+
+
+@contextlib.contextmanager
+def _without_secrets() -> Iterator[None]:
+    """Hide the API token and store secrets from the processes a local `ray.init` starts."""
+    hidden = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(SECRET_ENV_PREFIXES)}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
+
+
+def task_settings(settings: Settings) -> Settings:
+    """The settings handed to Ray tasks: the store's credentials, never the API token."""
+    return settings.replace(auth_token="")
+
+
+def ray_endpoint(settings: Settings) -> tuple[str, int] | None:
+    """host, port that answer for the Ray cluster: the client server, else the GCS.
+
+    None while a local Ray is not started yet.
+    """
+    address = settings.ray_address.removeprefix("ray://")
+    if ray.is_initialized() and not settings.ray_address.startswith("ray://"):
+        address = str(ray.get_runtime_context().gcs_address)
+    if ":" not in address:
+        return None
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+class RayWatch:
+    """Probes the Ray cluster's endpoint on a daemon thread.
+
+    After each probe `on_status(reachable)` is called. When a cluster this process
+    is connected to refuses connections, `on_lost(reason)` is called once: its head
+    is gone, and a head started again on the same port is a new cluster that the
+    old driver cannot use.
+    """
+
+    def __init__(
+        self,
+        endpoint: Callable[[], tuple[str, int] | None],
+        connected: Callable[[], bool],
+        on_status: Callable[[bool], None],
+        on_lost: Callable[[str], None],
+        interval_s: float = RAY_PROBE_S,
+    ) -> None:
+        self.endpoint = endpoint
+        self.connected = connected
+        self.on_status = on_status
+        self.on_lost = on_lost
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+
+    def start(self) -> RayWatch:
+        """Start probing."""
+        threading.Thread(target=self._loop, name="ray-watch", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop probing."""
+        self._stop.set()
+
+    def probe(self) -> bool:
+        """Probe once, report, and return whether the cluster answered (no endpoint: True)."""
+        endpoint = self.endpoint()
+        if endpoint is None:
+            self.on_status(True)
+            return True
+        try:
+            with socket.create_connection(endpoint, timeout=RAY_PROBE_TIMEOUT_S):
+                pass
+        except ConnectionRefusedError:
+            self.on_status(False)
+            if self.connected():
+                self._stop.set()
+                self.on_lost(f"the Ray cluster at {endpoint[0]}:{endpoint[1]} refuses "
+                             "connections: its head is gone")
+            return False
+        except OSError as exc:
+            log.warning("Ray at %s:%d unreachable: %s", *endpoint, exc)
+            self.on_status(False)
+            return False
+        self.on_status(True)
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.probe()
 
 
 def block_task(function: Callable[..., BlockOutcome]) -> Any:

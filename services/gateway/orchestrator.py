@@ -20,7 +20,10 @@ A stage whose outputs are already stored (every unit block of a layer and method
 is not called again, and the peers themselves skip cached work, so a job resumed
 after a gateway crash redoes nothing that completed. A peer that is UNAVAILABLE is
 retried with backoff for `retry_budget_s`; any other failure marks the job FAILED
-with the error. CancelJob marks the job CANCELLED and cancels the in-flight RPC.
+with the error. A stage stream that brings no progress for `stage_no_progress_s` is
+cancelled by the run's `ProgressWatchdog` and called again, up to
+`stage_no_progress_retries` times; then the job fails naming the silent peer.
+CancelJob marks the job CANCELLED and cancels the in-flight RPC.
 """
 
 from __future__ import annotations
@@ -89,12 +92,86 @@ class _Stopped(Exception):
     """The run was cancelled or the gateway is shutting down: leave the job as stored."""
 
 
-class _Run:
-    """One job being run: its stop flag and the RPC it is waiting on."""
+class StageStalled(Unavailable):
+    """A stage's peer streamed no progress for `stage_no_progress_s`."""
 
-    def __init__(self, job_id: str) -> None:
+
+class ProgressWatchdog:
+    """Cancels a job's in-flight stage call that streams no progress for `limit_s` seconds.
+
+    The job runner arms it around each peer stream (`watching`) and touches it on
+    every message. While it is paused (`pause`/`resume`, or `with paused():`, e.g.
+    while the gateway itself waits for the object store) silence does not count,
+    and resuming starts the clock afresh.
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.tripped = False
+        self._poll_s = min(1.0, limit_s / 4)
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._pauses = 0
+
+    def touch(self) -> None:
+        """Progress arrived: restart the clock."""
+        with self._lock:
+            self._last = time.monotonic()
+
+    def pause(self) -> None:
+        """Stop counting silence until the matching `resume`."""
+        with self._lock:
+            self._pauses += 1
+
+    def resume(self) -> None:
+        """Count silence again, from now."""
+        with self._lock:
+            self._pauses = max(0, self._pauses - 1)
+            self._last = time.monotonic()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Silence inside the block does not count."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
+    def _silent(self) -> bool:
+        with self._lock:
+            return self._pauses == 0 and time.monotonic() - self._last > self.limit_s
+
+    @contextlib.contextmanager
+    def watching(self, call: _Cancellable) -> Iterator[None]:
+        """Cancel `call` if it goes silent before the block ends; `tripped` says it did."""
+        done = threading.Event()
+        self.tripped = False
+        self.touch()
+
+        def watch() -> None:
+            while not done.wait(self._poll_s):
+                if self._silent():
+                    self.tripped = True
+                    call.cancel()
+                    return
+
+        thread = threading.Thread(target=watch, name="progress-watchdog", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+
+class _Run:
+    """One job being run: its stop flag, the RPC it is waiting on and its progress watchdog."""
+
+    def __init__(self, job_id: str, no_progress_s: float) -> None:
         self.job_id = job_id
         self.stopped = threading.Event()
+        self.progress = ProgressWatchdog(no_progress_s)
         self._lock = threading.Lock()
         self._call: _Cancellable | None = None
 
@@ -249,7 +326,7 @@ class Orchestrator:
             and self._queue
             and len(self._running) < max(1, self.settings.max_concurrent_jobs)
         ):
-            run = _Run(self._queue.popleft())
+            run = _Run(self._queue.popleft(), self.settings.stage_no_progress_s)
             self._running[run.job_id] = run
             thread = threading.Thread(
                 target=self._run, args=(run,), name=f"job-{run.job_id}", daemon=True
@@ -333,14 +410,27 @@ class Orchestrator:
     # -- RPC plumbing ----------------------------------------------------------------------
 
     def _stream(self, run: _Run, peer: Peer, method: str, request: Any) -> Iterator[Any]:
-        """Iterate a server stream of a peer, cancellable through `run`."""
+        """Iterate a server stream of a peer, cancellable through `run`.
+
+        Raises StageStalled when the run's watchdog cancelled a silent stream.
+        """
         run.check()
         call = getattr(peer.stub, method)(
             request, timeout=STAGE_DEADLINE_S, metadata=peer.metadata
         )
         run.attach(call)
         try:
-            yield from call
+            with run.progress.watching(call):
+                try:
+                    for message in call:
+                        run.progress.touch()
+                        yield message
+                except grpc.RpcError:
+                    if run.progress.tripped:
+                        raise StageStalled(
+                            f"{method} streamed no progress for {run.progress.limit_s:.0f}s"
+                        ) from None
+                    raise
         finally:
             run.attach(None)
 
@@ -348,14 +438,29 @@ class Orchestrator:
         """Run `attempt`, retrying with backoff while the peer is unavailable.
 
         The retry budget counts from the first of consecutive quick failures: a
-        stream that ran for a while before it broke starts a fresh budget.
+        stream that ran for a while before it broke starts a fresh budget. A stream
+        the watchdog cancelled for silence is called again at once, at most
+        `stage_no_progress_retries` times.
         """
         failing_since = 0.0
         delay = RETRY_FIRST_DELAY_S
+        stalls = 0
         while True:
             started = time.monotonic()
             try:
                 return attempt()
+            except StageStalled as exc:
+                run.check()
+                stalls += 1
+                if stalls > self.settings.stage_no_progress_retries:
+                    raise StageStalled(
+                        f"{peer} made no progress for {run.progress.limit_s:.0f}s in {stalls}"
+                        f" attempts in a row ({exc}; each silent call was cancelled and"
+                        f" retried): {peer} hangs or cannot reach what it needs"
+                    ) from None
+                log.warning("job %s: %s: %s; calling it again (retry %d of %d)", run.job_id,
+                            peer, exc, stalls, self.settings.stage_no_progress_retries)
+                continue
             except grpc.RpcError as exc:
                 run.check()
                 error = peer_error(exc, peer)

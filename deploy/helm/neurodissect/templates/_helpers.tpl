@@ -250,7 +250,32 @@ affinity:
 
 {{/* ---------------------------------------------------------------- Ray pods */}}
 
+{{/* Whether Ray's token authentication is on: the chart's RayCluster, or an external cluster
+     whose token is given. */}}
+{{- define "neurodissect.rayAuthEnabled" -}}
+{{- $auth := .Values.ray.auth -}}
+{{- if and $auth.enabled (or (include "neurodissect.rayClusterEnabled" .) (and .Values.ray.address (or $auth.existingSecret $auth.token))) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "neurodissect.rayAuthSecretName" -}}
+{{- .Values.ray.auth.existingSecret | default (printf "%s-ray-auth" (include "neurodissect.fullname" .)) -}}
+{{- end -}}
+
+{{/* RAY_AUTH_MODE and RAY_AUTH_TOKEN (Ray reads them itself) of the Ray pods and the explainer. */}}
+{{- define "neurodissect.rayAuthEnv" -}}
+{{- if include "neurodissect.rayAuthEnabled" . }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "neurodissect.rayAuthSecretName" . }}
+      key: {{ .Values.ray.auth.tokenKey }}
+{{- end }}
+{{- end -}}
+
 {{/* The body of a Ray head or worker container (KubeRay supplies the `ray start` command).
+     No API token and no store keys: tasks get the store credentials from the explainer.
      Call with (dict "root" $ "resources" RESOURCES). */}}
 {{- define "neurodissect.rayContainer" -}}
 image: {{ include "neurodissect.image" .root }}
@@ -258,8 +283,10 @@ imagePullPolicy: {{ .root.Values.image.pullPolicy }}
 envFrom:
   - configMapRef:
       name: {{ include "neurodissect.fullname" .root }}-settings
+{{- with include "neurodissect.rayAuthEnv" .root }}
 env:
-  {{- include "neurodissect.secretEnv" (dict "root" .root "withToken" false) | nindent 2 }}
+  {{- . | nindent 2 }}
+{{- end }}
 resources:
   {{- toYaml .resources | nindent 2 }}
 securityContext:

@@ -1,0 +1,48 @@
+"""The local stack's ports and the environment of its Ray head (no process is started)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.settings import SERVICES, Settings
+from services.gateway.stack import LocalStack, StackError, free_port, scrubbed_environment
+
+
+def test_free_ports_are_never_handed_out_twice() -> None:
+    stack = LocalStack(Settings(), free_ports=True)
+    handed = [*stack.ports.values(), *stack.metrics_ports.values(), stack.settings.ui_port]
+    assert len(handed) == len(set(handed)) == 2 * len(SERVICES) + 1
+    assert {stack.address(n) for n in SERVICES} == {f"127.0.0.1:{stack.ports[n]}"
+                                                    for n in SERVICES}
+
+
+def test_free_port_skips_ports_already_taken() -> None:
+    taken: set[int] = set()
+    ports = [free_port(taken=taken) for _ in range(50)]
+    assert len(set(ports)) == 50 and taken == set(ports)
+
+
+def test_fixed_ports_come_from_the_service_addresses() -> None:
+    port = free_port()
+    stack = LocalStack(Settings(explainer_addr=f"127.0.0.1:{port}"), free_ports=False)
+    assert stack.ports["explainer"] == port
+
+
+def test_two_services_on_one_port_are_refused_before_anything_starts() -> None:
+    with pytest.raises(StackError, match="would both listen on port 9555"):
+        LocalStack(Settings(metrics_port=9555), free_ports=False)
+    port = free_port()
+    with pytest.raises(StackError, match=f"gateway and captioner would both listen on port {port}"):
+        LocalStack(Settings(gateway_addr=f"127.0.0.1:{port}", captioner_addr=f"127.0.0.1:{port}"),
+                   free_ports=False)
+
+
+def test_the_ray_head_environment_holds_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEURODISSECT_AUTH_TOKEN", "t")
+    monkeypatch.setenv("NEURODISSECT_S3_SECRET_KEY", "s")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv("PATH", "/usr/bin")
+    env = scrubbed_environment()
+    assert not [k for k in env if k.startswith(("NEURODISSECT_", "AWS_", "RAY_ADDRESS"))]
+    assert env["PATH"] == "/usr/bin"
