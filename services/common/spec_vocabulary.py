@@ -74,6 +74,24 @@ Pooling = Literal["mean", "max"]
 POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
 DEFAULT_POOLING: Pooling = "mean"
 
+# Compositional: boolean formulas at mask resolution (specs/compositional.md) or spatial
+# formulas on the activation grid (specs/compositional_spatial.md).
+CompositionalMode = Literal["boolean", "spatial"]
+COMPOSITIONAL_MODES: tuple[CompositionalMode, ...] = get_args(CompositionalMode)
+DEFAULT_COMPOSITIONAL_MODE: CompositionalMode = "boolean"
+
+GridDownsampling = Literal["manual", "nearest", "bilinear"]
+GRID_DOWNSAMPLINGS: tuple[GridDownsampling, ...] = get_args(GridDownsampling)
+DEFAULT_GRID_DOWNSAMPLING: GridDownsampling = "manual"
+
+FormulaScore = Literal["imroun", "iou"]
+FORMULA_SCORES: tuple[FormulaScore, ...] = get_args(FormulaScore)
+DEFAULT_FORMULA_SCORE: FormulaScore = "imroun"
+
+OperatorSet = Literal["close", "boolean"]
+OPERATOR_SETS: tuple[OperatorSet, ...] = get_args(OperatorSet)
+DEFAULT_OPERATOR_SET: OperatorSet = "close"
+
 LinearConcepts = Literal["label", "clip"]
 LINEAR_CONCEPTS: tuple[LinearConcepts, ...] = get_args(LinearConcepts)
 DEFAULT_LINEAR_CONCEPTS: LinearConcepts = "label"
@@ -100,6 +118,43 @@ BEAM = IntField(default=5, high=100)
 FORMULA_LENGTH = IntField(default=3, high=10)
 MAX_TOP_K_PRIMITIVES = 100_000  # 0: every label is a candidate
 LENGTH_PENALTY = FloatField(default=1.0, low=0.0, high=10.0)
+# Spatial mode (specs/compositional_spatial.md).
+MANUAL_FRACTION = FloatField(default=100 / 256, low=0.0, high=1.0)  # in (0, 1]
+IMROU_R = FloatField(default=0.75, low=0.0, high=1.0)
+EXPANSION_NEIGHBOURS = IntField(default=3, high=8)
+LINEAR_LENGTH_PENALTY = FloatField(default=0.0, low=0.0, high=0.5)  # 1 − c·(len − 1) > 0
+MIN_COVERAGE = FloatField(default=1e-4, low=0.0, high=1.0)
+ABORT_IMAGES = IntField(default=4000, high=10_000_000)
+ABORT_FRACTION = FloatField(default=0.5, low=0.0, high=1.0)
+# The CompositionalParams fields only the spatial mode reads (refused in the boolean mode).
+COMPOSITIONAL_SPATIAL_FIELDS = (
+    "grid_downsampling",
+    "manual_fraction",
+    "score",
+    "imrou_r",
+    "operators",
+    "expansion_neighbours",
+    "linear_length_penalty",
+    "min_coverage",
+    "abort_images",
+    "abort_fraction",
+)
+# Presets: CompositionalParams field -> value, each used where the spec leaves the field unset.
+COMPOSITIONAL_PRESETS: dict[str, dict[str, str | int | float]] = {
+    "indres": {
+        "mode": "spatial",
+        "grid_downsampling": "manual",
+        "manual_fraction": 100 / 256,
+        "score": "imroun",
+        "imrou_r": 0.75,
+        "expansion_neighbours": 3,
+        "operators": "close",
+        "beam": 4,
+        "top_k_primitives": 50,
+        "max_length": 3,
+        "linear_length_penalty": 0.001,
+    },
+}
 
 # LE selects at most this many concepts; `max_concepts` may only say so (or 0).
 LINEAR_MAX_CONCEPTS = 10
@@ -117,5 +172,6 @@ EXPORTS = {
     "tally": ("netdissect", "tally.csv"),
     "clip_dissect": ("clip_dissect", "descriptions.csv"),
     "milan": ("milan", "captions.csv"),
+    "compositional": ("compositional", "formulas.csv"),
 }
 EXPORT_FORMATS = tuple(EXPORTS)

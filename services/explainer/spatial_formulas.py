@@ -26,17 +26,28 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union, get_args
+from typing import Union
 
 import numpy as np
 
+from services.common.spec_vocabulary import (
+    ABORT_FRACTION,
+    ABORT_IMAGES,
+    BEAM,
+    DEFAULT_FORMULA_SCORE,
+    DEFAULT_OPERATOR_SET,
+    FORMULA_LENGTH,
+    FORMULA_SCORES,
+    IMROU_R,
+    LENGTH_PENALTY,
+    LINEAR_LENGTH_PENALTY,
+    MIN_COVERAGE,
+    OPERATOR_SETS,
+    FormulaScore,
+    OperatorSet,
+)
 from services.explainer.spatial_masks import Grid, nonempty, popcount
 
-Score = Literal["iou", "imroun"]
-SCORES: tuple[Score, ...] = get_args(Score)
-OperatorSet = Literal["boolean", "close"]
-OPERATOR_SETS: tuple[OperatorSet, ...] = get_args(OperatorSet)
-IMROU_R = 0.75
 EXPANDED = "-X"
 
 
@@ -400,7 +411,7 @@ class Scores:
     imrou: np.ndarray
     imroun: np.ndarray
 
-    def of(self, score: Score) -> np.ndarray:
+    def of(self, score: FormulaScore) -> np.ndarray:
         """The (K,) scores a search ranks by."""
         return self.iou if score == "iou" else self.imroun
 
@@ -411,7 +422,7 @@ class UnitMask:
 
     bits: np.ndarray
     cells: int  # P per image
-    r: float = IMROU_R
+    r: float = IMROU_R.default
 
     @property
     def counts(self) -> np.ndarray:
@@ -447,23 +458,26 @@ def score_masks(unit: UnitMask, masks: np.ndarray, rows: slice = slice(None)) ->
 class SpatialSearch:
     """Beam search settings (spec defaults outside the `indres` preset)."""
 
-    beam: int = 5
-    max_length: int = 3
+    beam: int = BEAM.default
+    max_length: int = FORMULA_LENGTH.default
     top_k: int | None = None  # candidate primitives: the top_k by score, None = all
-    score: Score = "iou"
-    r: float = IMROU_R
-    operators: OperatorSet = "close"
-    length_penalty: float = 1.0  # power form: rank = score · p^(length − 1)
-    linear_length_penalty: float = 0.0  # reference form: rank = score · (1 − c·(length − 1))
-    min_coverage: float = 1e-4  # skip formulas on fewer than this fraction of all cells
-    abort_images: int = 4000  # spatial candidates are first scored on this many images
-    abort_fraction: float = 0.5  # … and dropped below this × the worst beam score (0: off)
+    score: FormulaScore = DEFAULT_FORMULA_SCORE
+    r: float = IMROU_R.default
+    operators: OperatorSet = DEFAULT_OPERATOR_SET
+    length_penalty: float = LENGTH_PENALTY.default  # power form: rank = score · p^(length − 1)
+    # The reference's form: rank = score · (1 − c·(length − 1)).
+    linear_length_penalty: float = LINEAR_LENGTH_PENALTY.default
+    min_coverage: float = MIN_COVERAGE.default  # skip formulas on fewer than this of all cells
+    abort_images: int = ABORT_IMAGES.default  # spatial candidates are first scored on these …
+    abort_fraction: float = ABORT_FRACTION.default  # … dropped below this × the worst in the beam
 
     def __post_init__(self) -> None:
         if self.beam < 1 or self.max_length < 1 or (self.top_k is not None and self.top_k < 1):
             raise ValueError(f"beam, max_length and top_k must be positive: {self}")
-        if self.score not in SCORES or self.operators not in OPERATOR_SETS:
-            raise ValueError(f"score must be one of {SCORES}, operators one of {OPERATOR_SETS}")
+        if self.score not in FORMULA_SCORES or self.operators not in OPERATOR_SETS:
+            raise ValueError(
+                f"score must be one of {FORMULA_SCORES}, operators one of {OPERATOR_SETS}"
+            )
 
     def penalty(self, length: int) -> float:
         """The factor of both length penalty forms at `length` leaves."""

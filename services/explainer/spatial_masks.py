@@ -22,21 +22,17 @@ bits from h·w on are always 0. A 7×7 image is one word, so AND, OR, NOT, a shi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch.nn import functional
 
-Downsampling = Literal["manual", "nearest", "bilinear"]
-DOWNSAMPLINGS: tuple[Downsampling, ...] = get_args(Downsampling)
-
-# The reference's default: 100 of a 16×16 cell's 256 pixels.
-MANUAL_FRACTION = 100 / 256
-# An off cell of an expanded label turns on with at least this many of its 8 neighbours on.
-EXPANSION_NEIGHBOURS = 3
-# CLOSE TO: offsets within distance √5, the 5×5 box minus its corners (21 cells, self included).
-CLOSE_RADIUS2 = 5
+from services.common.spec_vocabulary import (
+    EXPANSION_NEIGHBOURS,
+    GRID_DOWNSAMPLINGS,
+    MANUAL_FRACTION,
+    GridDownsampling,
+)
 
 
 def cell_edges(size: int, cells: int) -> np.ndarray:
@@ -47,8 +43,8 @@ def cell_edges(size: int, cells: int) -> np.ndarray:
 def downsample(
     masks: np.ndarray,
     grid: tuple[int, int],
-    method: Downsampling = "manual",
-    fraction: float = MANUAL_FRACTION,
+    method: GridDownsampling = "manual",
+    fraction: float = MANUAL_FRACTION.default,
 ) -> np.ndarray:
     """(N, H, W) bool masks at mask resolution -> (N, h, w) bool on the grid `(h, w)`."""
     _n, height, width = masks.shape
@@ -70,19 +66,43 @@ def downsample(
         values = torch.from_numpy(masks.astype(np.float32)).unsqueeze(1)
         small = functional.interpolate(values, size=grid, mode="bilinear", align_corners=False)
         return (small[:, 0] >= 0.5).numpy()
-    raise ValueError(f"downsampling must be one of {DOWNSAMPLINGS}, got {method!r}")
+    raise ValueError(f"downsampling must be one of {GRID_DOWNSAMPLINGS}, got {method!r}")
 
 
-def expand(grid_masks: np.ndarray, neighbours: int = EXPANSION_NEIGHBOURS) -> np.ndarray:
-    """One dilation `label-X`: (N, h, w) bool -> (N, h, w) bool.
+def label_grid_masks(
+    pixel: np.ndarray,
+    image: np.ndarray,
+    labels: np.ndarray,
+    grid: Grid,
+    method: GridDownsampling = "manual",
+    fraction: float = MANUAL_FRACTION.default,
+) -> np.ndarray:
+    """Bitboards (L, n, W) uint64 of `labels` (L,) in one chunk of label maps.
+
+    `pixel` (n, planes, H, W) int32 label numbers at mask resolution, downsampled to
+    the grid; `image` (n, Q) int32 image-level labels, each the whole grid.
+    """
+    out = np.zeros((len(labels), len(pixel), grid.words), dtype=np.uint64)
+    present = set(np.unique(pixel).tolist())
+    for k, label in enumerate(labels.tolist()):
+        if label in present:
+            masks = (pixel == label).any(axis=1)
+            out[k] = grid.pack(downsample(masks, (grid.h, grid.w), method, fraction))
+        out[k][(image == label).any(axis=1)] = grid.valid
+    return out
+
+
+def expand(grid_masks: np.ndarray, neighbours: int = EXPANSION_NEIGHBOURS.default) -> np.ndarray:
+    """One dilation `label-X`: (..., h, w) bool -> (..., h, w) bool.
 
     An off cell turns on iff at least `neighbours` of its 8 neighbours (inside the
     grid) are on; on cells stay on.
     """
-    padded = np.pad(grid_masks.astype(np.int8), ((0, 0), (1, 1), (1, 1)))
-    h, w = grid_masks.shape[1:]
+    lead = ((0, 0),) * (grid_masks.ndim - 2)
+    padded = np.pad(grid_masks.astype(np.int8), (*lead, (1, 1), (1, 1)))
+    h, w = grid_masks.shape[-2:]
     count = sum(
-        padded[:, 1 + di : 1 + di + h, 1 + dj : 1 + dj + w]
+        padded[..., 1 + di : 1 + di + h, 1 + dj : 1 + dj + w]
         for di in (-1, 0, 1)
         for dj in (-1, 0, 1)
         if di or dj

@@ -102,18 +102,42 @@ class NetDissectParams(_message.Message):
     def __init__(self, top_quantile: _Optional[float] = ..., iou_mode: _Optional[str] = ..., detector_threshold: _Optional[float] = ..., exemplars: _Optional[int] = ...) -> None: ...
 
 class CompositionalParams(_message.Message):
-    __slots__ = ("beam", "max_length", "top_k_primitives", "length_penalty", "top_quantile")
+    __slots__ = ("beam", "max_length", "top_k_primitives", "length_penalty", "top_quantile", "preset", "mode", "grid_downsampling", "manual_fraction", "score", "imrou_r", "operators", "expansion_neighbours", "linear_length_penalty", "min_coverage", "abort_images", "abort_fraction")
     BEAM_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     TOP_K_PRIMITIVES_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
     TOP_QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    GRID_DOWNSAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MANUAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    IMROU_R_FIELD_NUMBER: _ClassVar[int]
+    OPERATORS_FIELD_NUMBER: _ClassVar[int]
+    EXPANSION_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    LINEAR_LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    MIN_COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    ABORT_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     beam: int
     max_length: int
     top_k_primitives: int
     length_penalty: float
     top_quantile: float
-    def __init__(self, beam: _Optional[int] = ..., max_length: _Optional[int] = ..., top_k_primitives: _Optional[int] = ..., length_penalty: _Optional[float] = ..., top_quantile: _Optional[float] = ...) -> None: ...
+    preset: str
+    mode: str
+    grid_downsampling: str
+    manual_fraction: float
+    score: str
+    imrou_r: float
+    operators: str
+    expansion_neighbours: int
+    linear_length_penalty: float
+    min_coverage: float
+    abort_images: int
+    abort_fraction: float
+    def __init__(self, beam: _Optional[int] = ..., max_length: _Optional[int] = ..., top_k_primitives: _Optional[int] = ..., length_penalty: _Optional[float] = ..., top_quantile: _Optional[float] = ..., preset: _Optional[str] = ..., mode: _Optional[str] = ..., grid_downsampling: _Optional[str] = ..., manual_fraction: _Optional[float] = ..., score: _Optional[str] = ..., imrou_r: _Optional[float] = ..., operators: _Optional[str] = ..., expansion_neighbours: _Optional[int] = ..., linear_length_penalty: _Optional[float] = ..., min_coverage: _Optional[float] = ..., abort_images: _Optional[int] = ..., abort_fraction: _Optional[float] = ...) -> None: ...
 
 class ClipModelSpec(_message.Message):
     __slots__ = ("arch", "weights_uri")
@@ -344,14 +368,22 @@ class NetDissectResult(_message.Message):
     def __init__(self, label: _Optional[str] = ..., category: _Optional[str] = ..., iou: _Optional[float] = ..., per_category: _Optional[_Iterable[_Union[CategoryBest, _Mapping]]] = ..., threshold: _Optional[float] = ..., detector: _Optional[bool] = ..., exemplars: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CompositionalResult(_message.Message):
-    __slots__ = ("formula", "iou", "length")
+    __slots__ = ("formula", "iou", "length", "imrou", "imroun", "category", "threshold")
     FORMULA_FIELD_NUMBER: _ClassVar[int]
     IOU_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    IMROU_FIELD_NUMBER: _ClassVar[int]
+    IMROUN_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     formula: str
     iou: float
     length: int
-    def __init__(self, formula: _Optional[str] = ..., iou: _Optional[float] = ..., length: _Optional[int] = ...) -> None: ...
+    imrou: float
+    imroun: float
+    category: str
+    threshold: float
+    def __init__(self, formula: _Optional[str] = ..., iou: _Optional[float] = ..., length: _Optional[int] = ..., imrou: _Optional[float] = ..., imroun: _Optional[float] = ..., category: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class ConceptScore(_message.Message):
     __slots__ = ("concept", "score")
