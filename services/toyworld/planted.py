@@ -11,8 +11,12 @@ torchvision's mean and std); the model inverts it first. Layers:
   palette colours every matching position would otherwise tie at the maximum, and a
   threshold at the top 0.5% would select none of them or all of them.
 - `pool`: (N, 9) spatial mean of `colors`, the model's output.
+- `near`: (N, 1, H/2, W/2), one unit planted on a spatial relation: the match of colour
+  `NEAR[0]` (`colors` unit) where colour `NEAR[1]` matches (> 0.5) within `NEAR_REACH`
+  positions (a square window), 0 elsewhere. It fires on yellow regions (shapes or
+  backgrounds) only next to blue ones: `yellow CLOSE TO blue` in a spatial formula.
 
-`planted_units()` says what each planted unit must be dissected as.
+`planted_units()` says what each planted unit of `colors` must be dissected as.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from services.toyworld.world import WORLD
 SIGMA = 0.06
 GAIN_SIZE = 256
 DEAD_UNIT = len(WORLD.colors)
+NEAR = ("yellow", "blue")
+NEAR_REACH = 2
 
 
 def planted_units() -> dict[int, str]:
@@ -60,6 +66,20 @@ class ColorUnits(nn.Module):
         return torch.cat([match, torch.zeros_like(match[:, :1])], dim=1)
 
 
+class NearUnit(nn.Module):
+    """(N, 9, h, w) `colors` maps -> (N, 1, h, w): colour NEAR[0] where NEAR[1] is near."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.target, self.context = (WORLD.color_names.index(c) for c in NEAR)
+        self.reach = nn.MaxPool2d(2 * NEAR_REACH + 1, stride=1, padding=NEAR_REACH)
+
+    def forward(self, colors: torch.Tensor) -> torch.Tensor:
+        """(N, 9, h, w) float32 -> (N, 1, h, w) float32."""
+        context = (colors[:, self.context : self.context + 1] > 0.5).float()
+        return colors[:, self.target : self.target + 1] * self.reach(context)
+
+
 class PlantedNet(nn.Module):
     """Undo ImageNet normalisation, detect palette colours (`colors`), average them (`pool`)."""
 
@@ -73,11 +93,17 @@ class PlantedNet(nn.Module):
         self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
         self.colors = ColorUnits()
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.near = NearUnit()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) ImageNet-normalised -> (N, 9) mean unit activations."""
-        rgb = x * self.std + self.mean
-        return self.pool(self.colors(rgb)).flatten(1)
+        """(N, 3, H, W) ImageNet-normalised -> (N, 9) mean `colors` activations.
+
+        `near` runs on the way, for dissection (its forward hook); the output stays
+        the colour means.
+        """
+        colors = self.colors(x * self.std + self.mean)
+        self.near(colors)
+        return self.pool(colors).flatten(1)
 
 
 def planted_model() -> PlantedNet:
