@@ -768,7 +768,9 @@ class Orchestrator:
         finished = common_pb2.Job()
         finished.CopyFrom(job)
         finished.state = common_pb2.SUCCEEDED
-        builder = PageBuilder(JobReader(self.store), Renders(self.store), live=False)
+        builder = PageBuilder(
+            JobReader(self.store, jobs=self.jobs), Renders(self.store), live=False
+        )
         export.write_copy(builder, finished, export.store_put(self.store, job.id))
         job.report_key = keys.report(job.id, "index.html")
         total = sum(s.units for s in job.summary)

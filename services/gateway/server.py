@@ -37,7 +37,7 @@ class GatewayServer(ServiceServer):
         servicer = GatewayServicer(
             settings, store, self.jobs, self.orchestrator, self.peers, self.store_watch
         )
-        self.web_ui = WebUI(settings, JobReader(store, self.peers.materialize))
+        self.web_ui = WebUI(settings, JobReader(store, self.peers.materialize, self.jobs))
 
         def register(server: grpc.Server) -> list[str]:
             gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)

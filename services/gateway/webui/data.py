@@ -60,12 +60,17 @@ class JobReader:
     """Jobs, unit answers, unit maps, label maps and thumbnails of one object store.
 
     `materialize` asks the extractor for thumbnails that are not stored yet; without
-    it (a static copy made from the store alone) such images are left out.
+    it (a static copy made from the store alone) such images are left out. `jobs` is
+    the gateway's own job store when the reader runs inside it (it holds the jobs the
+    gateway runs); without it, the jobs are loaded from the store.
     """
 
-    def __init__(self, store: ObjectStore, materialize: Materialize | None = None) -> None:
+    def __init__(
+        self, store: ObjectStore, materialize: Materialize | None = None,
+        jobs: JobStore | None = None,
+    ) -> None:
         self.store = store
-        self.jobs = JobStore(store)
+        self.jobs = jobs if jobs is not None else JobStore(store)
         self.materialize = materialize
         self._chunks = Lru(_CACHED_CHUNKS)
         self._finished_units = Lru(16)
