@@ -24,8 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch.nn import functional
 
 from services.common.spec_vocabulary import (
     EXPANSION_NEIGHBOURS,
@@ -40,33 +38,12 @@ def cell_edges(size: int, cells: int) -> np.ndarray:
     return np.arange(cells + 1, dtype=np.int64) * size // cells
 
 
-def downsample(
-    masks: np.ndarray,
-    grid: tuple[int, int],
-    method: GridDownsampling = "manual",
-    fraction: float = MANUAL_FRACTION.default,
-) -> np.ndarray:
-    """(N, H, W) bool masks at mask resolution -> (N, h, w) bool on the grid `(h, w)`."""
-    _n, height, width = masks.shape
-    h, w = grid
-    if method == "manual":
-        rows, cols = cell_edges(height, h), cell_edges(width, w)
-        if (np.diff(rows) == 0).any() or (np.diff(cols) == 0).any():
-            raise ValueError(f"a {h}×{w} grid has empty cells on {height}×{width} masks")
-        counts = np.add.reduceat(np.add.reduceat(masks.astype(np.int64), rows[:-1], axis=1),
-                                 cols[:-1], axis=2)
-        area = np.diff(rows)[:, None] * np.diff(cols)[None, :]
-        # count ≥ t·area, compared exactly for fractions with a small denominator.
-        return counts * 1_000_000 >= np.rint(fraction * 1_000_000) * area
-    if method == "nearest":
-        rows = ((2 * np.arange(h) + 1) * height) // (2 * h)
-        cols = ((2 * np.arange(w) + 1) * width) // (2 * w)
-        return masks[:, rows[:, None], cols[None, :]].astype(bool)
-    if method == "bilinear":
-        values = torch.from_numpy(masks.astype(np.float32)).unsqueeze(1)
-        small = functional.interpolate(values, size=grid, mode="bilinear", align_corners=False)
-        return (small[:, 0] >= 0.5).numpy()
-    raise ValueError(f"downsampling must be one of {GRID_DOWNSAMPLINGS}, got {method!r}")
+def _bilinear_taps(size: int, cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per cell: (cells,) low and high source pixels and the high one's weight (torch's rule)."""
+    source = np.maximum((np.arange(cells) + 0.5) * size / cells - 0.5, 0.0)
+    low = np.floor(source).astype(np.int64)
+    high = np.minimum(low + 1, size - 1)
+    return low, high, source - low
 
 
 def label_grid_masks(
@@ -80,16 +57,84 @@ def label_grid_masks(
     """Bitboards (L, n, W) uint64 of `labels` (L,) in one chunk of label maps.
 
     `pixel` (n, planes, H, W) int32 label numbers at mask resolution, downsampled to
-    the grid; `image` (n, Q) int32 image-level labels, each the whole grid.
+    the grid (a pixel holds a label when any plane does); `image` (n, Q) int32
+    image-level labels, each the whole grid. Works on the (image, cell, label)
+    triples present, never on a dense mask per label.
     """
-    out = np.zeros((len(labels), len(pixel), grid.words), dtype=np.uint64)
-    present = set(np.unique(pixel).tolist())
-    for k, label in enumerate(labels.tolist()):
-        if label in present:
-            masks = (pixel == label).any(axis=1)
-            out[k] = grid.pack(downsample(masks, (grid.h, grid.w), method, fraction))
-        out[k][(image == label).any(axis=1)] = grid.valid
+    n, planes, height, width = pixel.shape
+    h, w = grid.h, grid.w
+    column = {int(label): k for k, label in enumerate(labels.tolist())}
+    largest = max([*column, int(pixel.max(initial=0)), int(image.max(initial=0))])
+    lookup = np.full(largest + 1, -1, dtype=np.int64)
+    lookup[list(column)] = list(column.values())
+    lookup[0] = -1
+    if method == "manual":
+        rows, cols = cell_edges(height, h), cell_edges(width, w)
+        if (np.diff(rows) == 0).any() or (np.diff(cols) == 0).any():
+            raise ValueError(f"a {h}×{w} grid has empty cells on {height}×{width} masks")
+        cell_of = (np.searchsorted(rows, np.arange(height), "right") - 1)[:, None] * w + (
+            np.searchsorted(cols, np.arange(width), "right") - 1
+        )
+        # Distinct (image, pixel, label) over planes, then pixels per (image, cell, label).
+        held = _distinct(pixel.reshape(n, planes, height * width), lookup, len(labels))
+        image_of, position, k = held
+        cell = cell_of.reshape(-1)[position]
+        key = (image_of * grid.cells + cell) * len(labels) + k
+        triples, count = np.unique(key, return_counts=True)
+        area = (np.diff(rows)[:, None] * np.diff(cols)[None, :]).reshape(-1)
+        on_cell = (triples // len(labels)) % grid.cells
+        # count ≥ t·area, compared exactly for fractions with a small denominator.
+        on = triples[count * 1_000_000 >= np.rint(fraction * 1_000_000) * area[on_cell]]
+    elif method == "nearest":
+        centre_rows = ((2 * np.arange(h) + 1) * height) // (2 * h)
+        centre_cols = ((2 * np.arange(w) + 1) * width) // (2 * w)
+        sampled = pixel[:, :, centre_rows[:, None], centre_cols[None, :]]
+        image_of, cell, k = _distinct(sampled.reshape(n, planes, grid.cells), lookup, len(labels))
+        on = np.unique((image_of * grid.cells + cell) * len(labels) + k)
+    elif method == "bilinear":
+        (r0, r1, wr), (c0, c1, wc) = _bilinear_taps(height, h), _bilinear_taps(width, w)
+        keys, weights_list = [], []
+        for rows_at, row_weight in ((r0, 1 - wr), (r1, wr)):
+            for cols_at, col_weight in ((c0, 1 - wc), (c1, wc)):
+                tap = pixel[:, :, rows_at[:, None], cols_at[None, :]]
+                image_of, cell, k = _distinct(tap.reshape(n, planes, grid.cells), lookup,
+                                              len(labels))
+                keys.append((image_of * grid.cells + cell) * len(labels) + k)
+                weights_list.append((row_weight[:, None] * col_weight[None, :]).reshape(-1)[cell])
+        key = np.concatenate(keys)
+        triples, index = np.unique(key, return_inverse=True)
+        # Taps that share a pixel (clamped at the border) add their weights, as torch does.
+        weights = np.bincount(index, weights=np.concatenate(weights_list))
+        on = triples[weights >= 0.5 - 1e-9]
+    else:
+        raise ValueError(f"downsampling must be one of {GRID_DOWNSAMPLINGS}, got {method!r}")
+    out = np.zeros((len(labels), n, grid.words), dtype=np.uint64)
+    k, rest = on % len(labels), on // len(labels)
+    image_of, cell = rest // grid.cells, rest % grid.cells
+    np.bitwise_or.at(
+        out, (k, image_of, cell // 64), np.left_shift(np.uint64(1), (cell % 64).astype(np.uint64))
+    )
+    whole = lookup[image]  # (n, Q) columns of the image-level labels, −1 for none
+    for q in range(image.shape[1]):
+        present = np.flatnonzero(whole[:, q] >= 0)
+        out[whole[present, q], present] = grid.valid
     return out
+
+
+def _distinct(
+    values: np.ndarray, lookup: np.ndarray, n_labels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, planes, S) label numbers -> distinct (image, position, label column) of wanted labels.
+
+    `lookup` maps a label number to its column (−1: not wanted); each returned array is (T,).
+    """
+    n, _, size = values.shape
+    k = lookup[values]
+    image_of = np.broadcast_to(np.arange(n)[:, None, None], values.shape)
+    position = np.broadcast_to(np.arange(size)[None, None, :], values.shape)
+    wanted = k >= 0
+    key = np.unique((image_of[wanted] * size + position[wanted]) * n_labels + k[wanted])
+    return key // n_labels // size, key // n_labels % size, key % n_labels
 
 
 def expand(grid_masks: np.ndarray, neighbours: int = EXPANSION_NEIGHBOURS.default) -> np.ndarray:

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torch.nn import functional
 
-from services.explainer.spatial_masks import Grid, downsample, expand, nonempty, popcount
+from services.common.spec_vocabulary import GridDownsampling
+from services.explainer.spatial_masks import Grid, expand, label_grid_masks, nonempty, popcount
+
+
+def downsample(
+    masks: np.ndarray, shape: tuple[int, int], method: GridDownsampling, fraction: float = 0.5
+) -> np.ndarray:
+    """(N, H, W) bool -> (N, h, w) bool through `label_grid_masks` (label 1, no image labels)."""
+    grid = Grid(*shape)
+    pixel = masks.astype(np.int32)[:, None]
+    bits = label_grid_masks(pixel, np.zeros((len(masks), 1), np.int32), np.array([1]), grid,
+                            method, fraction)
+    return grid.unpack(bits[0])
 
 
 def dense_neighbourhood(masks: np.ndarray) -> np.ndarray:
@@ -53,6 +67,35 @@ def test_nearest_reads_each_cells_centre_pixel_and_bilinear_its_two_neighbours()
     mask[0, 7:9, 7:9] = True
     assert downsample(mask, (7, 7), "bilinear")[0, 0, 0]
     assert not downsample(mask, (7, 7), "manual", 100 / 256)[0].any()
+
+
+@pytest.mark.parametrize(
+    ("size", "shape"), [(112, (7, 7)), (16, (4, 4)), (10, (3, 4)), (9, (9, 9))]
+)
+def test_bilinear_is_torchs_interpolation_thresholded_at_a_half(
+    size: int, shape: tuple[int, int]
+) -> None:
+    rng = np.random.default_rng(size)
+    masks = rng.random((5, size, size)) < 0.4
+    values = torch.from_numpy(masks.astype(np.float32))[:, None]
+    want = functional.interpolate(values, size=shape, mode="bilinear", align_corners=False)
+    assert (downsample(masks, shape, "bilinear") == (want[:, 0] >= 0.5).numpy()).all()
+
+
+def test_labels_in_several_planes_and_image_level_labels() -> None:
+    grid = Grid(2, 2)
+    pixel = np.zeros((2, 2, 4, 4), dtype=np.int32)
+    pixel[0, 0, :2, :2] = 3  # label 3 on all of cell (0, 0) in plane 0 …
+    pixel[0, 1, :2, :2] = 3  # … and again in plane 1: counted once per pixel
+    pixel[0, 1, 2:, 2:3] = 5  # label 5 on half of cell (1, 1)
+    image = np.array([[0, 7], [7, 9]], dtype=np.int32)
+    bits = label_grid_masks(pixel, image, np.array([3, 5, 7]), grid, "manual", 0.5)
+    three, five, seven = (grid.unpack(b) for b in bits)
+    assert three[0].tolist() == [[True, False], [False, False]] and not three[1].any()
+    assert five[0, 1, 1] and five.sum() == 1
+    assert seven.all()  # image-level in both images: the whole grid
+    five_strict = label_grid_masks(pixel, image, np.array([5]), grid, "manual", 0.51)
+    assert not grid.unpack(five_strict).any()
 
 
 def test_expansion_on_a_hand_drawn_grid() -> None:
