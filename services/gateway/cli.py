@@ -21,7 +21,7 @@ neurodissect [global flags] COMMAND ...
 Global flags override NEURODISSECT_* environment variables, which override the
 packaged defaults. Exit codes: 0 success; 1 the job ended FAILED or CANCELLED;
 2 the request was rejected (the message names the status code and the field);
-3 the local stack did not start (the message points at the service's log).
+3 the local stack did not start or stay up (the message points at the service's log).
 """
 
 from __future__ import annotations
@@ -167,28 +167,28 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-
-
 def print_stack(stack: LocalStack) -> None:
-    """The addresses of a started local stack."""
-    table = Table("service", "address", "metrics", title="neurodissect local stack")
+    """The addresses of a started local stack and how often each process was restarted."""
+    table = Table("service", "address", "metrics", "restarts", title="neurodissect local stack")
     for name in stack.services:
         table.add_row(name, stack.address(name), f"http://{stack.settings.host}:"
-                      f"{stack.metrics_ports[name]}/metrics")
+                      f"{stack.metrics_ports[name]}/metrics", str(stack.restarts(name)))
     if stack.ray_address:
-        table.add_row("ray", stack.ray_address, "")
+        table.add_row("ray", stack.ray_address, "", str(stack.restarts("ray")))
     console.print(table)
     console.print(f"store: {stack.settings.store_url}", markup=False)
     console.print(f"logs:  {stack.log_dir}", markup=False)
 
 
-def start_stack(args: argparse.Namespace, settings: Settings) -> LocalStack:
-    """Start the services that are installed, on the settings' ports or on free ones."""
+def start_stack(
+    args: argparse.Namespace,
+    settings: Settings,
+    on_restart: Callable[[str, str], None] | None = None,
+) -> LocalStack:
+    """Start the services that are installed, supervised, on the settings' ports or free ones.
+
+    `on_restart(name, message)` is called after the supervisor restarted a process.
+    """
     services = available_services()
     missing = [name for name in SERVICES if name not in services]
     if missing:
@@ -200,20 +200,38 @@ def start_stack(args: argparse.Namespace, settings: Settings) -> LocalStack:
         ray_head=args.ray_head,
         free_ports=args.free_ports,
         log_dir=args.log_dir,
+        on_restart=on_restart,
     ).start()
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    """Start the local stack and keep it up until Ctrl-C or SIGTERM."""
-    stack = start_stack(args, settings)
+    """Keep the local stack up, restarting what crashes, until Ctrl-C or SIGTERM.
+
+    Exits EXIT_STACK_FAILED when a process cannot be kept up (a crash loop).
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stacks: list[LocalStack] = []
+
+    def on_restart(name: str, message: str) -> None:
+        console.print(f"supervisor: {message}", markup=False)
+        print_stack(stacks[0])
+
+    stack = start_stack(args, settings, on_restart)
+    stacks.append(stack)
     try:
         print_stack(stack)
         console.print(f"export NEURODISSECT_GATEWAY_ADDR={stack.address('gateway')}")
         console.print("up; Ctrl-C stops everything")
-        _wait_for_signal()
+        while not stop.wait(0.5) and not stack.failed.is_set():
+            pass
     finally:
         console.print("stopping")
         stack.stop()
+    if stack.failed.is_set():
+        errors.print(f"error: the local stack did not stay up: {stack.failure}", markup=False)
+        return EXIT_STACK_FAILED
     return EXIT_OK
 
 
