@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -182,6 +183,12 @@ def test_the_ray_head_listens_on_loopback_only(stack: LocalStack) -> None:
     ports = {int(fields[3].rsplit(":", 1)[1]) for fields in ours}
     assert int(stack.ray_address.rsplit(":", 1)[1]) in ports, listening.stdout
     assert all(LOOPBACK.match(fields[3]) for fields in ours), ours
+    # From the machine's other addresses, nothing of the head answers.
+    own = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout
+    for address in own.split():
+        for port in ports:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((address, port), timeout=5).close()
 
 
 PROBE = textwrap.dedent("""
