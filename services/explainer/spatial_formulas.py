@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Union
 
 import numpy as np
@@ -160,34 +161,30 @@ def _children(formula: Formula) -> tuple[Formula, ...]:
 
 def canonical_key(formula: Formula) -> object:
     """A key equal for formulas equal up to the order of commutative operands."""
-    if isinstance(formula, Primitive):
-        return (formula.label, formula.expanded)
-    if isinstance(formula, Not):
-        return ("NOT", canonical_key(formula.operand))
-    if isinstance(formula, And | Or):
-        return (type(formula).__name__, frozenset(canonical_key(o) for o in formula.operands))
-    if isinstance(formula, CloseTo):
-        targets = frozenset(canonical_key(t) for t in formula.targets)
-        return ("CLOSE TO", canonical_key(formula.left), targets)
-    if isinstance(formula, Close):
-        return ("CLOSE", frozenset((canonical_key(formula.left), canonical_key(formula.right))))
-    return ("WITH", canonical_key(formula.left), canonical_key(formula.right))
+    return _checked_key(formula, check=False)
 
 
 def well_formed(formula: Formula) -> bool:
     """No `A op A` and no repeated operand under one AND, OR or target list."""
+    return _checked_key(formula, check=True) is not None
+
+
+def _checked_key(formula: Formula, check: bool) -> object | None:
+    """`canonical_key`, or None when `check` finds two equal operands of one node."""
     if isinstance(formula, Primitive):
-        return True
+        return (formula.label, formula.expanded)
+    keys = [_checked_key(child, check) for child in _children(formula)]
+    if check and (None in keys or len(set(keys)) < len(keys)):
+        return None
+    if isinstance(formula, Not):
+        return ("NOT", keys[0])
     if isinstance(formula, And | Or):
-        operands: Sequence[Formula] = formula.operands
-    elif isinstance(formula, CloseTo):
-        operands = (formula.left, *formula.targets)
-    elif isinstance(formula, With | Close):
-        operands = (formula.left, formula.right)
-    else:
-        operands = ()
-    keys = {canonical_key(o) for o in operands}
-    return len(keys) == len(operands) and all(well_formed(c) for c in _children(formula))
+        return (type(formula).__name__, frozenset(keys))
+    if isinstance(formula, CloseTo):
+        return ("CLOSE TO", keys[0], frozenset(keys[1:]))
+    if isinstance(formula, Close):
+        return ("CLOSE", frozenset(keys))
+    return ("WITH", keys[0], keys[1])
 
 
 # -- printing and parsing ------------------------------------------------------------------
@@ -372,18 +369,18 @@ def evaluate(formula: Formula, leaf: Callable[[Primitive], np.ndarray], grid: Gr
         for mask in masks[1:]:
             out = out & mask if isinstance(formula, And) else out | mask
         return out
-    return _spatial(formula, [evaluate(o, leaf, grid) for o in _operands(formula)], grid)
+    return _spatial(formula, [evaluate(o, leaf, grid) for o in spatial_operands(formula)], grid)
 
 
-def _operands(formula: With | CloseTo | Close) -> tuple[Formula, ...]:
+def spatial_operands(formula: With | CloseTo | Close) -> tuple[Formula, ...]:
     """(left, right), or (left, *targets) of CLOSE TO."""
     if isinstance(formula, CloseTo):
         return (formula.left, *formula.targets)
     return (formula.left, formula.right)
 
 
-def _rebuild(formula: With | CloseTo | Close, operands: tuple[Formula, ...]) -> Formula:
-    """The spatial formula of the same operator over `operands` (as `_operands` orders them)."""
+def with_operands(formula: With | CloseTo | Close, operands: tuple[Formula, ...]) -> Formula:
+    """The spatial formula of the same operator over `operands` (`spatial_operands`' order)."""
     if isinstance(formula, CloseTo):
         return CloseTo(operands[0], operands[1:])
     return type(formula)(operands[0], operands[1])
@@ -405,11 +402,12 @@ def _spatial(formula: With | CloseTo | Close, masks: Sequence[np.ndarray], grid:
 
 @dataclass(frozen=True)
 class Scores:
-    """IoU, ImRoU_r and imroun of K formulas: three (K,) float64 arrays."""
+    """IoU, ImRoU_r and imroun of K formulas, three (K,) float64, and their (K,) int64 areas."""
 
     iou: np.ndarray
     imrou: np.ndarray
     imroun: np.ndarray
+    area: np.ndarray
 
     def of(self, score: FormulaScore) -> np.ndarray:
         """The (K,) scores a search ranks by."""
@@ -424,11 +422,17 @@ class UnitMask:
     cells: int  # P per image
     r: float = IMROU_R.default
 
-    @property
+    @cached_property
     def counts(self) -> np.ndarray:
         """(N,) int64 n_i."""
         return popcount(self.bits)
 
+    @cached_property
+    def total(self) -> int:
+        """Σ n_i."""
+        return int(self.counts.sum())
+
+    @cached_property
     def normaliser(self) -> float:
         """ImRoU_r at F = M_u: (Σn − (r/P)·Σn²) / Σn (0 for a unit that never fires)."""
         n = self.counts
@@ -436,19 +440,29 @@ class UnitMask:
         return (total - self.r / self.cells * float(n @ n)) / total if total else 0.0
 
 
-def score_masks(unit: UnitMask, masks: np.ndarray, rows: slice = slice(None)) -> Scores:
-    """Scores of (K, n, W) formula masks over images `rows` of the unit's (N, W) bitboards."""
-    bits = unit.bits[rows]
-    n = popcount(bits)
-    area = popcount(masks)  # (K, n) l_i
-    inside = popcount(masks & bits).sum(axis=-1)
-    union = int(n.sum()) + area.sum(axis=-1) - inside
+def score_masks(
+    unit: UnitMask, masks: np.ndarray, images: np.ndarray | None = None, within: bool = False
+) -> Scores:
+    """Scores of (K, m, W) uint64 formula masks on images `images` (m,), all N when None.
+
+    The formulas are empty on every other image, so these are their scores over the
+    whole probe set; `within` scores them against the unit's mask on `images` alone
+    (the early abort's prefix).
+    """
+    bits = unit.bits if images is None else unit.bits[images]
+    n = unit.counts if images is None else unit.counts[images]
+    fire = np.flatnonzero(n)  # only images where the unit fires meet it
+    on_fire = masks[:, fire]
+    area = np.bitwise_count(masks).sum(axis=(1, 2), dtype=np.int64)  # Σ l_i
+    inside = np.bitwise_count(on_fire & bits[fire]).sum(axis=(1, 2), dtype=np.int64)
+    weighted = np.bitwise_count(on_fire).sum(axis=2, dtype=np.int64) @ n[fire]  # Σ n_i·l_i
+    union = (int(n.sum()) if within else unit.total) + area - inside
     safe = np.maximum(union, 1)
     iou = np.where(union > 0, inside / safe, 0.0)
-    imrou = np.where(union > 0, (inside - unit.r / unit.cells * (area @ n)) / safe, 0.0)
-    normaliser = unit.normaliser()
+    imrou = np.where(union > 0, (inside - unit.r / unit.cells * weighted) / safe, 0.0)
+    normaliser = unit.normaliser
     imroun = imrou / normaliser if normaliser > 0 else np.zeros_like(imrou)
-    return Scores(iou, imrou, imroun)
+    return Scores(iou, imrou, imroun, area)
 
 
 # -- beam search ---------------------------------------------------------------------------
@@ -502,7 +516,8 @@ class SpatialExplanation:
 @dataclass(frozen=True)
 class _Scored:
     formula: Formula
-    mask: np.ndarray  # (N, W) uint64
+    rows: np.ndarray  # (m,) the images where the formula can be non-empty
+    on_rows: np.ndarray  # (m, W) uint64 its mask there
     length: int
     iou: float
     imrou: float
@@ -510,10 +525,39 @@ class _Scored:
     score: float
     rank: float
 
+    def mask(self, n_images: int) -> np.ndarray:
+        """(N, W) uint64: the whole mask (made only for beam formulas that are extended)."""
+        out = np.zeros((n_images, self.on_rows.shape[-1]), dtype=np.uint64)
+        out[self.rows] = self.on_rows
+        return out
 
-# A batch of extensions of one beam formula by every candidate: (candidate indices,
-# image rows) -> (k, n, W) masks; the formula of candidate i; whether it is spatial.
-_Batch = tuple[Callable[[np.ndarray, slice], np.ndarray], Callable[[int], Formula], bool]
+
+@dataclass(frozen=True)
+class _Candidates:
+    """The candidates on images `rows` (m,), where a batch of extensions can be non-empty.
+
+    (K, m, W) uint64 masks and neighbourhoods; (K, m, 1) uint64 1 where an image holds
+    the candidate.
+    """
+
+    rows: np.ndarray
+    masks: np.ndarray
+    near: np.ndarray
+    present: np.ndarray
+
+    @classmethod
+    def on(cls, rows: np.ndarray, masks: np.ndarray, near: np.ndarray) -> _Candidates:
+        """Restrict (K, N, W) `masks` and `near` to images `rows`."""
+        on_rows = masks[:, rows]
+        return cls(rows, on_rows, near[:, rows], nonempty(on_rows)[..., None].astype(np.uint64))
+
+
+# A batch of extensions of one beam formula by every candidate: (candidate indices, a
+# slice of the batch's images) -> (k, m, W) masks; the formula of candidate i; whether it
+# is spatial; the batch's images (`_Candidates`; the formulas are empty on all others).
+_Batch = tuple[
+    Callable[[np.ndarray, slice], np.ndarray], Callable[[int], Formula], bool, _Candidates
+]
 
 
 def explain_unit(
@@ -528,7 +572,7 @@ def explain_unit(
     min_cells = settings.min_coverage * n_images * grid.cells
     scores = score_masks(unit, masks)
     primary = scores.of(settings.score)
-    usable = np.flatnonzero(popcount(masks).sum(axis=-1) >= min_cells)
+    usable = np.flatnonzero(scores.area >= min_cells)
     order = usable[np.lexsort((usable, -primary[usable]))]
     if settings.top_k is not None:
         order = order[: settings.top_k]
@@ -537,18 +581,21 @@ def explain_unit(
     prim_masks = masks[chosen]
     index = {p: k for k, p in enumerate(prims)}
     near = grid.neighbourhood(prim_masks)
-    images_with = nonempty(prim_masks)
+    every = _Candidates(np.arange(n_images), prim_masks, near,
+                        nonempty(prim_masks)[..., None].astype(np.uint64))
 
     def leaf(p: Primitive) -> np.ndarray:
         return prim_masks[index[p]]
 
-    def scored(formula: Formula, mask: np.ndarray, length: int, k: int, s: Scores) -> _Scored:
+    def scored(
+        formula: Formula, rows: np.ndarray, on_rows: np.ndarray, length: int, k: int, s: Scores
+    ) -> _Scored:
         value = float(s.of(settings.score)[k])
-        return _Scored(formula, mask, length, float(s.iou[k]), float(s.imrou[k]),
+        return _Scored(formula, rows, on_rows, length, float(s.iou[k]), float(s.imrou[k]),
                        float(s.imroun[k]), value, value * settings.penalty(length))
 
     beam = _best(
-        [scored(p, prim_masks[k], 1, int(i), scores) for k, (p, i) in enumerate(
+        [scored(p, every.rows, prim_masks[k], 1, int(i), scores) for k, (p, i) in enumerate(
             zip(prims, chosen, strict=True))],
         settings.beam,
     )
@@ -558,31 +605,47 @@ def explain_unit(
         seen = {canonical_key(s.formula) for s in pool}
         worst = beam[-1].score if len(beam) == settings.beam else None
         for parent in beam:
-            for make, build, spatial in _extensions(parent, prim_masks, near, images_with,
-                                                    prims, leaf, grid, settings.operators):
+            # Extensions on the same images are scored in one pass, a segment per operation.
+            groups: dict[int, list[tuple[Callable[[int], Formula], np.ndarray, np.ndarray]]] = {}
+            on: dict[int, _Candidates] = {}
+            for make, build, spatial, where in _extensions(
+                parent.formula, parent.mask(n_images), every, near, prims, leaf, grid,
+                settings.operators,
+            ):
                 kept = everything
+                head = int(np.searchsorted(where.rows, settings.abort_images))
                 if (spatial and worst is not None and worst > 0 and settings.abort_fraction > 0
-                        and n_images > settings.abort_images):
-                    head = slice(0, settings.abort_images)
-                    early = score_masks(unit, make(kept, head), head).of(settings.score)
-                    kept = kept[early >= settings.abort_fraction * worst]
-                batch = make(kept, slice(None))
-                batch_scores = score_masks(unit, batch)
+                        and head < len(where.rows)):
+                    prefix = make(kept, slice(0, head))
+                    early = score_masks(unit, prefix, where.rows[:head], within=True)
+                    kept = kept[early.of(settings.score) >= settings.abort_fraction * worst]
+                groups.setdefault(id(where), []).append((build, kept, make(kept, slice(None))))
+                on[id(where)] = where
+            for group, segments in groups.items():
+                rows = on[group].rows
+                batch = np.concatenate([m for _, _, m in segments])
+                batch_scores = score_masks(unit, batch, rows)
                 rank = batch_scores.of(settings.score) * settings.penalty(length)
-                covered = popcount(batch).sum(axis=-1) >= min_cells
-                added = 0
-                for k in np.lexsort((kept, -rank)):
-                    if added == settings.beam:
-                        break
-                    if not covered[k]:
-                        continue
-                    formula = build(int(kept[k]))
-                    key = canonical_key(formula)
-                    if key in seen or not well_formed(formula):
-                        continue
-                    seen.add(key)
-                    pool.append(scored(formula, batch[k], length, int(k), batch_scores))
-                    added += 1
+                covered = (batch_scores.area >= min_cells).tolist()
+                offset = 0
+                for build, kept, _ in segments:
+                    added = 0
+                    order = np.lexsort((kept, -rank[offset : offset + len(kept)])).tolist()
+                    numbers = kept.tolist()
+                    for j in order:
+                        if added == settings.beam:
+                            break
+                        if not covered[offset + j]:
+                            continue
+                        formula = build(numbers[j])
+                        key = _checked_key(formula, check=True)
+                        if key is None or key in seen:
+                            continue
+                        seen.add(key)
+                        k = offset + j
+                        pool.append(scored(formula, rows, batch[k], length, k, batch_scores))
+                        added += 1
+                    offset += len(kept)
         beam = _best(pool, settings.beam)
     if not beam:
         return SpatialExplanation(None, 0.0, 0.0, 0.0)
@@ -591,83 +654,97 @@ def explain_unit(
 
 
 def _extensions(
-    parent: _Scored,
-    prim_masks: np.ndarray,
+    f: Formula,
+    f_mask: np.ndarray,
+    every: _Candidates,
     near: np.ndarray,
-    images_with: np.ndarray,
     prims: Sequence[Primitive],
     leaf: Callable[[Primitive], np.ndarray],
     grid: Grid,
     operators: OperatorSet,
 ) -> Iterator[_Batch]:
-    """Every operation extending `parent` by one candidate, as batches over the candidates.
+    """Every operation extending `f` ((N, W) mask `f_mask`) by one candidate, as batches.
 
-    `prim_masks` (K, N, W) of the candidates, `near` their neighbourhoods, `images_with`
-    (K, N) whether each image holds them.
+    `every` holds the candidates on all images, `near` (K, N, W) their neighbourhoods.
+    OR needs every image; every other operation is empty where `f` is.
     """
-    f, fm = parent.formula, parent.mask
-    yield (lambda i, rows: fm[rows] | prim_masks[i, rows]), (lambda i: disjoin(f, prims[i])), False
-    yield (lambda i, rows: fm[rows] & prim_masks[i, rows]), (lambda i: conjoin(f, prims[i])), False
     yield (
-        lambda i, rows: fm[rows] & grid.complement(prim_masks[i, rows]),
+        lambda i, sub: f_mask[sub] | every.masks[i, sub],
+        lambda i: disjoin(f, prims[i]),
+        False,
+        every,
+    )
+    mine = _Candidates.on(np.flatnonzero(nonempty(f_mask)), every.masks, near)
+    fm = f_mask[mine.rows]
+    yield (
+        lambda i, sub: fm[sub] & mine.masks[i, sub], lambda i: conjoin(f, prims[i]), False, mine
+    )
+    yield (
+        lambda i, sub: fm[sub] & grid.complement(mine.masks[i, sub]),
         lambda i: and_not(f, prims[i]),
         False,
+        mine,
     )
     if operators == "boolean":
         return
-    f_near, f_images = grid.neighbourhood(fm), nonempty(fm)
+    f_near = grid.neighbourhood(fm)
+    yield (lambda i, sub: fm[sub] * mine.present[i, sub]), (lambda i: With(f, prims[i])), True, mine
+    yield (lambda i, sub: mine.masks[i, sub]), (lambda i: With(prims[i], f)), True, mine
     yield (
-        lambda i, rows: fm[rows] * images_with[i, rows][..., None],
-        lambda i: With(f, prims[i]),
-        True,
+        lambda i, sub: fm[sub] & mine.near[i, sub], lambda i: close_to(f, prims[i]), True, mine
     )
     yield (
-        lambda i, rows: prim_masks[i, rows] * f_images[rows][..., None],
-        lambda i: With(prims[i], f),
-        True,
-    )
-    yield (lambda i, rows: fm[rows] & near[i, rows]), (lambda i: close_to(f, prims[i])), True
-    yield (
-        lambda i, rows: prim_masks[i, rows] & f_near[rows],
+        lambda i, sub: mine.masks[i, sub] & f_near[sub],
         lambda i: close_to(prims[i], f),
         True,
+        mine,
     )
     yield (
-        lambda i, rows: (fm[rows] & near[i, rows]) | (prim_masks[i, rows] & f_near[rows]),
+        lambda i, sub: (fm[sub] & mine.near[i, sub]) | (mine.masks[i, sub] & f_near[sub]),
         lambda i: Close(f, prims[i]),
         True,
+        mine,
     )
     if isinstance(f, Spatial):
-        yield from _pushed(f, prim_masks, prims, leaf, grid)
+        yield from _pushed(f, every, near, prims, leaf, grid)
 
 
 def _pushed(
     f: With | CloseTo | Close,
-    prim_masks: np.ndarray,
+    every: _Candidates,
+    near: np.ndarray,
     prims: Sequence[Primitive],
     leaf: Callable[[Primitive], np.ndarray],
     grid: Grid,
 ) -> Iterator[_Batch]:
-    """OR and AND NOT of a candidate pushed into each operand of a spatial formula."""
-    operands = _operands(f)
+    """OR and AND NOT of a candidate pushed into each operand of a spatial formula.
+
+    The result is empty in images where any other operand is.
+    """
+    operands = spatial_operands(f)
     operand_masks = [evaluate(o, leaf, grid) for o in operands]
+    held = [nonempty(m) for m in operand_masks]
     for k, side in enumerate(operands):
+        others = [h for j, h in enumerate(held) if j != k]
+        where = _Candidates.on(np.flatnonzero(np.logical_and.reduce(others)), every.masks, near)
+        on_rows = [m[where.rows] for m in operand_masks]
         for combine, join in (
             (lambda a, b: a | b, disjoin),
             (lambda a, b: a & grid.complement(b), and_not),
         ):
 
             def make(
-                i: np.ndarray, rows: slice, k: int = k, combine: _Combine = combine
+                i: np.ndarray, sub: slice, k: int = k, combine: _Combine = combine,
+                on_rows: list[np.ndarray] = on_rows, where: _Candidates = where,
             ) -> np.ndarray:
-                masks = [m[rows] for m in operand_masks]
-                masks[k] = combine(masks[k], prim_masks[i, rows])
+                masks = [m[sub] for m in on_rows]
+                masks[k] = combine(masks[k], where.masks[i, sub])
                 return _spatial(f, masks, grid)
 
             def build(i: int, k: int = k, side: Formula = side, join: _Join = join) -> Formula:
-                return _rebuild(f, (*operands[:k], join(side, prims[i]), *operands[k + 1:]))
+                return with_operands(f, (*operands[:k], join(side, prims[i]), *operands[k + 1:]))
 
-            yield make, build, True
+            yield make, build, True, where
 
 
 _Combine = Callable[[np.ndarray, np.ndarray], np.ndarray]

@@ -75,16 +75,13 @@ def label_grid_masks(
         cell_of = (np.searchsorted(rows, np.arange(height), "right") - 1)[:, None] * w + (
             np.searchsorted(cols, np.arange(width), "right") - 1
         )
-        # Distinct (image, pixel, label) over planes, then pixels per (image, cell, label).
-        held = _distinct(pixel.reshape(n, planes, height * width), lookup, len(labels))
-        image_of, position, k = held
-        cell = cell_of.reshape(-1)[position]
-        key = (image_of * grid.cells + cell) * len(labels) + k
-        triples, count = np.unique(key, return_counts=True)
+        flat = pixel.reshape(n, planes, height * width)
+        columns = lookup[flat]  # (n, planes, S) label columns, −1 for unwanted
+        for p in range(1, planes):  # a label in several planes of one pixel counts once
+            again = (flat[:, p : p + 1] == flat[:, :p]).any(axis=1)
+            columns[:, p][again] = -1
         area = (np.diff(rows)[:, None] * np.diff(cols)[None, :]).reshape(-1)
-        on_cell = (triples // len(labels)) % grid.cells
-        # count ≥ t·area, compared exactly for fractions with a small denominator.
-        on = triples[count * 1_000_000 >= np.rint(fraction * 1_000_000) * area[on_cell]]
+        on = _cells_at_least(columns, cell_of.reshape(-1), area * fraction, grid.cells, len(labels))
     elif method == "nearest":
         centre_rows = ((2 * np.arange(h) + 1) * height) // (2 * h)
         centre_cols = ((2 * np.arange(w) + 1) * width) // (2 * w)
@@ -119,6 +116,33 @@ def label_grid_masks(
         present = np.flatnonzero(whole[:, q] >= 0)
         out[whole[present, q], present] = grid.valid
     return out
+
+
+def _cells_at_least(
+    columns: np.ndarray, cell_of: np.ndarray, needed: np.ndarray, cells: int, n_labels: int
+) -> np.ndarray:
+    """Keys (image·P + cell)·L + column of the cells holding at least `needed` pixels.
+
+    `columns` (n, planes, S) int64 label columns of every pixel (−1: none), `cell_of`
+    (S,) each pixel's cell, `needed` (P,) float pixels per cell. Counted by bincount
+    over images in batches whose count table stays small.
+    """
+    n = len(columns)
+    batch = max(1, (1 << 22) // (cells * max(n_labels, 1)))
+    found = []
+    for i0 in range(0, n, batch):
+        part = columns[i0 : i0 + batch]
+        wanted = part >= 0
+        image_of = np.broadcast_to(np.arange(len(part))[:, None, None], part.shape)[wanted]
+        cell = np.broadcast_to(cell_of, part.shape)[wanted]
+        key = (image_of * cells + cell) * n_labels + part[wanted]
+        count = np.bincount(key, minlength=len(part) * cells * n_labels)
+        cell_keys = np.arange(len(count)) // n_labels % cells
+        # count ≥ t·area, compared exactly for fractions with a small denominator.
+        hit = np.flatnonzero(count * 1_000_000 >= np.rint(needed[cell_keys] * 1_000_000))
+        hit = hit[count[hit] > 0]
+        found.append(hit + i0 * cells * n_labels)
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
 def _distinct(
@@ -205,8 +229,10 @@ class Grid:
 
     def shift(self, bits: np.ndarray, offset: int) -> np.ndarray:
         """Bit b of the result is bit b + `offset` of `bits` (0 outside): (..., W) uint64."""
-        q, r = divmod(offset, 64)
         words = self.words
+        if words == 1 and -64 < offset < 64:
+            return bits >> np.uint64(offset) if offset >= 0 else bits << np.uint64(-offset)
+        q, r = divmod(offset, 64)
         padded = np.zeros((*bits.shape[:-1], 3 * words + 2), dtype=np.uint64)
         padded[..., words + 1 : 2 * words + 1] = bits
         start = words + 1 + q
@@ -236,6 +262,8 @@ class Grid:
 
 def popcount(bits: np.ndarray) -> np.ndarray:
     """On cells per bitboard: (..., W) uint64 -> (...) int64."""
+    if bits.shape[-1] == 1:  # grids up to 64 cells (7×7, 8×8): no reduction needed
+        return np.bitwise_count(bits[..., 0]).astype(np.int64)
     return np.bitwise_count(bits).sum(axis=-1, dtype=np.int64)
 
 

@@ -40,7 +40,7 @@ def test_imrou_and_imroun_on_the_two_image_example() -> None:
     scores = score_masks(unit, formula[None])
     assert scores.iou[0] == pytest.approx(1 / 6)
     assert scores.imrou[0] == pytest.approx(0.104167, abs=1e-6)
-    assert unit.normaliser() == pytest.approx(0.625)
+    assert unit.normaliser == pytest.approx(0.625)
     assert scores.imroun[0] == pytest.approx(0.166667, abs=1e-6)
     # imroun is 1 at the unit's own mask, and r = 0 gives IoU.
     assert score_masks(unit, unit.bits[None]).imroun[0] == pytest.approx(1.0)
