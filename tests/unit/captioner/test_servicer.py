@@ -20,7 +20,7 @@ from services.captioner.milannotations import load_milannotations
 from services.captioner.servicer import CaptionerServicer
 from services.captioner.stored_exemplars import block_exemplars
 from services.captioner.training import ModelDimensions, TrainingConfig, train_captioner
-from services.common import keys
+from services.common import keys, result_store
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.metrics import UNITS_CAPTIONED
 from services.common.result_store import export_key
@@ -105,11 +105,7 @@ def run(
 
 
 def stored_rows(store: LocalStore) -> dict[int, dict[str, object]]:
-    rows = {}
-    for key in store.list(keys.results_prefix(JOB, LAYER, "milan")):
-        if key.endswith(".json"):
-            rows.update({row["unit"]: row for row in store.get_json(key)["units"]})
-    return rows
+    return result_store.read_rows(store, JOB, LAYER, "milan")
 
 
 def test_caption_names_each_units_colour_and_stores_every_block(
@@ -166,9 +162,9 @@ def test_a_unit_range_captions_only_its_units(
 ) -> None:
     progress = run(store, request(checkpoint, unit_start=2, unit_end=5))
     assert progress[-1].units_total == 3
-    assert store.list(keys.results_prefix(JOB, LAYER, "milan"))[1:] == [
-        keys.result_block(JOB, LAYER, "milan", 2, 4),
-        keys.result_block(JOB, LAYER, "milan", 4, 5),
+    assert [(u0, u1) for u0, u1, _ in result_store.block_ranges(store, JOB, LAYER, "milan")] == [
+        (2, 4),
+        (4, 5),
     ]
 
 
