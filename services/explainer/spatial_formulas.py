@@ -23,6 +23,7 @@ Length = number of leaves (primitives).
 
 from __future__ import annotations
 
+import heapq
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -441,13 +442,14 @@ class UnitMask:
 
 
 def score_masks(
-    unit: UnitMask, masks: np.ndarray, images: np.ndarray | None = None, within: bool = False
+    unit: UnitMask, masks: np.ndarray, images: np.ndarray | None = None,
+    unit_total: int | None = None,
 ) -> Scores:
     """Scores of (K, m, W) uint64 formula masks on images `images` (m,), all N when None.
 
     The formulas are empty on every other image, so these are their scores over the
-    whole probe set; `within` scores them against the unit's mask on `images` alone
-    (the early abort's prefix).
+    whole probe set; `unit_total` replaces Σ n_i to score within a prefix of the images
+    (the early abort's).
     """
     bits = unit.bits if images is None else unit.bits[images]
     n = unit.counts if images is None else unit.counts[images]
@@ -456,7 +458,7 @@ def score_masks(
     area = np.bitwise_count(masks).sum(axis=(1, 2), dtype=np.int64)  # Σ l_i
     inside = np.bitwise_count(on_fire & bits[fire]).sum(axis=(1, 2), dtype=np.int64)
     weighted = np.bitwise_count(on_fire).sum(axis=2, dtype=np.int64) @ n[fire]  # Σ n_i·l_i
-    union = (int(n.sum()) if within else unit.total) + area - inside
+    union = (unit.total if unit_total is None else unit_total) + area - inside
     safe = np.maximum(union, 1)
     iou = np.where(union > 0, inside / safe, 0.0)
     imrou = np.where(union > 0, (inside - unit.r / unit.cells * weighted) / safe, 0.0)
@@ -600,10 +602,15 @@ def explain_unit(
         settings.beam,
     )
     everything = np.arange(len(prims))
+    prefix_total = int(unit.counts[: settings.abort_images].sum())
     for length in range(2, settings.max_length + 1):
         pool = list(beam)
         seen = {canonical_key(s.formula) for s in pool}
         worst = beam[-1].score if len(beam) == settings.beam else None
+        # The best `beam` ranks in the pool (a min-heap): a candidate ranked no higher than
+        # the lowest of them once there are `beam` can never enter the beam (ties keep the
+        # earlier formula), so a segment stops there.
+        best_ranks = sorted(s.rank for s in pool)[-settings.beam :]
         for parent in beam:
             # Extensions on the same images are scored in one pass, a segment per operation.
             groups: dict[int, list[tuple[Callable[[int], Formula], np.ndarray, np.ndarray]]] = {}
@@ -617,7 +624,7 @@ def explain_unit(
                 if (spatial and worst is not None and worst > 0 and settings.abort_fraction > 0
                         and head < len(where.rows)):
                     prefix = make(kept, slice(0, head))
-                    early = score_masks(unit, prefix, where.rows[:head], within=True)
+                    early = score_masks(unit, prefix, where.rows[:head], prefix_total)
                     kept = kept[early.of(settings.score) >= settings.abort_fraction * worst]
                 groups.setdefault(id(where), []).append((build, kept, make(kept, slice(None))))
                 on[id(where)] = where
@@ -626,6 +633,7 @@ def explain_unit(
                 batch = np.concatenate([m for _, _, m in segments])
                 batch_scores = score_masks(unit, batch, rows)
                 rank = batch_scores.of(settings.score) * settings.penalty(length)
+                ranks = rank.tolist()
                 covered = (batch_scores.area >= min_cells).tolist()
                 offset = 0
                 for build, kept, _ in segments:
@@ -633,7 +641,8 @@ def explain_unit(
                     order = np.lexsort((kept, -rank[offset : offset + len(kept)])).tolist()
                     numbers = kept.tolist()
                     for j in order:
-                        if added == settings.beam:
+                        full = len(best_ranks) == settings.beam
+                        if added == settings.beam or (full and ranks[offset + j] <= best_ranks[0]):
                             break
                         if not covered[offset + j]:
                             continue
@@ -644,6 +653,10 @@ def explain_unit(
                         seen.add(key)
                         k = offset + j
                         pool.append(scored(formula, rows, batch[k], length, k, batch_scores))
+                        if full:
+                            heapq.heapreplace(best_ranks, ranks[k])
+                        else:
+                            heapq.heappush(best_ranks, ranks[k])
                         added += 1
                     offset += len(kept)
         beam = _best(pool, settings.beam)
