@@ -117,6 +117,8 @@ def _exemplar(
     )
     label = unit.netdissect.label if unit.HasField("netdissect") else ""
     formula = unit.compositional.formula if unit.HasField("compositional") else ""
+    if formula and not masks.is_logical_formula(formula):
+        formula = ""  # a spatial formula (WITH, CLOSE TO): no per-pixel mask is drawn
     concept = drawn("concept", lambda: leaf(label), label) if label else ""
     formula_digest = (
         drawn("formula", lambda: masks.formula_mask(formula, leaf), formula) if formula else ""

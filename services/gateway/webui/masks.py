@@ -22,6 +22,8 @@ from PIL import Image
 
 _TOKEN = re.compile(r'\s*(?:(\()|(\))|("(?:[^"\\]|\\.)*")|([^()"\s]+))')
 _KEYWORDS = ("AND", "OR", "NOT")
+# Operators of spatial formulas (specs/compositional_spatial.md): read, never drawn.
+_SPATIAL = ("WITH", "CLOSE", "TO")
 
 
 def unit_mask(raw: np.ndarray, threshold: float, size: tuple[int, int]) -> np.ndarray:
@@ -66,13 +68,13 @@ def _tokens(text: str) -> list[tuple[str, str]]:
             out.append((opening or closing, opening or closing))
         elif quoted:
             out.append(("name", json.loads(quoted)))
-        elif word in _KEYWORDS:
+        elif word in _KEYWORDS or word in _SPATIAL:
             out.append(("op", word))
         elif bare:
             out[-1] = ("name", f"{out[-1][1]} {word}")
         else:
             out.append(("name", word))
-        bare = bool(word) and word not in _KEYWORDS
+        bare = bool(word) and word not in _KEYWORDS and word not in _SPATIAL
     if text[position:].strip():
         raise ValueError(f"cannot read formula {text!r} at {text[position:]!r}")
     return out
@@ -125,3 +127,12 @@ def formula_mask(
     if position != len(tokens):
         raise ValueError(f"cannot read formula {formula!r}: trailing {tokens[position][1]!r}")
     return mask
+
+
+def is_logical_formula(formula: str) -> bool:
+    """Tell whether `formula` reads as labels joined by AND, OR and NOT (what is drawn)."""
+    try:
+        formula_mask(formula, lambda name: np.zeros(1, dtype=bool))
+    except ValueError:
+        return False
+    return True

@@ -42,6 +42,12 @@ def test_formula_masks_agree_with_the_explainers_formulas(formula: Formula) -> N
 def test_a_malformed_formula_is_refused(text: str) -> None:
     with pytest.raises(ValueError):
         masks.formula_mask(text, lambda name: np.ones(4, dtype=bool))
+    assert not masks.is_logical_formula(text)
+
+
+def test_only_logical_formulas_are_drawn() -> None:
+    assert masks.is_logical_formula("(water OR river) AND NOT blue")
+    assert not masks.is_logical_formula("dog WITH grass")
 
 
 def test_unit_mask_is_pils_bilinear_resize_thresholded() -> None:
