@@ -8,7 +8,9 @@ columns by name and predicted with `simulation`:
 
 - netdissect, clip_dissect: the label's column; milan: the caption's column;
 - compositional: the formula's leaves (negated leaves as 1 − P_sim), an empty
-  formula a constant (it explains nothing: ρ = 0);
+  formula a constant (it explains nothing: ρ = 0); a spatial formula's leaves alike
+  (an expansion `label-X` is its label; WITH / CLOSE TO / CLOSE average their operands'
+  leaves as AND and OR do, P_sim having no places within an image);
 - linear: Σ w_i·P_sim[:, term_i] + bias.
 
 A row whose concepts P_sim lacks, or no row at all, predicts NaN: the unit is
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from services.explainer import compositional, simulation
+from services.explainer import compositional, simulation, spatial_formulas
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,21 @@ def _signed_leaves(formula: compositional.Formula, negated: bool = False) -> lis
     return _signed_leaves(formula.left, negated) + _signed_leaves(formula.right, negated)
 
 
+def _signed_primitives(
+    formula: spatial_formulas.Formula, negated: bool = False
+) -> list[tuple[int, bool]]:
+    """(label, negated) pairs of a spatial formula's primitives, left to right."""
+    if isinstance(formula, spatial_formulas.Primitive):
+        return [(formula.label, negated)]
+    if isinstance(formula, spatial_formulas.Not):
+        return _signed_primitives(formula.operand, not negated)
+    if isinstance(formula, spatial_formulas.And | spatial_formulas.Or):
+        operands: tuple[spatial_formulas.Formula, ...] = formula.operands
+    else:
+        operands = spatial_formulas.spatial_operands(formula)
+    return [pair for operand in operands for pair in _signed_primitives(operand, negated)]
+
+
 def predict_row(
     method: str, row: Mapping[str, Any], sim: Simulator, columns: Mapping[str, int]
 ) -> np.ndarray:
@@ -74,10 +91,13 @@ def predict_row(
     if not formula:
         return np.zeros(n)
     try:
-        parsed = compositional.parse_formula(formula, columns)
+        leaves = _signed_leaves(compositional.parse_formula(formula, columns))
     except ValueError:
-        return missing
-    return simulation.predict_formula(sim.matrix, _signed_leaves(parsed))
+        try:
+            leaves = _signed_primitives(spatial_formulas.parse_formula(formula, columns))
+        except ValueError:
+            return missing
+    return simulation.predict_formula(sim.matrix, leaves)
 
 
 def block_predictions(
