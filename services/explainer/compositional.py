@@ -138,7 +138,7 @@ def format_formula(formula: Formula, names: Mapping[int, str]) -> str:
     strings.
     """
     if isinstance(formula, Leaf):
-        return _quote(names[formula.label])
+        return quote_label(names[formula.label])
     if isinstance(formula, Not):
         inner = format_formula(formula.operand, names)
         return f"NOT ({inner})" if isinstance(formula.operand, And | Or) else f"NOT {inner}"
@@ -152,15 +152,26 @@ def format_formula(formula: Formula, names: Mapping[int, str]) -> str:
     return f"{left} {word} {right}"
 
 
-def _quote(name: str) -> str:
+def quote_label(name: str, keywords: Sequence[str] = _KEYWORDS, reserved: str = "()") -> str:
+    """A label name as a formula prints it: bare when it reads back as one name, else quoted.
+
+    Bare: single spaces between words, no word a keyword, no quote, whitespace or
+    `reserved` character; else a JSON string (`string_literal`).
+    """
     words = name.split(" ")
+    special = re.escape(reserved + '"')
     plain = (
         name
         and all(words)
-        and not any(w.upper() in _KEYWORDS for w in words)
-        and re.fullmatch(r'[^()"\s]+( [^()"\s]+)*', name)
+        and not any(w.upper() in keywords for w in words)
+        and re.fullmatch(rf"[^{special}\s]+( [^{special}\s]+)*", name)
     )
-    return name if plain else '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return name if plain else string_literal(name)
+
+
+def string_literal(name: str) -> str:
+    """`name` in double quotes, backslash and quote escaped."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 _TOKEN = re.compile(r'\s*(?:(\()|(\))|"((?:[^"\\]|\\.)*)"|([^()"\s]+))')

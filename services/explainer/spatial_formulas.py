@@ -48,6 +48,7 @@ from services.common.spec_vocabulary import (
     FormulaScore,
     OperatorSet,
 )
+from services.explainer.compositional import quote_label, string_literal
 from services.explainer.spatial_masks import Grid, nonempty, popcount
 
 EXPANDED = "-X"
@@ -226,15 +227,9 @@ def _operand(formula: Formula, names: Mapping[int, str]) -> str:
 
 
 def _quote(name: str) -> str:
-    words = name.split(" ")
-    plain = (
-        name
-        and all(words)
-        and not any(w.upper() in _KEYWORDS for w in words)
-        and not name.endswith(EXPANDED)
-        and re.fullmatch(r'[^()"&\s]+( [^()"&\s]+)*', name)
-    )
-    return name if plain else '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    text = quote_label(name, _KEYWORDS, "()&")
+    # A bare name ending in -X would read back as an expansion.
+    return string_literal(name) if text == name and name.endswith(EXPANDED) else text
 
 
 _TOKEN = re.compile(r'\s*(?:(\()|(\))|(&)|"((?:[^"\\]|\\.)*)"(-X)?|([^()"&\s]+))')
