@@ -7,6 +7,7 @@ probe/{dataset_key}/concepts.json                      concept table (see probe_
 probe/{dataset_key}/labels/i{i0}-{i1}.npz              label maps at mask resolution
 probe/{dataset_key}/images/{size}/{image_id}.png       thumbnails materialized on demand
 probe/{dataset_key}/split.json                         seeded 70/10/20 train/val/test split
+probe/{dataset_key}/grid/{digest}.npz                  label masks on an activation grid
 acts/{acts_key}/{layer}/manifest.json                  shape, dtype, chunking, completion
 acts/{acts_key}/{layer}/u{u0}-{u1}/i{i0}-{i1}.npy      (n, u1-u0, h, w) activations
 acts/{acts_key}/{layer}/pooled/i{i0}-{i1}.npz          per-chunk spatial mean and max
@@ -91,6 +92,11 @@ def thumbnail(dataset_key: str, image_id: int, size: int) -> str:
 
 def split(dataset_key: str) -> str:
     return f"probe/{dataset_key}/split.json"
+
+
+def grid_masks(dataset_key: str, digest: str) -> str:
+    """Label masks on an activation grid; `digest`: `content_key` of grid, method, labels."""
+    return f"probe/{dataset_key}/grid/{digest}.npz"
 
 
 def manifest(acts_key: str, layer: str) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 import ray
 from neurodissect.v1 import common_pb2
 
+from services.common import keys
 from services.common.activations import iter_units
 from services.common.errors import InvalidArgument
 from services.common.probe_format import ConceptTable, read_label_chunk
@@ -286,27 +287,42 @@ class Compositional(ExplainMethod):
 def grid_candidates(
     stage: Stage, spatial: SpatialParams, grid: spatial_masks.Grid
 ) -> tuple[list[spatial_formulas.Primitive], np.ndarray]:
-    """Every label and each pixel-level label's expansion, with (K, N, W) uint64 grid masks."""
+    """Every label and each pixel-level label's expansion, with (K, N, W) uint64 grid masks.
+
+    Stored once per (dataset, grid, downsampling, expansion) under a content key and
+    read back by every later job.
+    """
     table = stage.shared.table()
     categories = table.label_categories()
     labels = np.array(sorted(c.number for c in table.labels if categories[c.number] >= 0))
-    chunks = [
-        spatial_masks.label_grid_masks(
-            chunk.pixel, chunk.image, labels, grid, spatial.downsampling, spatial.manual_fraction
-        )
-        for chunk in stage.shared.label_chunks()
-    ]
-    masks = np.concatenate(chunks, axis=1) if chunks else np.zeros((len(labels), 0, grid.words),
-                                                                    np.uint64)
     image_level = {c.number for c in table.labels if c.category in IMAGE_LEVEL_CATEGORIES}
-    expandable = [k for k, label in enumerate(labels.tolist()) if label not in image_level]
-    expanded = grid.pack(
-        spatial_masks.expand(grid.unpack(masks[expandable]), spatial.expansion_neighbours)
-    ) if expandable else np.zeros((0, masks.shape[1], grid.words), np.uint64)
+    expandable = np.array([k for k, x in enumerate(labels.tolist()) if x not in image_level],
+                          dtype=np.int64)
+    digest = keys.content_key(
+        "grid masks", grid.h, grid.w, spatial.downsampling, spatial.manual_fraction,
+        spatial.expansion_neighbours, labels.tolist(), expandable.tolist(),
+    )
+    key = keys.grid_masks(stage.plan.dataset_key, digest)
+    if stage.store.exists(key):
+        masks = stage.store.get_arrays(key)["masks"]
+    else:
+        chunks = [
+            spatial_masks.label_grid_masks(
+                chunk.pixel, chunk.image, labels, grid, spatial.downsampling,
+                spatial.manual_fraction,
+            )
+            for chunk in stage.shared.label_chunks()
+        ]
+        plain = np.concatenate(chunks, axis=1)
+        expanded = grid.pack(
+            spatial_masks.expand(grid.unpack(plain[expandable]), spatial.expansion_neighbours)
+        )
+        masks = np.concatenate([plain, expanded])
+        stage.store.put_arrays(key, {"masks": masks}, compress=True)
     candidates = [spatial_formulas.Primitive(int(label)) for label in labels] + [
         spatial_formulas.Primitive(int(labels[k]), expanded=True) for k in expandable
     ]
-    return candidates, np.concatenate([masks, expanded])
+    return candidates, masks
 
 
 def spatial_rows(
