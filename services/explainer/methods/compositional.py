@@ -64,6 +64,7 @@ from services.explainer.stage_runner import Stage
 # Image-level categories: no `label-X` expansion of their labels (they cover whole images).
 IMAGE_LEVEL_CATEGORIES = ("scene", "texture")
 
+
 @dataclass(frozen=True)
 class SpatialParams:
     """The spatial mode: grid masks, expansions and its beam search."""
