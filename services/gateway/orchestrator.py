@@ -75,11 +75,10 @@ T = TypeVar("T")
 
 # Deadline of one stage RPC (a whole layer's explanation can take hours at scale).
 STAGE_DEADLINE_S = 24 * 3600.0
-# Backoff of calls to an unavailable peer; an attempt that lasted longer than
-# RETRY_RESET_S before failing starts the backoff and the retry budget afresh.
+# Backoff of calls to an unavailable peer; an attempt that streamed progress before it
+# failed starts the backoff and the retry budget afresh.
 RETRY_FIRST_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 15.0
-RETRY_RESET_S = 30.0
 # Thumbnails asked of the extractor in one Materialize call.
 MATERIALIZE_BATCH = 512
 
@@ -100,22 +99,30 @@ class ProgressWatchdog:
     """Cancels a job's in-flight stage call that streams no progress for `limit_s` seconds.
 
     The job runner arms it around each peer stream (`watching`) and touches it on
-    every message. While it is paused (`pause`/`resume`, or `with paused():`, e.g.
-    while the gateway itself waits for the object store) silence does not count,
-    and resuming starts the clock afresh.
+    every message (`messages` counts them). While it is paused (`pause`/`resume`, or
+    `with paused():`) or `outage()` says the object store is unreachable (the peers
+    then wait for it too), silence does not count, and the clock restarts afterwards.
     """
 
-    def __init__(self, limit_s: float) -> None:
+    def __init__(self, limit_s: float, outage: Callable[[], bool] = lambda: False) -> None:
         self.limit_s = limit_s
+        self.outage = outage
         self.tripped = False
+        self.messages = 0
         self._poll_s = min(1.0, limit_s / 4)
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._pauses = 0
 
     def touch(self) -> None:
-        """Progress arrived: restart the clock."""
+        """Restart the clock."""
         with self._lock:
+            self._last = time.monotonic()
+
+    def arrived(self) -> None:
+        """A progress message arrived: count it and restart the clock."""
+        with self._lock:
+            self.messages += 1
             self._last = time.monotonic()
 
     def pause(self) -> None:
@@ -140,7 +147,10 @@ class ProgressWatchdog:
 
     def _silent(self) -> bool:
         with self._lock:
-            return self._pauses == 0 and time.monotonic() - self._last > self.limit_s
+            if self._pauses or self.outage():
+                self._last = time.monotonic()
+                return False
+            return time.monotonic() - self._last > self.limit_s
 
     @contextlib.contextmanager
     def watching(self, call: _Cancellable) -> Iterator[None]:
@@ -168,10 +178,12 @@ class ProgressWatchdog:
 class _Run:
     """One job being run: its stop flag, the RPC it is waiting on and its progress watchdog."""
 
-    def __init__(self, job_id: str, no_progress_s: float) -> None:
+    def __init__(
+        self, job_id: str, no_progress_s: float, outage: Callable[[], bool] = lambda: False
+    ) -> None:
         self.job_id = job_id
         self.stopped = threading.Event()
-        self.progress = ProgressWatchdog(no_progress_s)
+        self.progress = ProgressWatchdog(no_progress_s, outage)
         self._lock = threading.Lock()
         self._call: _Cancellable | None = None
 
@@ -307,6 +319,10 @@ class Orchestrator:
         self._clear_metrics(job)
         return job
 
+    def _store_out(self) -> bool:
+        """Whether the object store is in an outage (the peers wait for it, and so do jobs)."""
+        return self.store.outage_since is not None
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop every run without changing its stored state (it resumes on the next start)."""
         with self._lock:
@@ -326,7 +342,7 @@ class Orchestrator:
             and self._queue
             and len(self._running) < max(1, self.settings.max_concurrent_jobs)
         ):
-            run = _Run(self._queue.popleft(), self.settings.stage_no_progress_s)
+            run = _Run(self._queue.popleft(), self.settings.stage_no_progress_s, self._store_out)
             self._running[run.job_id] = run
             thread = threading.Thread(
                 target=self._run, args=(run,), name=f"job-{run.job_id}", daemon=True
@@ -423,7 +439,7 @@ class Orchestrator:
             with run.progress.watching(call):
                 try:
                     for message in call:
-                        run.progress.touch()
+                        run.progress.arrived()
                         yield message
                 except grpc.RpcError:
                     if run.progress.tripped:
@@ -437,16 +453,17 @@ class Orchestrator:
     def _retrying(self, run: _Run, peer: str, attempt: Callable[[], T]) -> T:
         """Run `attempt`, retrying with backoff while the peer is unavailable.
 
-        The retry budget counts from the first of consecutive quick failures: a
-        stream that ran for a while before it broke starts a fresh budget. A stream
-        the watchdog cancelled for silence is called again at once, at most
-        `stage_no_progress_retries` times.
+        The retry budget counts from the first of consecutive failures: an attempt
+        that streamed progress before it broke starts a fresh budget (one that merely
+        lasted long does not), and time while the object store is unreachable does not
+        count. A stream the watchdog cancelled for silence is called again at once, at
+        most `stage_no_progress_retries` times.
         """
         failing_since = 0.0
         delay = RETRY_FIRST_DELAY_S
         stalls = 0
         while True:
-            started = time.monotonic()
+            seen = run.progress.messages
             try:
                 return attempt()
             except StageStalled as exc:
@@ -468,7 +485,7 @@ class Orchestrator:
                 run.check()
                 error = exc
             now = time.monotonic()
-            if not failing_since or now - started > RETRY_RESET_S:
+            if not failing_since or run.progress.messages > seen or self._store_out():
                 failing_since, delay = now, RETRY_FIRST_DELAY_S
             # A peer that restarts drops its streams as UNAVAILABLE or CANCELLED.
             retryable = isinstance(error, Unavailable | Cancelled)

@@ -264,7 +264,10 @@ def test_service_pods_have_grpc_health_probes_and_resources(name: str) -> None:
         (container,) = spec["containers"]
         assert container["args"] == ["serve", service]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": DEFAULT_PORTS[service], "metrics": DEFAULT_METRICS_PORTS[service]}
+        web_ui = {"ui": Settings().ui_port} if service == "gateway" else {}
+        assert ports == {
+            "grpc": DEFAULT_PORTS[service], "metrics": DEFAULT_METRICS_PORTS[service], **web_ui
+        }
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             check = container[probe]
             if tls:  # the kubelet's gRPC probe cannot speak TLS

@@ -55,3 +55,25 @@ def test_each_watch_starts_untripped() -> None:
     with watchdog.watching(Call()):
         watchdog.touch()
     assert not watchdog.tripped
+
+
+def test_silence_during_a_store_outage_does_not_count() -> None:
+    outage = threading.Event()
+    outage.set()
+    watchdog, call = ProgressWatchdog(0.4, outage.is_set), Call()
+    with watchdog.watching(call):
+        time.sleep(1.0)
+        assert not call.cancelled.is_set()
+        outage.clear()  # the store is back: the clock starts afresh
+        time.sleep(0.2)
+        assert not call.cancelled.is_set()
+        assert call.cancelled.wait(5)
+    assert watchdog.tripped
+
+
+def test_arrived_counts_progress_messages() -> None:
+    watchdog = ProgressWatchdog(10.0)
+    watchdog.arrived()
+    watchdog.arrived()
+    watchdog.touch()
+    assert watchdog.messages == 2
