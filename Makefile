@@ -7,7 +7,7 @@ PROTO_DIR := protos
 PROTOS := $(wildcard $(PROTO_DIR)/neurodissect/v1/*.proto)
 BENCH ?=
 
-.PHONY: setup system-deps run test fuzz lint proto bench clean
+.PHONY: setup system-deps run test fuzz lint proto bench clean readme-figures toy-models
 
 setup: $(STAMP) system-deps
 
@@ -31,6 +31,14 @@ proto: setup
 
 run: setup
 	$(BIN)/neurodissect demo
+
+# The README's demo figures, from a demo run (a test checks they equal what `make run` prints).
+readme-figures: setup
+	$(BIN)/neurodissect demo --readme README.md
+
+# Retrain the shipped toy models (toynet, tiny CLIP, toy captioner); then `make readme-figures`.
+toy-models: setup
+	$(BIN)/neurodissect toyworld train
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -52,6 +52,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from services.cli.demo_figures import figures_block, write_into
 from services.common.errors import InvalidArgument, NeurodissectError
 from services.common.settings import SERVICES, Settings
 from services.common.spec_vocabulary import EXPORT_FORMATS
@@ -514,6 +515,16 @@ def cmd_toyworld_generate(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_toyworld_train(args: argparse.Namespace, settings: Settings) -> int:
+    """Train the toy models by their default recipes and ship them (commit the files)."""
+    from services.cli.toy_models import train_toy_models
+    from services.toyworld.shipped import WEIGHTS_DIR
+
+    out = Path(args.out) if args.out else WEIGHTS_DIR
+    train_toy_models(out, tuple(args.models), say=lambda text: console.print(text, markup=False))
+    return EXIT_OK
+
+
 # -- the demo ------------------------------------------------------------------------------
 
 def demo_layers(described: common_pb2.DescribeModelResponse, count: int = 2) -> list[str]:
@@ -582,9 +593,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             job = follow(client, job.id)
             if job.state != common_pb2.SUCCEEDED:
                 return job_outcome(job)
+            units = {layer: list(client.units(job.id, layer)) for layer in job.spec.layers}
             for layer in job.spec.layers:
-                console.print(results_table(layer, list(client.units(job.id, layer)), args.show))
+                console.print(results_table(layer, units[layer], args.show))
             print_summary(job)
+            block = figures_block(job, units)
+            console.print(block, markup=False, highlight=False, soft_wrap=True)
+            if args.readme:
+                write_into(Path(args.readme), block)
+                console.print(f"figures written into {args.readme}", markup=False)
         console.print(f"outputs, in the store {stack.settings.store_url}:", markup=False)
         console.print(f"  results  results/{job.id}/<layer>/<method>/u*.json", markup=False)
         console.print(f"  pages    reports/{job.id}/index.html", markup=False)
@@ -707,11 +724,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--n", type=int, default=600)
     generate.add_argument("--size", type=int, default=64)
     generate.add_argument("--seed", type=int, default=0)
+    train = toy_commands.add_parser("train", help=cmd_toyworld_train.__doc__)
+    train.set_defaults(handler=cmd_toyworld_train)
+    train.add_argument("--out", help="weights folder (default: the one that ships)")
+    train.add_argument("--models", nargs="+", default=["toynet", "toy_clip", "toy_captioner"],
+                       choices=["toynet", "toy_clip", "toy_captioner"])
     demo = command("demo", cmd_demo, "dissect toynet on the toy world on a local stack")
     _stack_flags(demo, True)
     demo.add_argument("--n", type=int, default=400, help="toy world images")
     demo.add_argument("--size", type=int, default=64, help="toy world image size")
     demo.add_argument("--show", type=int, default=16, help="units shown per layer")
+    demo.add_argument("--readme", help="write the figures into this README's figures block")
     _register_captioner(commands)
     return parser
 

@@ -1,0 +1,89 @@
+"""The demo's figures as a Markdown block: printed by `neurodissect demo`, kept in the README.
+
+`figures_block` renders a finished job's per-layer figures (NetDissect detectors and
+their labels, simulation ρ per method) between two marker lines. The demo prints it;
+`neurodissect demo --readme README.md` (`make readme-figures`) writes it into the README
+in place of the previous block, and a test checks that the README's block equals what
+the demo prints, so the README's figures are always those of the shipped toy models.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from neurodissect.v1 import common_pb2
+
+BEGIN = "<!-- demo-figures: made by `make readme-figures` from what `make run` prints -->"
+END = "<!-- /demo-figures -->"
+_BLOCK = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
+
+
+def detector_labels(units: Sequence[common_pb2.UnitResult]) -> str:
+    """'`a` ×3, `b`, …': the labels of a layer's NetDissect detectors, most frequent first."""
+    counts = Counter(u.netdissect.label for u in units if u.netdissect.detector)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"`{label}` ×{n}" if n > 1 else f"`{label}`" for label, n in ranked)
+
+
+def figures_block(
+    job: common_pb2.Job, units: Mapping[str, Sequence[common_pb2.UnitResult]]
+) -> str:
+    """The Markdown block of `job`'s figures; `units` maps each layer to its unit results."""
+    summaries = {summary.layer: summary for summary in job.summary}
+    layers = [layer for layer in job.spec.layers if layer in summaries]
+    lines = [BEGIN, ""]
+    if any("netdissect" in summaries[layer].methods for layer in layers):
+        lines += [
+            "| layer | units | NetDissect detectors (IoU ≥ 0.04) | unique labels "
+            "| detector labels |",
+            "|---|---|---|---|---|",
+        ]
+        for layer in layers:
+            summary = summaries[layer]
+            lines.append(
+                f"| {layer} | {summary.units} | {summary.detectors} | {summary.unique_labels} "
+                f"| {detector_labels(units.get(layer, ())) or '—'} |"
+            )
+        lines.append("")
+    methods = sorted(
+        {m for layer in layers for m in summaries[layer].simulation_mean},
+        key=lambda m: -max(summaries[layer].simulation_mean.get(m, -1.0) for layer in layers),
+    )
+    if methods:
+        dead = ", ".join(f"{layer} {summaries[layer].dead_units}" for layer in layers)
+        lines += [
+            f"Simulation scoring (mean ρ ± standard error over a layer's units; dead units: "
+            f"{dead}):",
+            "",
+            "| method | " + " | ".join(layers) + " |",
+            "|---|" + "---|" * len(layers),
+        ]
+        for method in methods:
+            cells = [
+                f"{summaries[layer].simulation_mean[method]:.3f} ± "
+                f"{summaries[layer].simulation_sem[method]:.3f}"
+                if method in summaries[layer].simulation_mean
+                else "—"
+                for layer in layers
+            ]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def block_in(text: str) -> str:
+    """The figures block inside `text` (a README or the demo's output); '' if none."""
+    found = _BLOCK.search(text)
+    return found.group(0) if found else ""
+
+
+def write_into(readme: Path, block: str) -> None:
+    """Replace the figures block of `readme` with `block` (ValueError if it has none)."""
+    text = readme.read_text()
+    if not block_in(text):
+        raise ValueError(f"{readme} has no block between {BEGIN!r} and {END!r}")
+    readme.write_text(_BLOCK.sub(lambda _: block, text, count=1))
