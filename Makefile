@@ -7,7 +7,7 @@ PROTO_DIR := protos
 PROTOS := $(wildcard $(PROTO_DIR)/neurodissect/v1/*.proto)
 BENCH ?=
 
-.PHONY: setup system-deps run test fuzz lint proto bench clean readme-figures toy-models
+.PHONY: setup system-deps run test fuzz lint proto bench clean readme-figures toy-models test-recipes
 
 setup: $(STAMP) system-deps
 
@@ -41,7 +41,11 @@ toy-models: setup
 	$(BIN)/neurodissect toyworld train
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not recipes"
+
+# The toy models' recipes retrained with other seeds must reach the same aims.
+test-recipes: setup
+	$(BIN)/python -m pytest -q -m recipes
 
 # The fuzzers (Hypothesis) with a long random budget; `make test` runs a small fixed one.
 fuzz: setup

@@ -2,7 +2,7 @@
 
 A CLIP model is named by an open_clip architecture plus a local checkpoint, loaded with
 `open_clip.create_model_and_transforms(arch, pretrained=<local file>)` (weights-only
-unpickling), or by `toy` for the toy world's tiny CLIP (trained on first use, cached).
+unpickling), or by `toy` for the toy world's tiny CLIP (shipped with the toy world).
 Images go through the CLIP model's own preprocessing; texts are embedded raw, with no
 prompt template. Every embedding is L2-normalised.
 """
@@ -144,7 +144,7 @@ def resolve_clip(arch: str, weights_uri: str, settings: Settings, field: str) ->
 
 
 def _toy_clip(weights_uri: str, settings: Settings, field: str) -> ClipSource:
-    """The toy world's tiny CLIP: trained on first use and cached, or from a local file."""
+    """The toy world's tiny CLIP: the shipped weights, or a local file."""
     path = local_path(weights_uri, f"{field}.weights_uri", settings) if weights_uri else None
     recipe = ClipRecipe()
     cache_dir = Path(settings.cache_dir)

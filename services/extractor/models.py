@@ -228,7 +228,7 @@ def _torchscript(name: str, weights: Path | None) -> ModelSource:
 
 
 def _toy(name: str, weights: Path | None, settings: Settings) -> ModelSource:
-    """`toynet` (trained on first use and cached by the toy world) or `planted` (built)."""
+    """`toynet` (its weights ship with the toy world) or `planted` (built)."""
     if name == "planted":
         if weights is not None:
             raise InvalidArgument("the planted model has no weights to load", "model.weights_uri")

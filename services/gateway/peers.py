@@ -21,7 +21,7 @@ from services.common import errors
 from services.common.client import Peer, open_channel
 from services.common.settings import Settings
 
-# DescribeModel loads a model (a toy model is trained on first use, minutes on 2 cores):
+# DescribeModel loads a model (a large one from a local file can take minutes):
 # allow it, and the submission that waits for it, more time than an ordinary call.
 DESCRIBE_TIMEOUT_S = 900.0
 

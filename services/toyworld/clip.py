@@ -10,10 +10,16 @@ and ModifiedResNet towers of similar cost stayed near chance on shape words.
 Training texts per batch: every concept name true of its images (background colour,
 texture, scene, shape kinds: the raw strings CLIP-Dissect embeds) and one descriptive
 phrase per image ("a red circle", "white dots", the caption, ...), with a multi-positive
-InfoNCE loss.
-The first `shape_steps` steps use shape names only: background concepts are learned in
-a few dozen steps and, trained together from the start, dominate the image embedding
-and slow shape learning several-fold.
+InfoNCE loss plus a sigmoid (SigLIP-style) presence loss on every image-text pair. The
+softmax alone only ranks an image's texts: it learned secondary colours (a white or black
+pattern beside the background) on one CPU and not on another from the same seed; the
+per-pair presence term makes "is this text true of this image" an objective of its own.
+The first `shape_steps` steps use shape names and the pattern colours (white, black)
+only: background concepts are learned in a few dozen steps and, trained together from
+the start, dominate the image embedding and slow shape learning several-fold; the
+pattern colours, learned in the joint phase only, were learned (accuracy 0.96) or not
+(0.51) depending on the CPU that trained them, and a phase of their own after the
+shapes' made the tower forget the shapes.
 
 Inputs: (N, 3, S, S) RGB normalised with OpenAI CLIP's mean and std (what `preprocess`
 does to a PIL image). A bare colour word names any colour the image shows.
@@ -40,14 +46,15 @@ from services.common.keys import content_key
 from services.toyworld.captions import colors_present, concept_names, phrases
 from services.toyworld.generator import FORMAT_VERSION
 from services.toyworld.layout import sample_spec
-from services.toyworld.model_cache import StateDict, cache_root, cached_weights
+from services.toyworld.model_cache import StateDict, trained_weights, weights_path
 from services.toyworld.raster import render_images
 from services.toyworld.world import WORLD
 
-TRAINING_VERSION = 3  # bump when the training code changes what it produces
+TRAINING_VERSION = 6  # bump when the training code changes what it produces
 CONTEXT_LENGTH = 32
 VOCAB_SIZE = 49408  # SimpleTokenizer's vocabulary
 MAX_LOGIT_SCALE = 100.0
+INIT_LOGIT_BIAS = -5.0  # the presence loss's bias: most image-text pairs are negatives
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 
@@ -121,6 +128,7 @@ def build_toy_clip(recipe: ClipRecipe) -> open_clip.CLIP:
         embed_dim=recipe.embed_dim,
         vision_cfg=placeholder,
         text_cfg=text_config(recipe),
+        init_logit_bias=INIT_LOGIT_BIAS,
     )
     model.visual = ConvTower(recipe.widths, recipe.embed_dim, recipe.image_size)
     return model
@@ -152,17 +160,18 @@ def toy_clip_key(recipe: ClipRecipe) -> str:
 
 
 def toy_clip_path(cache_dir: Path | None = None, recipe: ClipRecipe | None = None) -> Path:
-    """Where the state dict for `recipe` is cached (its metrics JSON lies beside it)."""
-    recipe = recipe or ClipRecipe()
-    return cache_root(cache_dir) / f"toy_clip-{toy_clip_key(recipe)}.pt"
+    """Where the state dict for `recipe` lies: shipped, else in the cache (maybe not yet)."""
+    return weights_path("toy_clip", toy_clip_key(recipe or ClipRecipe()), cache_dir)
 
 
 def load_toy_clip(
     cache_dir: Path | None = None, recipe: ClipRecipe | None = None
 ) -> tuple[open_clip.CLIP, Preprocess, SimpleTokenizer]:
-    """The trained tiny CLIP (eval mode), its preprocess and tokenizer; trains if not cached."""
+    """The trained tiny CLIP (eval mode), its preprocess and tokenizer; trains if not at hand."""
     recipe = recipe or ClipRecipe()
-    state, _ = cached_weights(toy_clip_path(cache_dir, recipe), lambda: train_toy_clip(recipe))
+    state, _ = trained_weights(
+        "toy_clip", toy_clip_key(recipe), lambda: train_toy_clip(recipe), cache_dir
+    )
     model = build_toy_clip(recipe)
     model.load_state_dict(state)
     return model.eval(), toy_clip_preprocess(recipe.image_size), toy_clip_tokenizer()
@@ -171,9 +180,11 @@ def load_toy_clip(
 def toy_clip_metrics(
     cache_dir: Path | None = None, recipe: ClipRecipe | None = None
 ) -> dict[str, Any]:
-    """What training reported (zero-shot accuracies, seconds); trains if not cached."""
+    """What training reported (zero-shot accuracies, seconds); trains if not at hand."""
     recipe = recipe or ClipRecipe()
-    _, metrics = cached_weights(toy_clip_path(cache_dir, recipe), lambda: train_toy_clip(recipe))
+    _, metrics = trained_weights(
+        "toy_clip", toy_clip_key(recipe), lambda: train_toy_clip(recipe), cache_dir
+    )
     return metrics
 
 
@@ -196,19 +207,23 @@ def train_toy_clip(recipe: ClipRecipe) -> tuple[StateDict, dict[str, Any]]:
     )
     draw = torch.Generator().manual_seed(recipe.seed)
     pick = random.Random(recipe.seed)
+    pattern_colors = set(WORLD.pattern_colors)
     model.train()
     loss = torch.tensor(float("nan"))
     for step in range(recipe.steps):
         batch = torch.randint(recipe.n_images, (recipe.batch_size,), generator=draw).tolist()
         if step < recipe.shape_steps:
-            texts = sorted({s.kind for i in batch for s in specs[i].shapes})
+            shown = {c for i in batch for c in colors_present(specs[i])} & pattern_colors
+            texts = sorted({s.kind for i in batch for s in specs[i].shapes} | shown)
         else:  # every concept name of the batch's images and one phrase per image
             texts = sorted({t for i in batch for t in (*names[i], pick.choice(descriptions[i]))})
         truth = torch.tensor([[t in true_sets[i] for t in texts] for i in batch])
         image_features = F.normalize(model.encode_image(x[batch]), dim=-1)
         text_features = F.normalize(model.encode_text(tokens(texts)), dim=-1)
         logits = model.logit_scale.exp() * image_features @ text_features.T
-        loss = multi_positive_loss(logits, truth)
+        loss = multi_positive_loss(logits, truth) + presence_loss(
+            logits + model.logit_bias, truth
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -245,6 +260,11 @@ def multi_positive_loss(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tens
     per_image = -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
     per_text = -(target / target.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
     return (per_image + per_text) / 2
+
+
+def presence_loss(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of every image-text pair: (B, T) logits and (B, T) bool."""
+    return F.binary_cross_entropy_with_logits(logits, truth.float())
 
 
 @torch.no_grad()

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from services.cli.demo_figures import block_in
 from services.common.client import wait_healthy
 from services.common.settings import Settings
 
-# The first run on a fresh machine trains the toy models (toynet, tiny CLIP, captioner).
+# The demo at the size `make run` uses (400 images at 64 px), then `up` over its store.
 pytestmark = pytest.mark.timeout(1800)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,10 +46,10 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
-    """Run the demo once on a fresh store; return (store, job id, its output)."""
+    """Run the demo as `make run` does, on a fresh store; return (store, job id, its output)."""
     store = tmp_path_factory.mktemp("demo") / "store"
     run = subprocess.run(
-        neurodissect(store, "demo", "--n", "200", "--size", "32", "--no-ray-head", "--show", "4",
+        neurodissect(store, "demo", "--no-ray-head", "--show", "4",
                      "--log-dir", str(store.parent / "logs")),
         capture_output=True, text=True, timeout=DEMO_TIMEOUT_S, check=False,
     )
@@ -64,6 +65,14 @@ def test_the_demo_prints_its_job_results_and_outputs(demo: tuple[Path, str, str]
     assert f"reports/{job_id}/index.html" in output
     assert (store / "reports" / job_id / "index.html").is_file()
     assert (store / "jobs" / job_id / "job.json").is_file()
+
+
+def test_the_readme_shows_the_figures_the_demo_prints(demo: tuple[Path, str, str]) -> None:
+    _, _, output = demo
+    printed = block_in(output)
+    assert printed, output[-3000:]
+    assert "| layer3 | 64 |" in printed and "| linear |" in printed
+    assert block_in((REPO / "README.md").read_text()) == printed, "run `make readme-figures`"
 
 
 def test_up_serves_the_demo_results_and_stops_cleanly_on_sigterm(

@@ -13,7 +13,7 @@ from neurodissect.v1 import common_pb2
 
 from services.gateway.stack import LocalStack
 
-# The first run on a fresh machine trains the toy models (toynet, tiny CLIP, captioner).
+# Jobs of the toy world end to end on real processes (the toy models ship: nothing trains).
 pytestmark = pytest.mark.timeout(1800)
 
 def cli(

@@ -34,7 +34,7 @@ from services.gateway.validation import requested_methods
 from tests.fixtures.ports import free_port
 from tests.fixtures.processes import stop
 
-# The first run on a fresh machine trains the toy models (toynet, tiny CLIP, captioner).
+# Jobs of the toy world end to end on real processes (the toy models ship: nothing trains).
 pytestmark = pytest.mark.timeout(1800)
 
 JOB_TIMEOUT_S = 600.0

@@ -21,7 +21,7 @@ from services.gateway.jobs import TERMINAL
 from services.gateway.stack import LocalStack
 from tests.integration.hostile_specs import HOSTILE
 
-# The first run on a fresh machine trains the toy models (toynet, tiny CLIP, captioner).
+# Jobs of the toy world end to end on real processes (the toy models ship: nothing trains).
 pytestmark = pytest.mark.timeout(1800)
 
 SERVICE_NAMES = {

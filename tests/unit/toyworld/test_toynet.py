@@ -96,4 +96,4 @@ def test_default_cache_dir_comes_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("NEURODISSECT_CACHE_DIR", str(tmp_path))
-    assert toynet_path().parent == tmp_path / "toyworld"
+    assert toynet_path(recipe=SMALL).parent == tmp_path / "toyworld"  # the default one ships
