@@ -41,7 +41,7 @@ from tests.fixtures.ray_cluster import Cluster, ray_cluster
 from tests.fixtures.seaweedfs import S3Server, seaweedfs
 from tests.integration.test_chart import FULLNAME, container_env, named, render_values
 
-# The first run on a fresh machine trains the toy models (toynet, tiny CLIP, captioner).
+# Jobs of the toy world end to end on real processes (the toy models ship: nothing trains).
 pytestmark = pytest.mark.timeout(1800)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +84,7 @@ class ClusterMode:
     environments: dict[str, dict[str, str]]  # each service's chart-rendered environment
     ray: Cluster
     logs: Path
+    s3: S3Server
 
     @property
     def client_settings(self) -> Settings:
@@ -149,7 +150,7 @@ def cluster_mode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterMo
                 processes[name] = _start_service(name, environments[name], logs)
             for name in SERVICES:
                 _wait_serving(name, processes[name], f"127.0.0.1:{ports[name]}", logs)
-            yield ClusterMode(environments, ray, logs)
+            yield ClusterMode(environments, ray, logs, s3)
         finally:
             _stop(processes)
 
@@ -196,4 +197,53 @@ def test_the_toy_job_in_cluster_mode_matches_local_mode(
             results.unit_dict(u) for u in units
         ], layer
         assert cluster[layer] == units, layer
+    assert list(job.summary) == list(reference_job.summary)
+
+
+OUTAGE_S = 30.0
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "services.gateway.cli", "--gateway-addr",
+               settings.gateway_addr, "--timeout", "10", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_a_store_outage_mid_job_pauses_it_and_it_ends_identical(
+    cluster_mode: ClusterMode,
+    platform: LocalStack,
+    toy_spec: common_pb2.DissectionSpec,
+    reference_job: common_pb2.Job,
+) -> None:
+    settings = cluster_mode.client_settings
+    spec = common_pb2.DissectionSpec()
+    spec.CopyFrom(toy_spec)
+    spec.name = "through a store outage"
+    with NeurodissectClient(settings) as client:
+        job = client.submit(spec)
+        deadline = time.monotonic() + 600
+        while client.get(job.id).state in (common_pb2.QUEUED, common_pb2.EXTRACTING):
+            assert time.monotonic() < deadline, "the job never left extraction"
+            time.sleep(0.2)
+        with cluster_mode.s3.outage():
+            started = time.monotonic()
+            time.sleep(5)  # the gateway's probe notices within seconds
+            status = _cli(settings, "status", job.id)
+            assert status.returncode == 0, status.stderr
+            assert "waiting for the object store s3://" in status.stdout, status.stdout
+            listed = _cli(settings, "jobs", "--format", "json")
+            assert listed.returncode == 0 and job.id in listed.stdout, listed.stderr
+            submitted = time.monotonic()
+            refused = _cli(settings, "submit", "--model", "toynet", "--layers", "layer3",
+                           "--dataset-kind", "toyworld", "--methods", "netdissect")
+            assert refused.returncode == 3, refused.stdout + refused.stderr
+            assert "UNAVAILABLE" in refused.stderr and "object store" in refused.stderr
+            assert time.monotonic() - submitted < 20
+            time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - started)))
+        job = client.wait(job.id)
+    assert job.state == common_pb2.SUCCEEDED, job.error
+    local = _units(platform.settings, reference_job)
+    after = _units(settings, job)
+    for layer, units in local.items():
+        assert after[layer] == units, layer
     assert list(job.summary) == list(reference_job.summary)
