@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.captioner.annotation_training import atomic_write, train_from_annotations
+from services.captioner.annotation_training import train_from_annotations
+from services.common.atomic_file import atomic_write
 
 if TYPE_CHECKING:
     from services.captioner.captioner import Captioner

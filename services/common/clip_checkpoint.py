@@ -30,6 +30,17 @@ MISMATCH_CHARS = 400
 
 def check_open_clip(arch: str, weights: Path | None, field: str) -> None:
     """Raise unless `weights` is a checkpoint of the open_clip architecture `arch`."""
+    check_arch(arch, field)
+    if weights is None:
+        raise FailedPrecondition(
+            f"open_clip {arch} needs a local checkpoint (downloads are disabled)",
+            field=f"{field}.weights_uri",
+        )
+    _check_fit(arch, weights, f"{field}.weights_uri")
+
+
+def check_arch(arch: str, field: str) -> None:
+    """Raise unless `arch` names an open_clip architecture usable offline (`field` names it)."""
     import open_clip
 
     known = open_clip.list_models()
@@ -46,12 +57,6 @@ def check_open_clip(arch: str, weights: Path | None, field: str) -> None:
             "never downloaded; use an architecture with open_clip's own text tower",
             field=f"{field}.arch",
         )
-    if weights is None:
-        raise FailedPrecondition(
-            f"open_clip {arch} needs a local checkpoint (downloads are disabled)",
-            field=f"{field}.weights_uri",
-        )
-    _check_fit(arch, weights, f"{field}.weights_uri")
 
 
 def _check_fit(arch: str, weights: Path, field: str) -> None:

@@ -9,7 +9,6 @@ prompt template. Every embedding is L2-normalised.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from services.common import keys
+from services.common.clip_checkpoint import check_arch
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.settings import Settings
 from services.extractor.local_paths import local_path
@@ -99,20 +99,7 @@ def resolve_clip(arch: str, weights_uri: str, settings: Settings, field: str) ->
 
     if not arch:
         raise InvalidArgument("an open_clip architecture name, or 'toy'", field=f"{field}.arch")
-    known = open_clip.list_models()
-    if arch not in known:
-        close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
-        shown = ", ".join(repr(c) for c in (close or ["ViT-B-32", "ViT-B-16", "RN50", "toy"]))
-        raise InvalidArgument(
-            f"{arch!r} is not an open_clip architecture; e.g. {shown}", field=f"{field}.arch"
-        )
-    text_config = (open_clip.get_model_config(arch) or {}).get("text_cfg", {})
-    if text_config.get("hf_model_name") or text_config.get("hf_tokenizer_name"):
-        raise FailedPrecondition(
-            f"open_clip {arch} needs Hugging Face files (text tower or tokenizer), which are "
-            "never downloaded; use an architecture with open_clip's own text tower",
-            field=f"{field}.arch",
-        )
+    check_arch(arch, field)
     if not weights_uri:
         raise FailedPrecondition(
             f"open_clip {arch} needs a local checkpoint in {field}.weights_uri "

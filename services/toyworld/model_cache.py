@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from services.common.atomic_file import atomic_write
 from services.common.file_lock import file_lock
 from services.common.settings import Settings
 from services.toyworld.shipped import shipped_path, shipped_record
@@ -67,9 +66,9 @@ def cached_weights(
             return state, json.loads(metrics_path.read_text())
         with training_threads():
             state, metrics = train()
-        _atomic_write(path, lambda handle: torch.save(state, handle))
+        atomic_write(path, lambda handle: torch.save(state, handle))
         text = json.dumps(metrics, sort_keys=True, indent=2) + "\n"
-        _atomic_write(metrics_path, lambda handle: handle.write(text.encode()))
+        atomic_write(metrics_path, lambda handle: handle.write(text.encode()))
     return state, metrics
 
 
@@ -82,14 +81,3 @@ def training_threads() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from services.common.atomic_file import atomic_write
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 
@@ -75,17 +74,9 @@ def ship(
     weights_dir: Path = WEIGHTS_DIR,
 ) -> Path:
     """Copy a trained file into `weights_dir` as `{name}{suffix}` and record it; return it."""
-    weights_dir.mkdir(parents=True, exist_ok=True)
     target = weights_dir / f"{name}{source.suffix}"
-    fd, tmp = tempfile.mkstemp(dir=weights_dir, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(target, lambda handle: handle.write(source.read_bytes()))
+    target.chmod(0o644)  # mkstemp's 0600 would keep a shared checkout from reading it
     record = {
         "name": name,
         "file": target.name,
