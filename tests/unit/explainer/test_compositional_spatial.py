@@ -156,8 +156,7 @@ def test_the_preset_explains_planted_units_and_exports_the_reference_table(
             assert row["imroun"] > 0.5 and row["category"] == "object"
 
 
-# Every value of every spatial enum (tests/unit/gateway/test_validation_spatial.py checks
-# the gateway accepts exactly these).
+# Every value of every spatial enum.
 SPATIAL_ENUMS = {
     "mode": COMPOSITIONAL_MODES,
     "preset": tuple(COMPOSITIONAL_PRESETS),
