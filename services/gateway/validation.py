@@ -38,18 +38,30 @@ from services.common.concept_set import read_concept_set
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.common.settings import Settings
 from services.common.spec_vocabulary import (
+    ABORT_FRACTION,
+    ABORT_IMAGES,
     ACTIVATION_DTYPES,
     BATCH_SIZE,
     BEAM,
     CATEGORIES,
+    COMPOSITIONAL_MODES,
+    COMPOSITIONAL_PRESETS,
+    COMPOSITIONAL_SPATIAL_FIELDS,
     DATASET_KINDS,
+    DEFAULT_COMPOSITIONAL_MODE,
     DETECTOR_IOU,
+    EXPANSION_NEIGHBOURS,
     FORMULA_LENGTH,
+    FORMULA_SCORES,
+    GRID_DOWNSAMPLINGS,
     IMAGE_CHUNK,
+    IMROU_R,
     IOU_MODES,
     LENGTH_PENALTY,
     LINEAR_CONCEPTS,
+    LINEAR_LENGTH_PENALTY,
     LINEAR_MAX_CONCEPTS,
+    MANUAL_FRACTION,
     MAX_BAD_FRACTION,
     MAX_LAYERS,
     MAX_TEXT,
@@ -59,9 +71,11 @@ from services.common.spec_vocabulary import (
     MILAN_BEAM,
     MILAN_EXEMPLARS,
     MILAN_MAX_TOKENS,
+    MIN_COVERAGE,
     MODEL_SOURCES,
     NAME,
     NETDISSECT_EXEMPLARS,
+    OPERATOR_SETS,
     PMI_LAMBDA,
     POOLINGS,
     PREPROCESSING,
@@ -270,6 +284,42 @@ class SpecValidator:
         if clip.arch != "toy":
             check_open_clip(clip.arch, weights, field)
 
+    @staticmethod
+    def _spatial(comp: common_pb2.CompositionalParams) -> None:
+        """The spatial mode's fields (specs/compositional_spatial.md), refused outside it."""
+        _choice(comp.preset, tuple(COMPOSITIONAL_PRESETS), "compositional.preset")
+        _choice(comp.mode, COMPOSITIONAL_MODES, "compositional.mode")
+        preset = COMPOSITIONAL_PRESETS.get(comp.preset, {})
+        if (comp.mode or preset.get("mode", DEFAULT_COMPOSITIONAL_MODE)) != "spatial":
+            for name in COMPOSITIONAL_SPATIAL_FIELDS:
+                descriptor = comp.DESCRIPTOR.fields_by_name[name]
+                if comp.HasField(name) if descriptor.has_presence else getattr(comp, name):
+                    raise InvalidArgument(
+                        "only the spatial mode reads it (set mode 'spatial')",
+                        f"compositional.{name}",
+                    )
+        _choice(comp.grid_downsampling, GRID_DOWNSAMPLINGS, "compositional.grid_downsampling")
+        _choice(comp.score, FORMULA_SCORES, "compositional.score")
+        _choice(comp.operators, OPERATOR_SETS, "compositional.operators")
+        _count(
+            comp.expansion_neighbours, EXPANSION_NEIGHBOURS, "compositional.expansion_neighbours"
+        )
+        _count(comp.abort_images, ABORT_IMAGES, "compositional.abort_images")
+        if comp.HasField("manual_fraction"):
+            _bounded(comp.manual_fraction, MANUAL_FRACTION, "compositional.manual_fraction")
+            if comp.manual_fraction <= 0:
+                raise InvalidArgument(
+                    f"{comp.manual_fraction} is not in (0, 1]", "compositional.manual_fraction"
+                )
+        for name, limits in (
+            ("imrou_r", IMROU_R),
+            ("linear_length_penalty", LINEAR_LENGTH_PENALTY),
+            ("min_coverage", MIN_COVERAGE),
+            ("abort_fraction", ABORT_FRACTION),
+        ):
+            if comp.HasField(name):
+                _bounded(getattr(comp, name), limits, f"compositional.{name}")
+
     def _methods(self, spec: common_pb2.DissectionSpec) -> None:
         if spec.HasField("netdissect"):
             nd = spec.netdissect
@@ -294,6 +344,7 @@ class SpecValidator:
                 _bounded(comp.length_penalty, LENGTH_PENALTY, "compositional.length_penalty")
             if comp.HasField("top_quantile"):
                 _open_unit(comp.top_quantile, "compositional.top_quantile")
+            self._spatial(comp)
         if spec.HasField("clip_dissect"):
             cd = spec.clip_dissect
             self._clip(cd.clip, "clip_dissect.clip")
