@@ -17,6 +17,7 @@ reduction spans blocks.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -228,9 +229,12 @@ def test_a_store_outage_mid_job_pauses_it_and_it_ends_identical(
         with cluster_mode.s3.outage():
             started = time.monotonic()
             time.sleep(5)  # the gateway's probe notices within seconds
-            status = _cli(settings, "status", job.id)
+            status = _cli(settings, "status", job.id, "--format", "json")
             assert status.returncode == 0, status.stderr
-            assert "waiting for the object store s3://" in status.stdout, status.stdout
+            messages = [stage.get("message", "") for stage in json.loads(status.stdout)["stages"]]
+            assert any(m.startswith("waiting for the object store s3://") for m in messages), (
+                messages
+            )
             listed = _cli(settings, "jobs", "--format", "json")
             assert listed.returncode == 0 and job.id in listed.stdout, listed.stderr
             submitted = time.monotonic()
