@@ -13,6 +13,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,22 +33,36 @@ def train_toy_models(
     with tempfile.TemporaryDirectory(prefix="toy-training-") as tmp:
         scratch = Path(tmp)
         if "toynet" in models:
-            with training_threads():
-                state, metrics = train_toynet(ToyNetRecipe())
-            torch.save(state, scratch / "toynet.pt")
-            key = toynet_key(ToyNetRecipe())
-            shipped.append(ship("toynet", key, scratch / "toynet.pt", metrics, weights_dir))
+            metrics = _train_and_ship(
+                "toynet", toynet_key(ToyNetRecipe()), lambda: train_toynet(ToyNetRecipe()),
+                scratch, weights_dir, shipped,
+            )
             say(f"toynet: held-out scene accuracy {metrics['accuracy']:.3f} -> {shipped[-1]}")
         if "toy_clip" in models:
-            with training_threads():
-                state, metrics = train_toy_clip(ClipRecipe())
-            torch.save(state, scratch / "toy_clip.pt")
-            key = toy_clip_key(ClipRecipe())
-            shipped.append(ship("toy_clip", key, scratch / "toy_clip.pt", metrics, weights_dir))
+            metrics = _train_and_ship(
+                "toy_clip", toy_clip_key(ClipRecipe()), lambda: train_toy_clip(ClipRecipe()),
+                scratch, weights_dir, shipped,
+            )
             say(f"tiny CLIP: zero-shot {metrics['zero_shot']} -> {shipped[-1]}")
         if "toy_captioner" in models:
             shipped.append(_ship_toy_captioner(scratch, weights_dir, say))
     return shipped
+
+
+def _train_and_ship(
+    name: str,
+    key: str,
+    train: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
+    scratch: Path,
+    weights_dir: Path,
+    shipped: list[Path],
+) -> dict[str, Any]:
+    """Train with the fixed thread count, ship the state dict as `name`; the metrics."""
+    with training_threads():
+        state, metrics = train()
+    torch.save(state, scratch / f"{name}.pt")
+    shipped.append(ship(name, key, scratch / f"{name}.pt", metrics, weights_dir))
+    return metrics
 
 
 def _ship_toy_captioner(
