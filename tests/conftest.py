@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from neurodissect.v1 import common_pb2
 
+from services.cli.main import available_methods, demo_layers, demo_spec
+from services.cli.stack import LocalStack, available_services
 from services.common.settings import SERVICES, Settings
-from services.gateway.cli import available_methods, demo_layers, demo_spec
 from services.gateway.client import NeurodissectClient
-from services.gateway.stack import LocalStack, available_services
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_IMAGES, TOY_SIZE = 200, 32

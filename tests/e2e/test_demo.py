@@ -26,7 +26,7 @@ DEMO_TIMEOUT_S = 900
 
 
 def neurodissect(store: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "services.gateway.cli", "--store-url", f"file://{store}",
+    return [sys.executable, "-m", "services.cli.main", "--store-url", f"file://{store}",
             "--cache-dir", str(REPO / "var" / "cache"), *args]
 
 

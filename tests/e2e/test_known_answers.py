@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from neurodissect.v1 import common_pb2
 
+from services.cli.stack import LocalStack
 from services.gateway.client import NeurodissectClient
-from services.gateway.stack import LocalStack
 from services.toyworld.planted import DEAD_UNIT, planted_units
 
 pytestmark = pytest.mark.timeout(1800)

@@ -29,13 +29,13 @@ from neurodissect.v1 import common_pb2
 from PIL import Image
 from scipy import ndimage
 
+from services.cli.main import available_methods, demo_layers, demo_spec
+from services.cli.stack import LocalStack, available_services
 from services.common import keys
 from services.common.activations import read_manifest, read_units
 from services.common.settings import SERVICES, Settings
 from services.common.store import LocalStore
-from services.gateway.cli import available_methods, demo_layers, demo_spec
 from services.gateway.client import NeurodissectClient
-from services.gateway.stack import LocalStack, available_services
 from services.gateway.webui.figures import IMAGE_PX, UNIT_EXEMPLARS
 from services.gateway.webui.render import decode_rgb
 from services.toyworld.planted import planted_units
@@ -212,7 +212,7 @@ def test_the_stored_static_copy_reads_offline(
     job = jobs["toy"]
     out = tmp_path / "copy"
     run = subprocess.run(
-        [sys.executable, "-m", "services.gateway.cli", "--store-url", stack.settings.store_url,
+        [sys.executable, "-m", "services.cli.main", "--store-url", stack.settings.store_url,
          "report", job.id, "--out", str(out)],
         capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
@@ -245,7 +245,7 @@ def test_show_draws_a_units_mask_on_any_probe_image(
     out = tmp_path / "unit.png"
     size = 64
     run = subprocess.run(
-        [sys.executable, "-m", "services.gateway.cli", "--store-url", stack.settings.store_url,
+        [sys.executable, "-m", "services.cli.main", "--store-url", stack.settings.store_url,
          "--extractor-addr", stack.address("extractor"), "show", job.id, "--layer", "colors",
          "--unit", str(unit), "--image", str(image_id), "--size", str(size), "--out", str(out)],
         capture_output=True, text=True, timeout=300, check=False)

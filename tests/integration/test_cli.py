@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import json_format
 from neurodissect.v1 import common_pb2
 
-from services.gateway.stack import LocalStack
+from services.cli.stack import LocalStack
 
 # Jobs of the toy world end to end on real processes (the toy models ship: nothing trains).
 pytestmark = pytest.mark.timeout(1800)
@@ -20,7 +20,7 @@ def cli(
     *args: str, gateway: str = "127.0.0.1:1", timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.gateway.cli", "--gateway-addr", gateway, *args],
+        [sys.executable, "-m", "services.cli.main", "--gateway-addr", gateway, *args],
         capture_output=True, text=True, timeout=timeout, check=False,
     )
 

@@ -3,7 +3,7 @@
 Cluster mode is what the Helm chart deploys, on loopback: SeaweedFS as the S3 store
 (tests/fixtures/seaweedfs.py), a multi-process Ray cluster (a head and a worker node,
 tests/fixtures/ray_cluster.py) that the explainer joins as a Ray client, and the four
-services as separate processes (`python -m services.gateway.cli serve NAME`), each
+services as separate processes (`python -m services.cli.main serve NAME`), each
 configured only through the environment the chart renders for its Deployment
 (ConfigMap, per-service variables and Secrets, as test_chart reads them). The one
 stand-in is cluster DNS: the Service names in the peer addresses become 127.0.0.1.
@@ -30,12 +30,12 @@ from pathlib import Path
 import pytest
 from neurodissect.v1 import common_pb2
 
+from services.cli.stack import LocalStack
 from services.common import keys
 from services.common.client import wait_healthy
 from services.common.settings import SERVICES, Settings
 from services.gateway import results
 from services.gateway.client import NeurodissectClient
-from services.gateway.stack import LocalStack
 from services.gateway.validation import requested_methods
 from tests.fixtures.ports import free_port
 from tests.fixtures.ray_cluster import Cluster, ray_cluster
@@ -103,7 +103,7 @@ def _start_service(name: str, env: dict[str, str], logs: Path) -> subprocess.Pop
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("NEURODISSECT_", "RAY_"))}
     with (logs / f"{name}.log").open("wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "services.gateway.cli", "serve", name],
+            [sys.executable, "-m", "services.cli.main", "serve", name],
             env={**inherited, **env}, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -205,7 +205,7 @@ OUTAGE_S = 30.0
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "services.gateway.cli", "--gateway-addr",
+    command = [sys.executable, "-m", "services.cli.main", "--gateway-addr",
                settings.gateway_addr, "--timeout", "10", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 

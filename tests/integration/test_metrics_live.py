@@ -26,10 +26,10 @@ import pytest
 from neurodissect.v1 import common_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.cli.stack import LocalStack
 from services.common.settings import SERVICES
 from services.gateway.client import NeurodissectClient
 from services.gateway.jobs import TERMINAL
-from services.gateway.stack import LocalStack
 from services.gateway.validation import requested_methods
 from tests.fixtures.ports import free_port
 from tests.fixtures.processes import stop

@@ -12,13 +12,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from neurodissect.v1 import common_pb2
 
+from services.cli.stack import LocalStack
 from services.common import keys
 from services.common.client import open_channel
 from services.common.settings import SERVICES
 from services.common.store import LocalStore
 from services.gateway.client import NeurodissectClient
 from services.gateway.jobs import TERMINAL
-from services.gateway.stack import LocalStack
 from tests.integration.hostile_specs import HOSTILE
 
 # Jobs of the toy world end to end on real processes (the toy models ship: nothing trains).

@@ -32,12 +32,12 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from neurodissect.v1 import common_pb2
 
+from services.cli.main import demo_layers, demo_spec
+from services.cli.stack import LocalStack, StackError
 from services.common.settings import SERVICES, Settings
 from services.gateway import stack as stack_module
-from services.gateway.cli import demo_layers, demo_spec
 from services.gateway.client import NeurodissectClient
 from services.gateway.jobs import TERMINAL
-from services.gateway.stack import LocalStack, StackError
 from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.timeout(1800)
@@ -283,7 +283,7 @@ def test_up_exits_non_zero_when_a_port_cannot_be_bound(tmp_path: Path) -> None:
     )
     try:
         up = subprocess.run(
-            [sys.executable, "-m", "services.gateway.cli", "up", "--no-ray-head",
+            [sys.executable, "-m", "services.cli.main", "up", "--no-ray-head",
              "--log-dir", str(tmp_path / "logs")],
             env=env, capture_output=True, text=True, timeout=120, check=False,
         )

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import pytest
 from playwright.sync_api import Browser, Page
 
+from services.cli.stack import LocalStack
 from services.common.settings import Settings
 from services.common.store import LocalStore
-from services.gateway.stack import LocalStack
 from services.gateway.webui.figures import IMAGE_PX, UNIT_EXEMPLARS
 from tests.fixtures.browser import Session, chromium, session
 from tests.fixtures.wide_layer import write_wide_job

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from services.captioner.backbones import build_encoder, load_captioner
-from services.gateway.cli import main
+from services.cli.main import main
 from tests.unit.captioner.synthetic import colour_world
 
 

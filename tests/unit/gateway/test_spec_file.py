@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from services.cli.main import EXIT_REJECTED, main
 from services.common.errors import InvalidArgument, NotFound
-from services.gateway.cli import EXIT_REJECTED, main
 from services.gateway.spec_file import (
     MAX_SPEC_BYTES,
     MAX_SPEC_DEPTH,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from neurodissect.v1 import common_pb2
 
+from services.cli.main import build_parser, demo_layers, demo_spec, spec_from_args
 from services.common.errors import InvalidArgument, NotFound
-from services.gateway.cli import build_parser, demo_layers, demo_spec, spec_from_args
 from services.gateway.client import load_spec
 
 

@@ -53,6 +53,7 @@ from rich.progress import (
 from rich.table import Table
 
 from services.cli.demo_figures import figures_block, write_into
+from services.cli.stack import LocalStack, StackError, available_services
 from services.common.errors import InvalidArgument, NeurodissectError
 from services.common.settings import SERVICES, Settings
 from services.common.spec_vocabulary import EXPORT_FORMATS
@@ -60,7 +61,6 @@ from services.gateway import results
 from services.gateway.client import NeurodissectClient, load_spec
 from services.gateway.jobs import TERMINAL, state_name
 from services.gateway.peers import Peers
-from services.gateway.stack import LocalStack, StackError, available_services
 from services.gateway.validation import METHODS
 from services.gateway.webui.commands import copy_report, unit_overlay
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.cli.stack import LocalStack, StackError, free_port, scrubbed_environment
 from services.common.settings import SERVICES, Settings
-from services.gateway.stack import LocalStack, StackError, free_port, scrubbed_environment
 
 
 def test_free_ports_are_never_handed_out_twice() -> None:

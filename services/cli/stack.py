@@ -1,7 +1,7 @@
 """The local stack: the four services as separate processes, plus a local Ray head, supervised.
 
 `neurodissect up` and `neurodissect demo` run one; the integration tests too. Each
-service is `python -m services.gateway.cli serve NAME` with its port, metrics port
+service is `python -m services.cli.main serve NAME` with its port, metrics port
 and peer addresses in its environment (`NEURODISSECT_*`), and its output in
 `{log_dir}/{name}.log`. Every port the stack hands out is distinct; a port that
 cannot be bound fails the start with a message naming it, and health is asked of
@@ -240,7 +240,7 @@ class LocalStack:
         log_file = (self.log_dir / f"{name}.log").open("ab")
         self._logs.append(log_file)
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway.cli", "serve", name],
+            [sys.executable, "-m", "services.cli.main", "serve", name],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
