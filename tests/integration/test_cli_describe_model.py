@@ -12,7 +12,7 @@ from neurodissect.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
 from rich.console import Console
 
 from services.common.server import ServiceServer
-from services.gateway import cli
+from services.cli import main as cli
 from tests.integration.gateway_fakes import FakeWorld
 
 LONG = [

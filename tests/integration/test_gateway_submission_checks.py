@@ -15,7 +15,7 @@ import torch
 from google.protobuf import json_format
 from neurodissect.v1 import common_pb2
 
-from services.gateway import cli
+from services.cli import main as cli
 from tests.integration.gateway_fakes import FakeWorld, fake_spec
 
 Spec = common_pb2.DissectionSpec
