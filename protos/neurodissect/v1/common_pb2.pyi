@@ -90,16 +90,18 @@ class ComputeSpec(_message.Message):
     def __init__(self, device: _Optional[str] = ..., batch_size: _Optional[int] = ..., unit_block_size: _Optional[int] = ..., image_chunk_size: _Optional[int] = ..., activation_dtype: _Optional[str] = ...) -> None: ...
 
 class NetDissectParams(_message.Message):
-    __slots__ = ("top_quantile", "iou_mode", "detector_threshold", "exemplars")
+    __slots__ = ("top_quantile", "iou_mode", "detector_threshold", "exemplars", "image_percentile")
     TOP_QUANTILE_FIELD_NUMBER: _ClassVar[int]
     IOU_MODE_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     EXEMPLARS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PERCENTILE_FIELD_NUMBER: _ClassVar[int]
     top_quantile: float
     iou_mode: str
     detector_threshold: float
     exemplars: int
-    def __init__(self, top_quantile: _Optional[float] = ..., iou_mode: _Optional[str] = ..., detector_threshold: _Optional[float] = ..., exemplars: _Optional[int] = ...) -> None: ...
+    image_percentile: float
+    def __init__(self, top_quantile: _Optional[float] = ..., iou_mode: _Optional[str] = ..., detector_threshold: _Optional[float] = ..., exemplars: _Optional[int] = ..., image_percentile: _Optional[float] = ...) -> None: ...
 
 class CompositionalParams(_message.Message):
     __slots__ = ("beam", "max_length", "top_k_primitives", "length_penalty", "top_quantile", "preset", "mode", "grid_downsampling", "manual_fraction", "score", "imrou_r", "operators", "expansion_neighbours", "linear_length_penalty", "min_coverage", "abort_images", "abort_fraction")
@@ -197,8 +199,48 @@ class SimulationParams(_message.Message):
     simulator: ClipModelSpec
     def __init__(self, simulator: _Optional[_Union[ClipModelSpec, _Mapping]] = ...) -> None: ...
 
+class OcclusionParams(_message.Message):
+    __slots__ = ("fill", "max_regions", "seed", "drop_threshold")
+    FILL_FIELD_NUMBER: _ClassVar[int]
+    MAX_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DROP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    fill: str
+    max_regions: int
+    seed: int
+    drop_threshold: float
+    def __init__(self, fill: _Optional[str] = ..., max_regions: _Optional[int] = ..., seed: _Optional[int] = ..., drop_threshold: _Optional[float] = ...) -> None: ...
+
+class AblationParams(_message.Message):
+    __slots__ = ("variant", "temperature", "labels_uri", "seed")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_URI_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    temperature: float
+    labels_uri: str
+    seed: int
+    def __init__(self, variant: _Optional[str] = ..., temperature: _Optional[float] = ..., labels_uri: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ThresholdSweepParams(_message.Message):
+    __slots__ = ("quantiles", "percentiles")
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    PERCENTILES_FIELD_NUMBER: _ClassVar[int]
+    quantiles: _containers.RepeatedScalarFieldContainer[float]
+    percentiles: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, quantiles: _Optional[_Iterable[float]] = ..., percentiles: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SignificanceParams(_message.Message):
+    __slots__ = ("q", "permutations")
+    Q_FIELD_NUMBER: _ClassVar[int]
+    PERMUTATIONS_FIELD_NUMBER: _ClassVar[int]
+    q: float
+    permutations: int
+    def __init__(self, q: _Optional[float] = ..., permutations: _Optional[int] = ...) -> None: ...
+
 class DissectionSpec(_message.Message):
-    __slots__ = ("model", "layers", "dataset", "netdissect", "compositional", "clip_dissect", "linear", "milan", "simulation", "compute", "idempotency_key", "name")
+    __slots__ = ("model", "layers", "dataset", "netdissect", "compositional", "clip_dissect", "linear", "milan", "simulation", "compute", "idempotency_key", "name", "occlusion", "ablation", "threshold_sweep", "significance")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +253,10 @@ class DissectionSpec(_message.Message):
     COMPUTE_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    OCCLUSION_FIELD_NUMBER: _ClassVar[int]
+    ABLATION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_SWEEP_FIELD_NUMBER: _ClassVar[int]
+    SIGNIFICANCE_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     layers: _containers.RepeatedScalarFieldContainer[str]
     dataset: DatasetSpec
@@ -223,7 +269,11 @@ class DissectionSpec(_message.Message):
     compute: ComputeSpec
     idempotency_key: str
     name: str
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., dataset: _Optional[_Union[DatasetSpec, _Mapping]] = ..., netdissect: _Optional[_Union[NetDissectParams, _Mapping]] = ..., compositional: _Optional[_Union[CompositionalParams, _Mapping]] = ..., clip_dissect: _Optional[_Union[ClipDissectParams, _Mapping]] = ..., linear: _Optional[_Union[LinearParams, _Mapping]] = ..., milan: _Optional[_Union[MilanParams, _Mapping]] = ..., simulation: _Optional[_Union[SimulationParams, _Mapping]] = ..., compute: _Optional[_Union[ComputeSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    occlusion: OcclusionParams
+    ablation: AblationParams
+    threshold_sweep: ThresholdSweepParams
+    significance: SignificanceParams
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., dataset: _Optional[_Union[DatasetSpec, _Mapping]] = ..., netdissect: _Optional[_Union[NetDissectParams, _Mapping]] = ..., compositional: _Optional[_Union[CompositionalParams, _Mapping]] = ..., clip_dissect: _Optional[_Union[ClipDissectParams, _Mapping]] = ..., linear: _Optional[_Union[LinearParams, _Mapping]] = ..., milan: _Optional[_Union[MilanParams, _Mapping]] = ..., simulation: _Optional[_Union[SimulationParams, _Mapping]] = ..., compute: _Optional[_Union[ComputeSpec, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., name: _Optional[str] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., ablation: _Optional[_Union[AblationParams, _Mapping]] = ..., threshold_sweep: _Optional[_Union[ThresholdSweepParams, _Mapping]] = ..., significance: _Optional[_Union[SignificanceParams, _Mapping]] = ...) -> None: ...
 
 class StageProgress(_message.Message):
     __slots__ = ("stage", "done", "total", "rate", "eta_seconds", "unit", "message")
@@ -244,7 +294,7 @@ class StageProgress(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., rate: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., unit: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class LayerSummary(_message.Message):
-    __slots__ = ("layer", "units", "detectors", "unique_labels", "detectors_per_category", "simulation_mean", "simulation_sem", "dead_units", "methods")
+    __slots__ = ("layer", "units", "detectors", "unique_labels", "detectors_per_category", "simulation_mean", "simulation_sem", "dead_units", "methods", "ablation_mean", "ablation_sem", "ablation_note", "significant_detectors", "sweep", "occlusion")
     class DetectorsPerCategoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +316,20 @@ class LayerSummary(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class AblationMeanEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class AblationSemEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     LAYER_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
     DETECTORS_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +339,12 @@ class LayerSummary(_message.Message):
     SIMULATION_SEM_FIELD_NUMBER: _ClassVar[int]
     DEAD_UNITS_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
+    ABLATION_MEAN_FIELD_NUMBER: _ClassVar[int]
+    ABLATION_SEM_FIELD_NUMBER: _ClassVar[int]
+    ABLATION_NOTE_FIELD_NUMBER: _ClassVar[int]
+    SIGNIFICANT_DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    SWEEP_FIELD_NUMBER: _ClassVar[int]
+    OCCLUSION_FIELD_NUMBER: _ClassVar[int]
     layer: str
     units: int
     detectors: int
@@ -284,7 +354,65 @@ class LayerSummary(_message.Message):
     simulation_sem: _containers.ScalarMap[str, float]
     dead_units: int
     methods: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, layer: _Optional[str] = ..., units: _Optional[int] = ..., detectors: _Optional[int] = ..., unique_labels: _Optional[int] = ..., detectors_per_category: _Optional[_Mapping[str, int]] = ..., simulation_mean: _Optional[_Mapping[str, float]] = ..., simulation_sem: _Optional[_Mapping[str, float]] = ..., dead_units: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
+    ablation_mean: _containers.ScalarMap[str, float]
+    ablation_sem: _containers.ScalarMap[str, float]
+    ablation_note: str
+    significant_detectors: int
+    sweep: _containers.RepeatedCompositeFieldContainer[SweepPoint]
+    occlusion: OcclusionSummary
+    def __init__(self, layer: _Optional[str] = ..., units: _Optional[int] = ..., detectors: _Optional[int] = ..., unique_labels: _Optional[int] = ..., detectors_per_category: _Optional[_Mapping[str, int]] = ..., simulation_mean: _Optional[_Mapping[str, float]] = ..., simulation_sem: _Optional[_Mapping[str, float]] = ..., dead_units: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., ablation_mean: _Optional[_Mapping[str, float]] = ..., ablation_sem: _Optional[_Mapping[str, float]] = ..., ablation_note: _Optional[str] = ..., significant_detectors: _Optional[int] = ..., sweep: _Optional[_Iterable[_Union[SweepPoint, _Mapping]]] = ..., occlusion: _Optional[_Union[OcclusionSummary, _Mapping]] = ...) -> None: ...
+
+class SweepPoint(_message.Message):
+    __slots__ = ("threshold", "detectors", "unique_labels", "unchanged_fraction")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    UNIQUE_LABELS_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    detectors: int
+    unique_labels: int
+    unchanged_fraction: float
+    def __init__(self, threshold: _Optional[float] = ..., detectors: _Optional[int] = ..., unique_labels: _Optional[int] = ..., unchanged_fraction: _Optional[float] = ...) -> None: ...
+
+class OcclusionSummary(_message.Message):
+    __slots__ = ("fill", "concepts", "regions", "mean_correlation", "correlation", "concept_regions", "detectors_tested", "detectors_dropping", "forward_passes", "seconds", "note")
+    class CorrelationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ConceptRegionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    FILL_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    DETECTORS_TESTED_FIELD_NUMBER: _ClassVar[int]
+    DETECTORS_DROPPING_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    fill: str
+    concepts: int
+    regions: int
+    mean_correlation: float
+    correlation: _containers.ScalarMap[str, float]
+    concept_regions: _containers.ScalarMap[str, int]
+    detectors_tested: int
+    detectors_dropping: float
+    forward_passes: int
+    seconds: float
+    note: str
+    def __init__(self, fill: _Optional[str] = ..., concepts: _Optional[int] = ..., regions: _Optional[int] = ..., mean_correlation: _Optional[float] = ..., correlation: _Optional[_Mapping[str, float]] = ..., concept_regions: _Optional[_Mapping[str, int]] = ..., detectors_tested: _Optional[int] = ..., detectors_dropping: _Optional[float] = ..., forward_passes: _Optional[int] = ..., seconds: _Optional[float] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "spec", "state", "created_at", "updated_at", "stages", "error", "bad_images", "bad_image_examples", "summary", "report_key", "dataset_key", "acts_keys", "attempt", "previous_error")
@@ -350,7 +478,7 @@ class CategoryBest(_message.Message):
     def __init__(self, category: _Optional[str] = ..., label: _Optional[str] = ..., iou: _Optional[float] = ...) -> None: ...
 
 class NetDissectResult(_message.Message):
-    __slots__ = ("label", "category", "iou", "per_category", "threshold", "detector", "exemplars")
+    __slots__ = ("label", "category", "iou", "per_category", "threshold", "detector", "exemplars", "top_concepts")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     IOU_FIELD_NUMBER: _ClassVar[int]
@@ -358,6 +486,7 @@ class NetDissectResult(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
     EXEMPLARS_FIELD_NUMBER: _ClassVar[int]
+    TOP_CONCEPTS_FIELD_NUMBER: _ClassVar[int]
     label: str
     category: str
     iou: float
@@ -365,7 +494,8 @@ class NetDissectResult(_message.Message):
     threshold: float
     detector: bool
     exemplars: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, label: _Optional[str] = ..., category: _Optional[str] = ..., iou: _Optional[float] = ..., per_category: _Optional[_Iterable[_Union[CategoryBest, _Mapping]]] = ..., threshold: _Optional[float] = ..., detector: _Optional[bool] = ..., exemplars: _Optional[_Iterable[int]] = ...) -> None: ...
+    top_concepts: _containers.RepeatedCompositeFieldContainer[CategoryBest]
+    def __init__(self, label: _Optional[str] = ..., category: _Optional[str] = ..., iou: _Optional[float] = ..., per_category: _Optional[_Iterable[_Union[CategoryBest, _Mapping]]] = ..., threshold: _Optional[float] = ..., detector: _Optional[bool] = ..., exemplars: _Optional[_Iterable[int]] = ..., top_concepts: _Optional[_Iterable[_Union[CategoryBest, _Mapping]]] = ...) -> None: ...
 
 class CompositionalResult(_message.Message):
     __slots__ = ("formula", "iou", "length", "imrou", "imroun", "category", "threshold")
@@ -436,8 +566,15 @@ class MilanResult(_message.Message):
     def __init__(self, caption: _Optional[str] = ..., logp_caption: _Optional[float] = ..., logp_lm: _Optional[float] = ...) -> None: ...
 
 class UnitResult(_message.Message):
-    __slots__ = ("layer", "unit", "netdissect", "compositional", "clip_dissect", "linear", "milan", "simulation")
+    __slots__ = ("layer", "unit", "netdissect", "compositional", "clip_dissect", "linear", "milan", "simulation", "occlusion", "ablation", "significance")
     class SimulationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class AblationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -452,6 +589,9 @@ class UnitResult(_message.Message):
     LINEAR_FIELD_NUMBER: _ClassVar[int]
     MILAN_FIELD_NUMBER: _ClassVar[int]
     SIMULATION_FIELD_NUMBER: _ClassVar[int]
+    OCCLUSION_FIELD_NUMBER: _ClassVar[int]
+    ABLATION_FIELD_NUMBER: _ClassVar[int]
+    SIGNIFICANCE_FIELD_NUMBER: _ClassVar[int]
     layer: str
     unit: int
     netdissect: NetDissectResult
@@ -460,7 +600,42 @@ class UnitResult(_message.Message):
     linear: LinearResult
     milan: MilanResult
     simulation: _containers.ScalarMap[str, float]
-    def __init__(self, layer: _Optional[str] = ..., unit: _Optional[int] = ..., netdissect: _Optional[_Union[NetDissectResult, _Mapping]] = ..., compositional: _Optional[_Union[CompositionalResult, _Mapping]] = ..., clip_dissect: _Optional[_Union[ClipDissectResult, _Mapping]] = ..., linear: _Optional[_Union[LinearResult, _Mapping]] = ..., milan: _Optional[_Union[MilanResult, _Mapping]] = ..., simulation: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    occlusion: OcclusionResult
+    ablation: _containers.ScalarMap[str, float]
+    significance: SignificanceResult
+    def __init__(self, layer: _Optional[str] = ..., unit: _Optional[int] = ..., netdissect: _Optional[_Union[NetDissectResult, _Mapping]] = ..., compositional: _Optional[_Union[CompositionalResult, _Mapping]] = ..., clip_dissect: _Optional[_Union[ClipDissectResult, _Mapping]] = ..., linear: _Optional[_Union[LinearResult, _Mapping]] = ..., milan: _Optional[_Union[MilanResult, _Mapping]] = ..., simulation: _Optional[_Mapping[str, float]] = ..., occlusion: _Optional[_Union[OcclusionResult, _Mapping]] = ..., ablation: _Optional[_Mapping[str, float]] = ..., significance: _Optional[_Union[SignificanceResult, _Mapping]] = ...) -> None: ...
+
+class OcclusionResult(_message.Message):
+    __slots__ = ("top_concept", "top_drop", "matches_netdissect", "own_drop", "drops")
+    TOP_CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    TOP_DROP_FIELD_NUMBER: _ClassVar[int]
+    MATCHES_NETDISSECT_FIELD_NUMBER: _ClassVar[int]
+    OWN_DROP_FIELD_NUMBER: _ClassVar[int]
+    DROPS_FIELD_NUMBER: _ClassVar[int]
+    top_concept: str
+    top_drop: float
+    matches_netdissect: bool
+    own_drop: float
+    drops: _containers.RepeatedCompositeFieldContainer[ConceptScore]
+    def __init__(self, top_concept: _Optional[str] = ..., top_drop: _Optional[float] = ..., matches_netdissect: _Optional[bool] = ..., own_drop: _Optional[float] = ..., drops: _Optional[_Iterable[_Union[ConceptScore, _Mapping]]] = ...) -> None: ...
+
+class SignificanceResult(_message.Message):
+    __slots__ = ("label", "iou", "expected_iou", "z", "p_value", "significant", "permutation_p")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    IOU_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_IOU_FIELD_NUMBER: _ClassVar[int]
+    Z_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SIGNIFICANT_FIELD_NUMBER: _ClassVar[int]
+    PERMUTATION_P_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    iou: float
+    expected_iou: float
+    z: float
+    p_value: float
+    significant: bool
+    permutation_p: float
+    def __init__(self, label: _Optional[str] = ..., iou: _Optional[float] = ..., expected_iou: _Optional[float] = ..., z: _Optional[float] = ..., p_value: _Optional[float] = ..., significant: _Optional[bool] = ..., permutation_p: _Optional[float] = ...) -> None: ...
 
 class DescribeModelRequest(_message.Message):
     __slots__ = ("model",)

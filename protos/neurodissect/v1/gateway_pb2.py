@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from neurodissect.v1 import common_pb2 as neurodissect_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dneurodissect/v1/gateway.proto\x12\x0fneurodissect.v1\x1a\x1cneurodissect/v1/common.proto\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"-\n\x08JobEvent\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.neurodissect.v1.Job\"K\n\x0fListJobsRequest\x12)\n\x06states\x18\x01 \x03(\x0e\x32\x19.neurodissect.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\x05\"6\n\x10ListJobsResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.neurodissect.v1.Job\"\x8f\x01\n\x10ListUnitsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65tectors_only\x18\x03 \x01(\x08\x12\r\n\x05label\x18\x04 \x01(\t\x12\x0f\n\x07min_iou\x18\x05 \x01(\x01\x12\x12\n\nunit_start\x18\x06 \x01(\x05\x12\x10\n\x08unit_end\x18\x07 \x01(\x05\">\n\rExportRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\"\x1b\n\x0b\x45xportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"=\n\x0eGetUnitRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0c\n\x04unit\x18\x03 \x01(\x05\x32\xb8\x05\n\x07Gateway\x12I\n\x10SubmitDissection\x12\x1f.neurodissect.v1.DissectionSpec\x1a\x14.neurodissect.v1.Job\x12>\n\x06GetJob\x12\x1e.neurodissect.v1.GetJobRequest\x1a\x14.neurodissect.v1.Job\x12G\n\x08WatchJob\x12\x1e.neurodissect.v1.GetJobRequest\x1a\x19.neurodissect.v1.JobEvent0\x01\x12O\n\x08ListJobs\x12 .neurodissect.v1.ListJobsRequest\x1a!.neurodissect.v1.ListJobsResponse\x12\x41\n\tCancelJob\x12\x1e.neurodissect.v1.GetJobRequest\x1a\x14.neurodissect.v1.Job\x12M\n\tListUnits\x12!.neurodissect.v1.ListUnitsRequest\x1a\x1b.neurodissect.v1.UnitResult0\x01\x12G\n\x07GetUnit\x12\x1f.neurodissect.v1.GetUnitRequest\x1a\x1b.neurodissect.v1.UnitResult\x12^\n\rDescribeModel\x12%.neurodissect.v1.DescribeModelRequest\x1a&.neurodissect.v1.DescribeModelResponse\x12M\n\x0b\x45xportLayer\x12\x1e.neurodissect.v1.ExportRequest\x1a\x1c.neurodissect.v1.ExportChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dneurodissect/v1/gateway.proto\x12\x0fneurodissect.v1\x1a\x1cneurodissect/v1/common.proto\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"-\n\x08JobEvent\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.neurodissect.v1.Job\"K\n\x0fListJobsRequest\x12)\n\x06states\x18\x01 \x03(\x0e\x32\x19.neurodissect.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\x05\"6\n\x10ListJobsResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.neurodissect.v1.Job\"\xa9\x01\n\x10ListUnitsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65tectors_only\x18\x03 \x01(\x08\x12\r\n\x05label\x18\x04 \x01(\t\x12\x0f\n\x07min_iou\x18\x05 \x01(\x01\x12\x12\n\nunit_start\x18\x06 \x01(\x05\x12\x10\n\x08unit_end\x18\x07 \x01(\x05\x12\x18\n\x10significant_only\x18\x08 \x01(\x08\">\n\rExportRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\"\x1b\n\x0b\x45xportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"=\n\x0eGetUnitRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0c\n\x04unit\x18\x03 \x01(\x05\x32\xb8\x05\n\x07Gateway\x12I\n\x10SubmitDissection\x12\x1f.neurodissect.v1.DissectionSpec\x1a\x14.neurodissect.v1.Job\x12>\n\x06GetJob\x12\x1e.neurodissect.v1.GetJobRequest\x1a\x14.neurodissect.v1.Job\x12G\n\x08WatchJob\x12\x1e.neurodissect.v1.GetJobRequest\x1a\x19.neurodissect.v1.JobEvent0\x01\x12O\n\x08ListJobs\x12 .neurodissect.v1.ListJobsRequest\x1a!.neurodissect.v1.ListJobsResponse\x12\x41\n\tCancelJob\x12\x1e.neurodissect.v1.GetJobRequest\x1a\x14.neurodissect.v1.Job\x12M\n\tListUnits\x12!.neurodissect.v1.ListUnitsRequest\x1a\x1b.neurodissect.v1.UnitResult0\x01\x12G\n\x07GetUnit\x12\x1f.neurodissect.v1.GetUnitRequest\x1a\x1b.neurodissect.v1.UnitResult\x12^\n\rDescribeModel\x12%.neurodissect.v1.DescribeModelRequest\x1a&.neurodissect.v1.DescribeModelResponse\x12M\n\x0b\x45xportLayer\x12\x1e.neurodissect.v1.ExportRequest\x1a\x1c.neurodissect.v1.ExportChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,13 +41,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTJOBSRESPONSE']._serialized_start=237
   _globals['_LISTJOBSRESPONSE']._serialized_end=291
   _globals['_LISTUNITSREQUEST']._serialized_start=294
-  _globals['_LISTUNITSREQUEST']._serialized_end=437
-  _globals['_EXPORTREQUEST']._serialized_start=439
-  _globals['_EXPORTREQUEST']._serialized_end=501
-  _globals['_EXPORTCHUNK']._serialized_start=503
-  _globals['_EXPORTCHUNK']._serialized_end=530
-  _globals['_GETUNITREQUEST']._serialized_start=532
-  _globals['_GETUNITREQUEST']._serialized_end=593
-  _globals['_GATEWAY']._serialized_start=596
-  _globals['_GATEWAY']._serialized_end=1292
+  _globals['_LISTUNITSREQUEST']._serialized_end=463
+  _globals['_EXPORTREQUEST']._serialized_start=465
+  _globals['_EXPORTREQUEST']._serialized_end=527
+  _globals['_EXPORTCHUNK']._serialized_start=529
+  _globals['_EXPORTCHUNK']._serialized_end=556
+  _globals['_GETUNITREQUEST']._serialized_start=558
+  _globals['_GETUNITREQUEST']._serialized_end=619
+  _globals['_GATEWAY']._serialized_start=622
+  _globals['_GATEWAY']._serialized_end=1318
 # @@protoc_insertion_point(module_scope)

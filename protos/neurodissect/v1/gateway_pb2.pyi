@@ -34,7 +34,7 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[_common_pb2.Job, _Mapping]]] = ...) -> None: ...
 
 class ListUnitsRequest(_message.Message):
-    __slots__ = ("job_id", "layer", "detectors_only", "label", "min_iou", "unit_start", "unit_end")
+    __slots__ = ("job_id", "layer", "detectors_only", "label", "min_iou", "unit_start", "unit_end", "significant_only")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     DETECTORS_ONLY_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class ListUnitsRequest(_message.Message):
     MIN_IOU_FIELD_NUMBER: _ClassVar[int]
     UNIT_START_FIELD_NUMBER: _ClassVar[int]
     UNIT_END_FIELD_NUMBER: _ClassVar[int]
+    SIGNIFICANT_ONLY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     layer: str
     detectors_only: bool
@@ -49,7 +50,8 @@ class ListUnitsRequest(_message.Message):
     min_iou: float
     unit_start: int
     unit_end: int
-    def __init__(self, job_id: _Optional[str] = ..., layer: _Optional[str] = ..., detectors_only: _Optional[bool] = ..., label: _Optional[str] = ..., min_iou: _Optional[float] = ..., unit_start: _Optional[int] = ..., unit_end: _Optional[int] = ...) -> None: ...
+    significant_only: bool
+    def __init__(self, job_id: _Optional[str] = ..., layer: _Optional[str] = ..., detectors_only: _Optional[bool] = ..., label: _Optional[str] = ..., min_iou: _Optional[float] = ..., unit_start: _Optional[int] = ..., unit_end: _Optional[int] = ..., significant_only: _Optional[bool] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
     __slots__ = ("job_id", "layer", "format")
