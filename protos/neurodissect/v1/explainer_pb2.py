@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from neurodissect.v1 import common_pb2 as neurodissect_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fneurodissect/v1/explainer.proto\x12\x0fneurodissect.v1\x1a\x1cneurodissect/v1/common.proto\"\xe2\x02\n\x0e\x45xplainRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12-\n\x04spec\x18\x04 \x01(\x0b\x32\x1f.neurodissect.v1.DissectionSpec\x12\x13\n\x0b\x64\x61taset_key\x18\x05 \x01(\t\x12\x10\n\x08\x61\x63ts_key\x18\x06 \x01(\t\x12\x38\n\x0c\x63lip_dissect\x18\x07 \x01(\x0b\x32\".neurodissect.v1.ConceptEmbeddings\x12\x32\n\x06linear\x18\n \x01(\x0b\x32\".neurodissect.v1.ConceptEmbeddings\x12\x36\n\nsimulation\x18\x0b \x01(\x0b\x32\".neurodissect.v1.ConceptEmbeddings\x12\x12\n\nunit_start\x18\x08 \x01(\x05\x12\x10\n\x08unit_end\x18\t \x01(\x05\"8\n\x11\x43onceptEmbeddings\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\x10\n\x08text_key\x18\x02 \x01(\t\"m\n\x0f\x45xplainProgress\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x12\n\nunits_done\x18\x02 \x01(\x03\x12\x13\n\x0bunits_total\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x32[\n\tExplainer\x12N\n\x07\x45xplain\x12\x1f.neurodissect.v1.ExplainRequest\x1a .neurodissect.v1.ExplainProgress0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fneurodissect/v1/explainer.proto\x12\x0fneurodissect.v1\x1a\x1cneurodissect/v1/common.proto\"\xac\x03\n\x0e\x45xplainRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12-\n\x04spec\x18\x04 \x01(\x0b\x32\x1f.neurodissect.v1.DissectionSpec\x12\x13\n\x0b\x64\x61taset_key\x18\x05 \x01(\t\x12\x10\n\x08\x61\x63ts_key\x18\x06 \x01(\t\x12\x38\n\x0c\x63lip_dissect\x18\x07 \x01(\x0b\x32\".neurodissect.v1.ConceptEmbeddings\x12\x32\n\x06linear\x18\n \x01(\x0b\x32\".neurodissect.v1.ConceptEmbeddings\x12\x36\n\nsimulation\x18\x0b \x01(\x0b\x32\".neurodissect.v1.ConceptEmbeddings\x12\x12\n\nunit_start\x18\x08 \x01(\x05\x12\x10\n\x08unit_end\x18\t \x01(\x05\x12\x15\n\rocclusion_key\x18\x0c \x01(\t\x12\x31\n\x08\x61\x62lation\x18\r \x01(\x0b\x32\x1f.neurodissect.v1.AblationInputs\"D\n\x0e\x41\x62lationInputs\x12\x10\n\x08head_key\x18\x01 \x01(\t\x12\x12\n\nlabels_key\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"8\n\x11\x43onceptEmbeddings\x12\x11\n\timage_key\x18\x01 \x01(\t\x12\x10\n\x08text_key\x18\x02 \x01(\t\"m\n\x0f\x45xplainProgress\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x12\n\nunits_done\x18\x02 \x01(\x03\x12\x13\n\x0bunits_total\x18\x03 \x01(\x03\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x32[\n\tExplainer\x12N\n\x07\x45xplain\x12\x1f.neurodissect.v1.ExplainRequest\x1a .neurodissect.v1.ExplainProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'neurodissect.v1.explainer_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXPLAINREQUEST']._serialized_start=83
-  _globals['_EXPLAINREQUEST']._serialized_end=437
-  _globals['_CONCEPTEMBEDDINGS']._serialized_start=439
-  _globals['_CONCEPTEMBEDDINGS']._serialized_end=495
-  _globals['_EXPLAINPROGRESS']._serialized_start=497
-  _globals['_EXPLAINPROGRESS']._serialized_end=606
-  _globals['_EXPLAINER']._serialized_start=608
-  _globals['_EXPLAINER']._serialized_end=699
+  _globals['_EXPLAINREQUEST']._serialized_end=511
+  _globals['_ABLATIONINPUTS']._serialized_start=513
+  _globals['_ABLATIONINPUTS']._serialized_end=581
+  _globals['_CONCEPTEMBEDDINGS']._serialized_start=583
+  _globals['_CONCEPTEMBEDDINGS']._serialized_end=639
+  _globals['_EXPLAINPROGRESS']._serialized_start=641
+  _globals['_EXPLAINPROGRESS']._serialized_end=750
+  _globals['_EXPLAINER']._serialized_start=752
+  _globals['_EXPLAINER']._serialized_end=843
 # @@protoc_insertion_point(module_scope)

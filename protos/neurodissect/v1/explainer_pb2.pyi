@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("job_id", "layer", "methods", "spec", "dataset_key", "acts_key", "clip_dissect", "linear", "simulation", "unit_start", "unit_end")
+    __slots__ = ("job_id", "layer", "methods", "spec", "dataset_key", "acts_key", "clip_dissect", "linear", "simulation", "unit_start", "unit_end", "occlusion_key", "ablation")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,8 @@ class ExplainRequest(_message.Message):
     SIMULATION_FIELD_NUMBER: _ClassVar[int]
     UNIT_START_FIELD_NUMBER: _ClassVar[int]
     UNIT_END_FIELD_NUMBER: _ClassVar[int]
+    OCCLUSION_KEY_FIELD_NUMBER: _ClassVar[int]
+    ABLATION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     layer: str
     methods: _containers.RepeatedScalarFieldContainer[str]
@@ -31,7 +33,19 @@ class ExplainRequest(_message.Message):
     simulation: ConceptEmbeddings
     unit_start: int
     unit_end: int
-    def __init__(self, job_id: _Optional[str] = ..., layer: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., spec: _Optional[_Union[_common_pb2.DissectionSpec, _Mapping]] = ..., dataset_key: _Optional[str] = ..., acts_key: _Optional[str] = ..., clip_dissect: _Optional[_Union[ConceptEmbeddings, _Mapping]] = ..., linear: _Optional[_Union[ConceptEmbeddings, _Mapping]] = ..., simulation: _Optional[_Union[ConceptEmbeddings, _Mapping]] = ..., unit_start: _Optional[int] = ..., unit_end: _Optional[int] = ...) -> None: ...
+    occlusion_key: str
+    ablation: AblationInputs
+    def __init__(self, job_id: _Optional[str] = ..., layer: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., spec: _Optional[_Union[_common_pb2.DissectionSpec, _Mapping]] = ..., dataset_key: _Optional[str] = ..., acts_key: _Optional[str] = ..., clip_dissect: _Optional[_Union[ConceptEmbeddings, _Mapping]] = ..., linear: _Optional[_Union[ConceptEmbeddings, _Mapping]] = ..., simulation: _Optional[_Union[ConceptEmbeddings, _Mapping]] = ..., unit_start: _Optional[int] = ..., unit_end: _Optional[int] = ..., occlusion_key: _Optional[str] = ..., ablation: _Optional[_Union[AblationInputs, _Mapping]] = ...) -> None: ...
+
+class AblationInputs(_message.Message):
+    __slots__ = ("head_key", "labels_key", "note")
+    HEAD_KEY_FIELD_NUMBER: _ClassVar[int]
+    LABELS_KEY_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    head_key: str
+    labels_key: str
+    note: str
+    def __init__(self, head_key: _Optional[str] = ..., labels_key: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ConceptEmbeddings(_message.Message):
     __slots__ = ("image_key", "text_key")

@@ -98,3 +98,82 @@ class EmbedTextResponse(_message.Message):
     key: str
     count: int
     def __init__(self, key: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class OccludeRequest(_message.Message):
+    __slots__ = ("job_id", "model", "layers", "dataset", "compute", "params")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    model: _common_pb2.ModelSpec
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    dataset: _common_pb2.DatasetSpec
+    compute: _common_pb2.ComputeSpec
+    params: _common_pb2.OcclusionParams
+    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSpec, _Mapping]] = ..., compute: _Optional[_Union[_common_pb2.ComputeSpec, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.OcclusionParams, _Mapping]] = ...) -> None: ...
+
+class OccludeProgress(_message.Message):
+    __slots__ = ("regions_done", "regions_total", "message", "finished", "occlusion_keys", "cached")
+    class OcclusionKeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REGIONS_DONE_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    OCCLUSION_KEYS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    regions_done: int
+    regions_total: int
+    message: str
+    finished: bool
+    occlusion_keys: _containers.ScalarMap[str, str]
+    cached: bool
+    def __init__(self, regions_done: _Optional[int] = ..., regions_total: _Optional[int] = ..., message: _Optional[str] = ..., finished: _Optional[bool] = ..., occlusion_keys: _Optional[_Mapping[str, str]] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class ClassifierHeadRequest(_message.Message):
+    __slots__ = ("model", "layers", "dataset", "compute", "labels_uri")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_URI_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelSpec
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    dataset: _common_pb2.DatasetSpec
+    compute: _common_pb2.ComputeSpec
+    labels_uri: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSpec, _Mapping]] = ..., compute: _Optional[_Union[_common_pb2.ComputeSpec, _Mapping]] = ..., labels_uri: _Optional[str] = ...) -> None: ...
+
+class ClassifierHeadResponse(_message.Message):
+    __slots__ = ("head_keys", "notes", "labels_key", "classes")
+    class HeadKeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class NotesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    HEAD_KEYS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_KEY_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    head_keys: _containers.ScalarMap[str, str]
+    notes: _containers.ScalarMap[str, str]
+    labels_key: str
+    classes: int
+    def __init__(self, head_keys: _Optional[_Mapping[str, str]] = ..., notes: _Optional[_Mapping[str, str]] = ..., labels_key: _Optional[str] = ..., classes: _Optional[int] = ...) -> None: ...

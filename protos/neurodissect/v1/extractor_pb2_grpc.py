@@ -55,6 +55,16 @@ class ExtractorStub:
                 request_serializer=neurodissect_dot_v1_dot_extractor__pb2.EmbedTextRequest.SerializeToString,
                 response_deserializer=neurodissect_dot_v1_dot_extractor__pb2.EmbedTextResponse.FromString,
                 _registered_method=True)
+        self.Occlude = channel.unary_stream(
+                '/neurodissect.v1.Extractor/Occlude',
+                request_serializer=neurodissect_dot_v1_dot_extractor__pb2.OccludeRequest.SerializeToString,
+                response_deserializer=neurodissect_dot_v1_dot_extractor__pb2.OccludeProgress.FromString,
+                _registered_method=True)
+        self.ClassifierHead = channel.unary_unary(
+                '/neurodissect.v1.Extractor/ClassifierHead',
+                request_serializer=neurodissect_dot_v1_dot_extractor__pb2.ClassifierHeadRequest.SerializeToString,
+                response_deserializer=neurodissect_dot_v1_dot_extractor__pb2.ClassifierHeadResponse.FromString,
+                _registered_method=True)
 
 
 class ExtractorServicer:
@@ -90,6 +100,23 @@ class ExtractorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Occlude(self, request, context):
+        """Occlusion verification (specs/verification.md): hides sampled annotated regions of
+        the extracted probe images, runs original and occluded copies through the model and
+        stores each unit's relative activation change per concept. Cached by content key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifierHead(self, request, context):
+        """Ablation scoring's inputs: per layer the classifier head (W, b) that reads the
+        layer's pooled activations directly, or why none does; the probe images' classes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExtractorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +139,16 @@ def add_ExtractorServicer_to_server(servicer, server):
                     servicer.EmbedText,
                     request_deserializer=neurodissect_dot_v1_dot_extractor__pb2.EmbedTextRequest.FromString,
                     response_serializer=neurodissect_dot_v1_dot_extractor__pb2.EmbedTextResponse.SerializeToString,
+            ),
+            'Occlude': grpc.unary_stream_rpc_method_handler(
+                    servicer.Occlude,
+                    request_deserializer=neurodissect_dot_v1_dot_extractor__pb2.OccludeRequest.FromString,
+                    response_serializer=neurodissect_dot_v1_dot_extractor__pb2.OccludeProgress.SerializeToString,
+            ),
+            'ClassifierHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClassifierHead,
+                    request_deserializer=neurodissect_dot_v1_dot_extractor__pb2.ClassifierHeadRequest.FromString,
+                    response_serializer=neurodissect_dot_v1_dot_extractor__pb2.ClassifierHeadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +259,60 @@ class Extractor:
             '/neurodissect.v1.Extractor/EmbedText',
             neurodissect_dot_v1_dot_extractor__pb2.EmbedTextRequest.SerializeToString,
             neurodissect_dot_v1_dot_extractor__pb2.EmbedTextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Occlude(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/neurodissect.v1.Extractor/Occlude',
+            neurodissect_dot_v1_dot_extractor__pb2.OccludeRequest.SerializeToString,
+            neurodissect_dot_v1_dot_extractor__pb2.OccludeProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifierHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/neurodissect.v1.Extractor/ClassifierHead',
+            neurodissect_dot_v1_dot_extractor__pb2.ClassifierHeadRequest.SerializeToString,
+            neurodissect_dot_v1_dot_extractor__pb2.ClassifierHeadResponse.FromString,
             options,
             channel_credentials,
             insecure,
