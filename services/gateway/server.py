@@ -14,8 +14,8 @@ from neurodissect.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.server import ServiceServer
 from services.common.settings import Settings
+from services.gateway.job_runner import JobRunner
 from services.gateway.jobs import JobStore
-from services.gateway.orchestrator import Orchestrator
 from services.gateway.peers import Peers
 from services.gateway.servicer import GatewayServicer
 from services.gateway.store_watch import StoreWatch
@@ -26,16 +26,16 @@ log = logging.getLogger(__name__)
 
 
 class GatewayServer(ServiceServer):
-    """The gateway's ServiceServer, which also owns the orchestrator and peer channels."""
+    """The gateway's ServiceServer, which also owns the job runner and peer channels."""
 
     def __init__(self, settings: Settings) -> None:
         store = settings.open_store()
         self.jobs = JobStore(store)
         self.peers = Peers(settings)
         self.store_watch = StoreWatch(store)
-        self.orchestrator = Orchestrator(settings, store, self.jobs, self.peers)
+        self.runner = JobRunner(settings, store, self.jobs, self.peers)
         servicer = GatewayServicer(
-            settings, store, self.jobs, self.orchestrator, self.peers, self.store_watch
+            settings, store, self.jobs, self.runner, self.peers, self.store_watch
         )
         self.web_ui = WebUI(settings, JobReader(store, self.peers.materialize, self.jobs))
 
@@ -59,12 +59,12 @@ class GatewayServer(ServiceServer):
                 log.info("web UI at %s", self.web_ui.url)
             except OSError as exc:
                 log.error("web UI not served: port %d: %s", self.settings.ui_port, exc)
-        self.orchestrator.resume()
+        self.runner.resume()
         return self
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop the running jobs (their state stays stored), then the server."""
-        self.orchestrator.close()
+        self.runner.close()
         self.store_watch.stop()
         self.web_ui.stop()
         super().stop(grace)

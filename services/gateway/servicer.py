@@ -1,4 +1,4 @@
-"""The Gateway gRPC service: thin handlers over the job store, orchestrator and results.
+"""The Gateway gRPC service: thin handlers over the job store, job runner and results.
 
 Handlers raise the project's errors; `services.common.server` maps them to status
 codes.
@@ -23,8 +23,8 @@ from services.common.result_store import read_export
 from services.common.settings import Settings
 from services.common.store import ObjectStore
 from services.gateway import results
+from services.gateway.job_runner import JobRunner
 from services.gateway.jobs import TERMINAL, JobStore
-from services.gateway.orchestrator import Orchestrator
 from services.gateway.peers import Peers
 from services.gateway.store_watch import StoreWatch
 from services.gateway.validation import SpecValidator, with_defaults
@@ -47,7 +47,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         settings: Settings,
         store: ObjectStore,
         jobs: JobStore,
-        orchestrator: Orchestrator,
+        runner: JobRunner,
         peers: Peers,
         store_watch: StoreWatch,
     ) -> None:
@@ -55,7 +55,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.store = store
         self.store_watch = store_watch
         self.jobs = jobs
-        self.orchestrator = orchestrator
+        self.runner = runner
         self.peers = peers
         self.validator = SpecValidator(settings, peers.describe_model)
         self._submit_lock = threading.Lock()
@@ -92,13 +92,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             existing = self._existing(request)
             if existing is not None and existing.state != common_pb2.FAILED:
                 return existing
-            if self.orchestrator.queued() >= self.settings.max_queued_jobs:
+            if self.runner.queued() >= self.settings.max_queued_jobs:
                 raise ResourceExhausted(
-                    f"{self.orchestrator.queued()} jobs are already waiting"
+                    f"{self.runner.queued()} jobs are already waiting"
                     f" (limit {self.settings.max_queued_jobs}); try again later"
                 )
             job = self.jobs.retry(existing.id) if existing is not None else self.jobs.create(spec)
-        self.orchestrator.enqueue(job.id)
+        self.runner.enqueue(job.id)
         return job
 
     def GetJob(  # noqa: N802
@@ -134,7 +134,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.GetJobRequest, context: grpc.ServicerContext
     ) -> common_pb2.Job:
         """Cancel a queued or running job; a finished job is returned unchanged."""
-        return self.orchestrator.cancel(request.job_id)
+        return self.runner.cancel(request.job_id)
 
     def _layer(self, job: common_pb2.Job, layer: str) -> str:
         if not layer and len(job.spec.layers) == 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from services.gateway.orchestrator import ProgressWatchdog
+from services.gateway.progress_watchdog import ProgressWatchdog
 
 
 class Call:
