@@ -42,17 +42,19 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 from neurodissect.v1 import common_pb2
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-)
-from rich.table import Table
 
 from services.cli.demo_figures import figures_block, write_into
+from services.cli.display import (
+    JobProgress,
+    console,
+    errors,
+    jobs_table,
+    layers_table,
+    print_stack,
+    print_summary,
+    results_table,
+    stages_table,
+)
 from services.cli.stack import LocalStack, StackError, available_services
 from services.common.errors import InvalidArgument, NeurodissectError
 from services.common.settings import SERVICES, Settings
@@ -67,10 +69,6 @@ from services.gateway.webui.commands import copy_report, unit_overlay
 EXIT_OK, EXIT_JOB_FAILED, EXIT_REJECTED, EXIT_STACK_FAILED = 0, 1, 2, 3
 
 Handler = Callable[[argparse.Namespace, Settings], int]
-
-console = Console(soft_wrap=True)
-errors = Console(stderr=True, soft_wrap=True)
-
 
 # -- settings ------------------------------------------------------------------------------
 
@@ -90,54 +88,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
         cache_dir=args.cache_dir,
         log_level=args.log_level,
     )
-
-
-# -- progress display ----------------------------------------------------------------------
-
-class JobProgress:
-    """A rich progress bar per stage with the gateway's ETA, fed by WatchJob."""
-
-    def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description:<8}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[unit]}"),
-            TextColumn("{task.fields[eta]}"),
-            TextColumn("{task.fields[message]}", style="dim"),
-            console=console,
-        )
-        self.tasks: dict[str, TaskID] = {}
-        self.state = ""
-
-    def __enter__(self) -> JobProgress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def update(self, job: common_pb2.Job) -> None:
-        """Show the job's state change (a line) and its stages' progress (bars)."""
-        name = state_name(job.state)
-        if name != self.state:
-            self.state = name
-            self.progress.console.print(f"state: {name}")
-        for stage in job.stages:
-            total = max(stage.total, 1)
-            if stage.stage not in self.tasks:
-                self.tasks[stage.stage] = self.progress.add_task(
-                    stage.stage, total=total, unit="", eta="", message=""
-                )
-            eta = stage.eta_seconds if stage.done < stage.total else 0.0
-            self.progress.update(
-                self.tasks[stage.stage],
-                completed=stage.done,
-                total=total,
-                unit=stage.unit,
-                eta=f"eta {eta:.0f}s" if eta > 0 else "",
-                message=stage.message[:60],
-            )
 
 
 def follow(client: NeurodissectClient, job_id: str) -> common_pb2.Job:
@@ -166,19 +116,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     module = importlib.import_module(f"services.{args.service}.server")
     module.build(settings).start().wait()
     return EXIT_OK
-
-
-def print_stack(stack: LocalStack) -> None:
-    """The addresses of a started local stack and how often each process was restarted."""
-    table = Table("service", "address", "metrics", "restarts", title="neurodissect local stack")
-    for name in stack.services:
-        table.add_row(name, stack.address(name), f"http://{stack.settings.host}:"
-                      f"{stack.metrics_ports[name]}/metrics", str(stack.restarts(name)))
-    if stack.ray_address:
-        table.add_row("ray", stack.ray_address, "", str(stack.restarts("ray")))
-    console.print(table)
-    console.print(f"store: {stack.settings.store_url}", markup=False)
-    console.print(f"logs:  {stack.log_dir}", markup=False)
 
 
 def start_stack(
@@ -328,17 +265,6 @@ def job_dict(job: common_pb2.Job) -> dict[str, Any]:
     return json_format.MessageToDict(job, preserving_proto_field_name=True)
 
 
-def print_summary(job: common_pb2.Job) -> None:
-    """The per-layer summaries of a job, as tables."""
-    for summary in job.summary:
-        table = Table("figure", "value", title=f"layer {summary.layer}")
-        for figure, value in results.summary_rows(summary):
-            table.add_row(figure, value)
-        console.print(table)
-    if job.report_key:
-        console.print(f"report: {job.report_key}", markup=False)
-
-
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """Print a job's state, stages, error and summaries."""
     with NeurodissectClient(settings) as client:
@@ -350,11 +276,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     console.print(f"state: {state_name(job.state)}", markup=False)
     if job.error:
         console.print(f"error: {job.error}", markup=False)
-    table = Table("stage", "done", "total", "unit", "rate/s", "eta s", "message")
-    for stage in job.stages:
-        table.add_row(stage.stage, str(stage.done), str(stage.total), stage.unit,
-                      f"{stage.rate:.1f}", f"{stage.eta_seconds:.0f}", stage.message)
-    console.print(table)
+    console.print(stages_table(job))
     print_summary(job)
     return EXIT_OK
 
@@ -367,12 +289,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     if args.format == "json":
         print(json.dumps([job_dict(job) for job in jobs], indent=1))
         return EXIT_OK
-    table = Table("job", "state", "name", "model", "layers", "created")
-    for job in jobs:
-        table.add_row(job.id, state_name(job.state), job.spec.name,
-                      f"{job.spec.model.source}/{job.spec.model.name}",
-                      ",".join(job.spec.layers), job.created_at.ToJsonString())
-    console.print(table)
+    console.print(jobs_table(jobs))
     return EXIT_OK
 
 
@@ -402,43 +319,8 @@ def cmd_describe_model(args: argparse.Namespace, settings: Settings) -> int:
         # Piped: whole names, one tab-separated line per layer, for cut/grep/awk.
         sys.stdout.write("".join(f"{name}\t{shape}\t{module}\n" for name, shape, module in rows))
         return EXIT_OK
-    table = Table(title=f"{args.source}/{args.name}")
-    for header in ("layer", "shape (U, h, w)", "module"):
-        table.add_column(header, overflow="fold")  # long names wrap, never end in "…"
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(layers_table(f"{args.source}/{args.name}", rows))
     return EXIT_OK
-
-
-def results_table(layer: str, units: Sequence[common_pb2.UnitResult], limit: int = 0) -> Table:
-    """A long table: one row per (unit, method) with the answer, its score and simulation ρ.
-
-    Scores: IoU for netdissect and compositional, the similarity for clip_dissect, the
-    validation correlation for linear, log p(caption) for milan. `*` marks a detector.
-    """
-    shown = list(units)[: limit or None]
-    methods = [m for m in results.UNIT_METHODS if any(u.HasField(m) for u in shown)]
-    table = Table("unit", "method", "explanation", "score", "ρ", title=f"layer {layer}")
-    for unit in shown:
-        present = [m for m in methods if unit.HasField(m)]
-        for i, method in enumerate(present):
-            answer = getattr(unit, method)
-            if method == "netdissect":
-                mark = "*" if answer.detector else ""
-                text, score = f"{answer.label}{mark} ({answer.category})", answer.iou
-            elif method == "compositional":  # no formula: no label overlaps the unit's mask
-                text, score = answer.formula or "(none)", answer.iou
-            elif method == "clip_dissect":
-                text, score = answer.label, answer.score
-            elif method == "linear":
-                text, score = answer.explanation, answer.val_corr
-            else:
-                text, score = answer.caption, answer.logp_caption
-            rho = f"{unit.simulation[method]:.3f}" if method in unit.simulation else ""
-            table.add_row(str(unit.unit) if i == 0 else "", method, text, f"{score:.3f}", rho,
-                          end_section=i == len(present) - 1)
-    return table
 
 
 def _job_layers(client: NeurodissectClient, job_id: str, layer: str) -> list[str]:

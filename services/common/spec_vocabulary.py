@@ -62,8 +62,12 @@ ActivationDtype = Literal["float16", "float32"]
 ACTIVATION_DTYPES: tuple[ActivationDtype, ...] = get_args(ActivationDtype)
 DEFAULT_ACTIVATION_DTYPE: ActivationDtype = "float16"
 
-IoUMode = Literal["lite", "netdissect", "all"]
-IOU_MODES: tuple[IoUMode, ...] = get_args(IoUMode)
+# The dataset-level IoU modes (one threshold per unit) and the per-image one (inner-detectors'
+# variant, specs/verification.md: each image thresholded at its own percentile).
+DatasetIoUMode = Literal["lite", "netdissect", "all"]
+DATASET_IOU_MODES: tuple[DatasetIoUMode, ...] = get_args(DatasetIoUMode)
+IoUMode = Literal[DatasetIoUMode, "per_image"]
+IOU_MODES: tuple[IoUMode, ...] = (*DATASET_IOU_MODES, "per_image")
 DEFAULT_IOU_MODE: IoUMode = "lite"
 
 Similarity = Literal["soft_wpmi", "wpmi", "cos", "cos_cubed"]
@@ -113,6 +117,17 @@ MAX_BAD_FRACTION = FloatField(default=0.01, low=0.0, high=1.0)
 TOP_QUANTILE = FloatField(default=0.005, low=0.0, high=1.0)  # strictly inside (0, 1)
 DETECTOR_IOU = FloatField(default=0.04, low=0.0, high=1.0)
 NETDISSECT_EXEMPLARS = IntField(default=15, high=200)
+# per_image mode: the percentile of each raw map that thresholds it; its top concepts.
+IMAGE_PERCENTILE = FloatField(default=50.0, low=0.0, high=100.0)
+TOP_CONCEPTS = 3
+TOP_CONCEPT_IOU = 0.1
+# Threshold sweep: dataset-wide quantiles, or per-image percentiles in the per_image mode.
+SWEEP_QUANTILES = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05)
+SWEEP_PERCENTILES = (0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)
+MAX_SWEEP_POINTS = 20
+# Significance: Benjamini–Hochberg rate (strictly inside (0, 1)), permutations of the check.
+SIGNIFICANCE_Q = FloatField(default=0.05, low=0.0, high=1.0)
+PERMUTATIONS = IntField(default=0, high=10_000)
 
 BEAM = IntField(default=5, high=100)
 FORMULA_LENGTH = IntField(default=3, high=10)

@@ -32,11 +32,11 @@ import numpy as np
 
 from services.common.probe_format import ConceptTable, LabelChunk
 from services.common.spec_vocabulary import (
+    DATASET_IOU_MODES,
     DETECTOR_IOU,
-    IOU_MODES,
     NETDISSECT_EXEMPLARS,
     TOP_QUANTILE,
-    IoUMode,
+    DatasetIoUMode,
 )
 from services.explainer.unit_masks import MaskCounts, count_masks
 
@@ -351,7 +351,9 @@ def _weighted_count(index: np.ndarray, weights: np.ndarray, size: int) -> np.nda
     return np.rint(np.bincount(index, weights=weights, minlength=size)).astype(np.int64)
 
 
-def iou(counts: TallyCounts, label_categories: np.ndarray, mode: IoUMode = "lite") -> np.ndarray:
+def iou(
+    counts: TallyCounts, label_categories: np.ndarray, mode: DatasetIoUMode = "lite"
+) -> np.ndarray:
     """(U, L + 1) float64 IoU of every unit with every label under `mode`.
 
     Labels of no selected category, and label 0, score 0.
@@ -360,11 +362,14 @@ def iou(counts: TallyCounts, label_categories: np.ndarray, mode: IoUMode = "lite
 
 
 def _scores(
-    counts: TallyCounts, label_categories: np.ndarray, mode: IoUMode
+    counts: TallyCounts, label_categories: np.ndarray, mode: DatasetIoUMode
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ((U, L + 1) IoU, (U, L + 1) int64 mask area Σ'|M_u| used for each label)."""
-    if mode not in IOU_MODES:
-        raise ValueError(f"iou_mode must be one of {', '.join(IOU_MODES)}, got {mode!r}")
+    if mode not in DATASET_IOU_MODES:
+        raise ValueError(
+            f"iou_mode must be one of {', '.join(DATASET_IOU_MODES)}, got {mode!r}"
+            " (per_image: `per_image_iou`)"
+        )
     category = label_categories.clip(0)
     if mode == "all":
         area = np.broadcast_to(counts.mask_area[:, None], counts.intersection.shape)
@@ -406,7 +411,7 @@ class UnitDissection:
 def dissect(
     counts: TallyCounts,
     concepts: ConceptTable,
-    iou_mode: IoUMode = "lite",
+    iou_mode: DatasetIoUMode = "lite",
     detector_iou: float = DETECTOR_IOU.default,
 ) -> list[UnitDissection]:
     """Pick each unit's best label per category and overall (ties: lowest label number)."""

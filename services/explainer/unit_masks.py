@@ -348,7 +348,8 @@ def count_masks(
     """Threshold a chunk's activations and count each pair's mask pixels per label set.
 
     `acts` (n, U, h, w) float32 raw activations of images [labels.i0, labels.i1),
-    `thresholds` (U,) float32, `label_categories` (L + 1,) int32.
+    `thresholds` (U,) float32 per unit, or (n, U) float32 per image and unit (the
+    per-image percentiles of `per_image_iou`), `label_categories` (L + 1,) int32.
 
     Image group by image group (`_GROUP_IMAGES`): the group's label sets and band
     columns, then the runs of its pairs, each counted at once when it lies in one
@@ -363,6 +364,7 @@ def count_masks(
     band_start = resize.rows.band_start
     raw_max = _spatial_max(acts)
     pair_image, pair_unit = np.nonzero(raw_max > thresholds)
+    pair_threshold = np.broadcast_to(thresholds, raw_max.shape)[pair_image, pair_unit]
     flat_acts = acts.reshape(n * n_units, *acts.shape[2:])
     groups = _LabelSetGroups(labels)
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (pair, set, count)
@@ -374,7 +376,7 @@ def count_masks(
         end = np.cumsum(image_sets)
         maps = np.take(flat_acts, pair_image[p0:p1] * n_units + pair_unit[p0:p1], axis=0)
         for pair, label_set, count in _count_group(
-            resize, group, maps, thresholds[pair_unit[p0:p1]], image, end - image_sets, end,
+            resize, group, maps, pair_threshold[p0:p1], image, end - image_sets, end,
             band_columns(group.pixel_set, band_start),
         ):
             found.append((pair + p0, label_set, count))

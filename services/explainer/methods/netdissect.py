@@ -1,7 +1,10 @@
 """Network Dissection as an explainer method: thresholds, IoU tally, detectors, tally.csv.
 
 Blocks stream their activations and the probe set's label maps chunk by chunk
-(`netdissect.unit_thresholds`, `netdissect.IoUTally`). Each block stores, besides
+(`netdissect.unit_thresholds`, `netdissect.IoUTally`). The label maps are decoded
+once per layer grid before the blocks run (`decoded_labels`) and every block reads
+them decoded, so the tally's cost does not grow with the number of unit blocks; a
+block of any size reads the stored activation chunks it overlaps. Each block stores, besides
 its result rows, its part of NetDissect-Lite's tally.csv with the pixel counts
 (`truth`, `activation`, `intersect` per category), which are not part of
 NetDissectResult; the layer's tally.csv is merged from those parts.
@@ -26,32 +29,44 @@ from services.common.result_store import message_row
 from services.common.spec_vocabulary import (
     DEFAULT_IOU_MODE,
     DETECTOR_IOU,
+    IMAGE_PERCENTILE,
     IOU_MODES,
     NETDISSECT_EXEMPLARS,
     TOP_QUANTILE,
     IoUMode,
 )
 from services.common.store import ObjectStore
-from services.explainer import netdissect
+from services.explainer import decoded_labels, netdissect, per_image_iou
 from services.explainer.explain_plan import ExplainPlan, check_choice, check_open_unit
 from services.explainer.method_contract import ExplainMethod, Shared
 from services.explainer.stage_runner import Stage
+from services.explainer.unit_masks import count_decoded
 
 
 @dataclass(frozen=True)
 class NetDissectParams:
-    """Threshold quantile, IoU denominator, detector IoU, exemplars per unit."""
+    """Threshold quantile, IoU denominator, detector IoU, exemplars per unit.
+
+    `image_percentile`: the per_image mode's threshold of each raw map (percent).
+    """
 
     top_quantile: float
     iou_mode: IoUMode
     detector_iou: float
     exemplars: int
+    image_percentile: float
 
 
 def top_quantile(spec: common_pb2.DissectionSpec) -> float:
     """`netdissect.top_quantile` of the spec, or its default."""
     p = spec.netdissect
     return p.top_quantile if p.HasField("top_quantile") else TOP_QUANTILE.default
+
+
+def image_percentile(spec: common_pb2.DissectionSpec) -> float:
+    """`netdissect.image_percentile` of the spec, or its default (the per_image mode's)."""
+    p = spec.netdissect
+    return p.image_percentile if p.HasField("image_percentile") else IMAGE_PERCENTILE.default
 
 
 def tally_part_key(job_id: str, layer: str, u0: int, u1: int) -> str:
@@ -105,7 +120,7 @@ class NetDissect(ExplainMethod):
     name = "netdissect"
 
     def params(self, spec: common_pb2.DissectionSpec) -> NetDissectParams:
-        """NetDissectParams with defaults (quantile 0.005, `lite`, IoU 0.04, 15 exemplars)."""
+        """NetDissectParams with defaults (quantile 0.005, `lite`, IoU 0.04, 15 exemplars, 50%)."""
         p = spec.netdissect
         if p.HasField("top_quantile"):
             check_open_unit(p.top_quantile, "spec.netdissect.top_quantile")
@@ -113,6 +128,16 @@ class NetDissect(ExplainMethod):
         if p.exemplars < 0:
             raise InvalidArgument(f"{p.exemplars} is negative", "spec.netdissect.exemplars")
         mode = next((m for m in IOU_MODES if m == p.iou_mode), DEFAULT_IOU_MODE)
+        percentile = image_percentile(spec)
+        if p.HasField("image_percentile") and mode != "per_image":
+            raise InvalidArgument(
+                "only the per_image mode reads it (set iou_mode 'per_image')",
+                "spec.netdissect.image_percentile",
+            )
+        if not IMAGE_PERCENTILE.low <= percentile <= IMAGE_PERCENTILE.high:
+            raise InvalidArgument(
+                f"{percentile} is outside [0, 100]", "spec.netdissect.image_percentile"
+            )
         return NetDissectParams(
             top_quantile=top_quantile(spec),
             iou_mode=mode,
@@ -120,12 +145,18 @@ class NetDissect(ExplainMethod):
                 p.detector_threshold if p.HasField("detector_threshold") else DETECTOR_IOU.default
             ),
             exemplars=NETDISSECT_EXEMPLARS.value(p.exemplars),
+            image_percentile=percentile,
         )
 
     def prepare(self, stage: Stage, params: Any) -> Generator[str, None, Shared]:
-        """The concept table, shared."""
+        """The concept table, shared, and the label maps decoded for the layer's grid."""
         yield "reading the concept table"
-        return (stage.shared.table_ref(),)
+        table = stage.shared.table()
+        band_start = decoded_labels.grid_bands(table, stage.plan.manifest.shape[2:])
+        yield from decoded_labels.store_missing(
+            stage.settings, stage.store, table, band_start, stage.is_active
+        )
+        return stage.shared.table_ref(), band_start
 
     def block_rows(
         self,
@@ -139,9 +170,11 @@ class NetDissect(ExplainMethod):
         """Thresholds, IoU tally, bests and exemplars of units [u0, u1); stores its tally part.
 
         Two streaming passes over the block's activations select the exact thresholds,
-        a third tallies masks against the label maps chunk by chunk.
+        a third tallies masks against the decoded label maps chunk by chunk.
         """
-        (table,) = shared
+        table, band_start = shared
+        if params.iou_mode == "per_image":
+            return per_image_rows(store, plan, params, u0, u1, table)
         thresholds = netdissect.unit_thresholds(
             lambda: (acts for _, acts in iter_units(store, plan.manifest, u0, u1)),
             params.top_quantile,
@@ -154,7 +187,8 @@ class NetDissect(ExplainMethod):
             top_k=params.exemplars,
         )
         for i0, acts in iter_units(store, plan.manifest, u0, u1):
-            tally.update(acts, read_label_chunk(store, plan.dataset_key, i0, i0 + len(acts)))
+            labels = decoded_labels.read_decoded(store, table, band_start, i0, i0 + len(acts))
+            tally.add(count_decoded(acts, labels, thresholds))
         dissections = netdissect.dissect(
             tally.result(), table, params.iou_mode, params.detector_iou
         )
@@ -196,3 +230,40 @@ def result_message(
         detector=d.detector,
         exemplars=list(d.exemplars),
     )
+
+
+def per_image_rows(
+    store: ObjectStore,
+    plan: ExplainPlan,
+    params: NetDissectParams,
+    u0: int,
+    u1: int,
+    table: ConceptTable,
+) -> list[dict[str, Any]]:
+    """The per_image mode's rows of units [u0, u1) (`per_image_iou`); stores its tally part.
+
+    One streaming pass: each chunk's maps are thresholded at their own percentiles.
+    """
+    tally = per_image_iou.PerImageTally(
+        u1 - u0, table.label_categories(), params.image_percentile, u0, params.exemplars
+    )
+    for i0, acts in iter_units(store, plan.manifest, u0, u1):
+        tally.update(acts, read_label_chunk(store, plan.dataset_key, i0, i0 + len(acts)))
+    found = per_image_iou.dissect_per_image(tally.result(), table, params.detector_iou)
+    store.put(
+        tally_part_key(plan.job_id, plan.layer, u0, u1),
+        netdissect.tally_csv([f.dissection for f in found], table).encode(),
+    )
+    names = table.label_names()
+    categories = table.label_categories()
+    rows = []
+    for f in found:
+        message = result_message(f.dissection, names, table)
+        message.top_concepts.extend(
+            common_pb2.CategoryBest(
+                category=table.categories[categories[m.label]], label=names[m.label], iou=m.iou
+            )
+            for m in f.top_concepts
+        )
+        rows.append(message_row(f.dissection.unit, message))
+    return rows
