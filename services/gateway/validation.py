@@ -55,6 +55,7 @@ from services.common.spec_vocabulary import (
     FORMULA_SCORES,
     GRID_DOWNSAMPLINGS,
     IMAGE_CHUNK,
+    IMAGE_PERCENTILE,
     IMROU_R,
     IOU_MODES,
     LENGTH_PENALTY,
@@ -326,6 +327,13 @@ class SpecValidator:
             if nd.HasField("top_quantile"):
                 _open_unit(nd.top_quantile, "netdissect.top_quantile")
             _choice(nd.iou_mode, IOU_MODES, "netdissect.iou_mode")
+            if nd.HasField("image_percentile"):
+                if nd.iou_mode != "per_image":
+                    raise InvalidArgument(
+                        "only the per_image mode reads it (set iou_mode 'per_image')",
+                        "netdissect.image_percentile",
+                    )
+                _bounded(nd.image_percentile, IMAGE_PERCENTILE, "netdissect.image_percentile")
             if nd.HasField("detector_threshold"):
                 _bounded(nd.detector_threshold, DETECTOR_IOU, "netdissect.detector_threshold")
             _count(nd.exemplars, NETDISSECT_EXEMPLARS, "netdissect.exemplars")

@@ -67,8 +67,8 @@ def test_allowed_values_are_listed(validator: SpecValidator) -> None:
     with pytest.raises(InvalidArgument) as err:
         validator.validate(spec)
     assert str(err.value) == (
-        "netdissect.iou_mode: 'max' is not allowed; use one of 'lite', 'netdissect', 'all'"
-        " (empty: the default)"
+        "netdissect.iou_mode: 'max' is not allowed; use one of 'lite', 'netdissect', 'all',"
+        " 'per_image' (empty: the default)"
     )
 
 
@@ -78,6 +78,7 @@ def test_allowed_values_are_listed(validator: SpecValidator) -> None:
     ("linear.concepts", "words", InvalidArgument, "linear.concepts"),
     ("linear.max_concepts", 1000, InvalidArgument, "linear.max_concepts"),
     ("milan.mask_quantile", -0.5, InvalidArgument, "milan.mask_quantile"),
+    ("netdissect.image_percentile", 50.0, InvalidArgument, "netdissect.image_percentile"),
     ("compute.activation_dtype", "int8", InvalidArgument, "compute.activation_dtype"),
     ("compute.image_chunk_size", -3, InvalidArgument, "compute.image_chunk_size"),
     ("dataset.toyworld.image_size", 4, InvalidArgument, "dataset.toyworld.image_size"),
@@ -96,10 +97,25 @@ def test_bad_fields(
         target = getattr(target, part)
     if path == "milan.mask_quantile":
         spec.milan.checkpoint_uri = "toy"
+    if path == "netdissect.image_percentile":  # refused outside the per_image mode
+        spec.netdissect.iou_mode = "lite"
     setattr(target, leaf, value)
     with pytest.raises(error) as err:
         validator.validate(spec)
     assert err.value.field == field  # type: ignore[attr-defined]
+
+
+def test_the_image_percentile_is_a_percent_of_the_per_image_mode(
+    validator: SpecValidator,
+) -> None:
+    spec = good()
+    spec.netdissect.iou_mode = "per_image"
+    spec.netdissect.image_percentile = 30.0
+    validator.validate(spec)
+    spec.netdissect.image_percentile = 100.5
+    with pytest.raises(InvalidArgument) as err:
+        validator.validate(spec)
+    assert err.value.field == "netdissect.image_percentile"
 
 
 def test_le_clip_needs_a_clip_model(validator: SpecValidator) -> None:
