@@ -19,6 +19,12 @@ from services.common.errors import InvalidArgument, NotFound
 from services.common.spec_vocabulary import NAME
 from services.common.store import ObjectStore
 
+# Units per stored chunk: extraction's own chunking, part of the acts key. The explain
+# blocks (`compute.unit_block_size`) are apart from it: a block reads its columns from
+# whichever chunks it overlaps (`read_units`), so changing the block size reuses the
+# stored activations.
+STORED_UNIT_BLOCK = 64
+
 
 @dataclass
 class ActivationManifest:

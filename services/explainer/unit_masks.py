@@ -18,6 +18,11 @@ are known beforehand (`band_columns`): most hold one set, or two with one split
 row, so a run counts in at most two additions, and runs shared by neighbouring
 columns of alike band columns count at once; columns holding more sets count
 pixel by pixel. Image groups of `_GROUP_IMAGES` bound the working arrays.
+
+What depends only on the labels and the layer's grid (the label sets, each pixel's
+set, the band columns) is `decode_labels`' `DecodedLabels`, made once per chunk and
+grid and stored (`services/explainer/decoded_labels.py`), so every unit block
+counts against it (`count_decoded`) instead of decoding the label maps again.
 """
 
 from __future__ import annotations
@@ -294,7 +299,13 @@ def band_columns(pixel_set: np.ndarray, band_start: np.ndarray) -> BandColumns:
             np.add.reduce(change * row, axis=1, dtype=np.uint8, out=at[:, b])
         length = np.diff([*band_start.tolist(), sh]).astype(np.int32)[None, :, None]
         split = np.where(changes == 0, length, np.where(changes == 1, at.astype(np.int32), -1))
-    first, last, split = first.reshape(-1), last.reshape(-1), split.reshape(-1)
+    return _band_segments(first.reshape(-1), last.reshape(-1), split.reshape(-1), sw)
+
+
+def _band_segments(
+    first: np.ndarray, last: np.ndarray, split: np.ndarray, sw: int
+) -> BandColumns:
+    """`BandColumns` of (n·B·sw,) int32 first, last and split: cut into segments."""
     new = np.ones(len(first), dtype=bool)
     if len(first):
         new[1:] = (first[1:] != first[:-1]) | (last[1:] != last[:-1]) | (split[1:] != split[:-1])
@@ -342,33 +353,128 @@ class MaskCounts:
     count: np.ndarray  # (k,) int64 ┘
 
 
+@dataclass(frozen=True)
+class DecodedLabels:
+    """A chunk's label maps decoded for one row banding of the unit maps' resize.
+
+    What `count_masks` needs of the labels, whatever the units: the chunk's label
+    sets and, per group of `_GROUP_IMAGES` images, its pixels' sets and band columns
+    (bands from `band_start`, `BilinearResize.rows.band_start` of the layer's grid).
+    Computed once per chunk and grid (`decode_labels`), it serves every unit block.
+    """
+
+    i0: int  # global index of the chunk's first image
+    sets: LabelSets
+    band_start: np.ndarray  # (B,) int64
+    groups: tuple[tuple[_SetGroup, BandColumns], ...]
+
+    @property
+    def mask_size(self) -> tuple[int, int]:
+        """(sh, sw) of the label maps."""
+        sh, sw = self.sets.pixel_set_parts[0][1].shape[1:]
+        return int(sh), int(sw)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Named arrays that `from_arrays` reads back (per group `g{k}_...`)."""
+        sets = self.sets
+        arrays = {
+            "rows": sets.rows, "pixel_count": sets.pixel_count,
+            "category_bits": sets.category_bits, "first_set": sets.first_set,
+            "image_bits": sets.image_bits, "band_start": self.band_start,
+            "mask_size": np.array(self.mask_size, np.int64),
+            "part_first": np.array([first for first, _ in sets.pixel_set_parts], np.int64),
+        }
+        for k, (group, columns) in enumerate(self.groups):
+            arrays[f"g{k}_pixel_set"] = group.pixel_set
+            for name in ("first", "last", "split"):
+                arrays[f"g{k}_{name}"] = _narrow(getattr(columns, name))
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, i0: int, arrays: dict[str, np.ndarray]) -> DecodedLabels:
+        """Rebuild what `to_arrays` wrote for the chunk starting at image `i0`."""
+        first_set = arrays["first_set"]
+        parts, groups = [], []
+        for k, part_first in enumerate(arrays["part_first"].tolist()):
+            pixel_set = arrays[f"g{k}_pixel_set"]
+            g0 = k * _GROUP_IMAGES
+            group = _SetGroup(g0, first_set[g0 : g0 + len(pixel_set) + 1], pixel_set)
+            first, last, split = (
+                arrays[f"g{k}_{name}"].astype(np.int32) for name in ("first", "last", "split")
+            )
+            parts.append((int(part_first), pixel_set))
+            groups.append((group, _band_segments(first, last, split, pixel_set.shape[2])))
+        if not parts:
+            parts.append((0, np.zeros((0, *arrays["mask_size"].tolist()), np.int32)))
+        sets = LabelSets(
+            rows=arrays["rows"], pixel_count=arrays["pixel_count"],
+            category_bits=arrays["category_bits"], first_set=first_set,
+            image_bits=arrays["image_bits"], pixel_set_parts=tuple(parts),
+        )
+        return cls(i0, sets, arrays["band_start"], tuple(groups))
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """`values` (int32) as int16 when they fit: band columns are stored small."""
+    small = np.iinfo(np.int16)
+    fits = values.size == 0 or (values.min() >= small.min and values.max() <= small.max)
+    return values.astype(np.int16) if fits else values
+
+
+def decode_labels(
+    labels: LabelChunk, label_categories: np.ndarray, band_start: np.ndarray
+) -> DecodedLabels:
+    """Decode a chunk's label maps into label sets and band columns for `band_start`.
+
+    `labels.pixel` (n, P, sh, sw) and `labels.image` (n, Q) int32 label numbers,
+    `label_categories` (L + 1,) int32 category index of each label (-1: dropped).
+    """
+    groups = _LabelSetGroups(labels)
+    decoded = tuple((group, band_columns(group.pixel_set, band_start)) for group in groups)
+    return DecodedLabels(labels.i0, groups.label_sets(label_categories), band_start, decoded)
+
+
 def count_masks(
     acts: np.ndarray, labels: LabelChunk, thresholds: np.ndarray, label_categories: np.ndarray
 ) -> MaskCounts:
-    """Threshold a chunk's activations and count each pair's mask pixels per label set.
+    """`count_decoded` of `decode_labels(labels)` for the activations' grid.
 
     `acts` (n, U, h, w) float32 raw activations of images [labels.i0, labels.i1),
     `thresholds` (U,) float32 per unit, or (n, U) float32 per image and unit (the
     per-image percentiles of `per_image_iou`), `label_categories` (L + 1,) int32.
+    """
+    band_start = bilinear_resize(np.shape(acts)[2:], labels.pixel.shape[2:]).rows.band_start
+    return count_decoded(acts, decode_labels(labels, label_categories, band_start), thresholds)
 
-    Image group by image group (`_GROUP_IMAGES`): the group's label sets and band
-    columns, then the runs of its pairs, each counted at once when it lies in one
-    label set, or in two with the split inside the run, and pixel by pixel otherwise.
+
+def count_decoded(
+    acts: np.ndarray, labels: DecodedLabels, thresholds: np.ndarray
+) -> MaskCounts:
+    """Threshold a chunk's activations and count each pair's mask pixels per label set.
+
+    `acts` (n, U, h, w) float32 raw activations of the chunk's images, `thresholds`
+    (U,) or (n, U) float32 (as `count_masks`), `labels` the chunk decoded for the
+    activations' grid.
+
+    Image group by image group (`_GROUP_IMAGES`): the runs of the group's pairs, each
+    counted at once when it lies in one label set, or in two with the split inside
+    the run, and pixel by pixel otherwise.
     """
     acts = np.asarray(acts, dtype=np.float32)
     thresholds = np.asarray(thresholds, dtype=np.float32)
     n, n_units = acts.shape[:2]
-    if len(labels.pixel) != n:
-        raise ValueError(f"activations hold {n} images, label chunk {len(labels.pixel)}")
-    resize = bilinear_resize(acts.shape[2:], labels.pixel.shape[2:])
-    band_start = resize.rows.band_start
+    sets = labels.sets
+    if len(sets.first_set) - 1 != n:
+        raise ValueError(f"activations hold {n} images, label chunk {len(sets.first_set) - 1}")
+    resize = bilinear_resize(acts.shape[2:], labels.mask_size)
+    if not np.array_equal(resize.rows.band_start, labels.band_start):
+        raise ValueError(f"the labels were decoded for another grid than {acts.shape[2:]}")
     raw_max = _spatial_max(acts)
     pair_image, pair_unit = np.nonzero(raw_max > thresholds)
     pair_threshold = np.broadcast_to(thresholds, raw_max.shape)[pair_image, pair_unit]
     flat_acts = acts.reshape(n * n_units, *acts.shape[2:])
-    groups = _LabelSetGroups(labels)
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (pair, set, count)
-    for group in groups:
+    for group, columns in labels.groups:
         p0, p1 = np.searchsorted(pair_image, [group.i0, group.i0 + len(group.pixel_set)])
         image = pair_image[p0:p1] - group.i0
         # Bins of pair p: one per label set of its image, from base[p] on.
@@ -377,10 +483,9 @@ def count_masks(
         maps = np.take(flat_acts, pair_image[p0:p1] * n_units + pair_unit[p0:p1], axis=0)
         for pair, label_set, count in _count_group(
             resize, group, maps, pair_threshold[p0:p1], image, end - image_sets, end,
-            band_columns(group.pixel_set, band_start),
+            columns,
         ):
             found.append((pair + p0, label_set, count))
-    sets = groups.label_sets(label_categories)
     pair, label_set, count = (
         (np.concatenate(a) for a in zip(*found, strict=True)) if found
         else (np.zeros(0, np.int64) for _ in range(3))

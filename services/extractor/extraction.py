@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from services.common import keys
-from services.common.activations import ActivationManifest
+from services.common.activations import STORED_UNIT_BLOCK, ActivationManifest
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.metrics import BAD_IMAGES, IMAGES_EXTRACTED
 from services.common.probe_format import (
@@ -65,7 +65,6 @@ from services.common.spec_vocabulary import (
     BATCH_SIZE,
     DEFAULT_ACTIVATION_DTYPE,
     IMAGE_CHUNK,
-    UNIT_BLOCK,
 )
 from services.common.store import ObjectStore
 from services.extractor.clip_models import ClipEncoder, ClipSource
@@ -100,7 +99,7 @@ class ComputeConfig:
 
     device: str = "cpu"
     batch_size: int = BATCH_SIZE.default
-    unit_block: int = UNIT_BLOCK.default
+    unit_block: int = STORED_UNIT_BLOCK  # units per stored chunk, not the explain blocks
     image_chunk: int = IMAGE_CHUNK.default
     dtype: str = DEFAULT_ACTIVATION_DTYPE
     loader_threads: int = 2

@@ -30,7 +30,6 @@ from services.common.spec_vocabulary import (
     IMAGE_CHUNK,
     MAX_BAD_FRACTION,
     NAME,
-    UNIT_BLOCK,
 )
 from services.common.store import ObjectStore
 from services.extractor.clip_models import ClipEncoder, ClipSource, resolve_clip
@@ -68,11 +67,15 @@ def dataset_request(spec: common_pb2.DatasetSpec) -> DatasetRequest:
 
 
 def compute_config(spec: common_pb2.ComputeSpec, settings: Settings) -> ComputeConfig:
-    """ComputeSpec with defaults: the server's device, batch 32, 64 units × 256 images."""
+    """ComputeSpec with defaults: the server's device, batch 32, chunks of 256 images.
+
+    `unit_block_size` is the explainer's and captioner's block size: the stored
+    chunks' units are extraction's own (`STORED_UNIT_BLOCK`), so a job that changes
+    the block size reuses the stored activations.
+    """
     return ComputeConfig(
         device=spec.device or settings.device,
         batch_size=BATCH_SIZE.value(spec.batch_size),
-        unit_block=UNIT_BLOCK.value(spec.unit_block_size),
         image_chunk=IMAGE_CHUNK.value(spec.image_chunk_size),
         dtype=spec.activation_dtype or DEFAULT_ACTIVATION_DTYPE,
         loader_threads=min(4, os.cpu_count() or 1),

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from neurodissect.v1 import common_pb2
 from torch import nn
 
 from services.common import keys
-from services.common.activations import iter_units, read_manifest, read_pooled
+from services.common.activations import STORED_UNIT_BLOCK, iter_units, read_manifest, read_pooled
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.probe_format import read_concepts, read_label_chunk
 from services.common.settings import Settings
@@ -24,6 +25,7 @@ from services.extractor.extraction import ComputeConfig, Extraction, ExtractionR
 from services.extractor.models import ModelSource, resolve_model
 from services.extractor.preprocessing import preprocessing
 from services.extractor.probe_dataset import ProbeDataset
+from services.extractor.servicer import compute_config
 from services.toyworld.planted import planted_units
 
 N_IMAGES = 64  # the `toy_root` fixture: 64 images at 32 px
@@ -184,6 +186,26 @@ def test_second_job_is_a_cache_hit_without_forward_pass(tmp_path: Path, toy_root
     # A different chunking is a different cache entry.
     fourth = CountingSource()
     assert not run(extract(store, dataset, fourth, ["conv2"], unit_block=8)).cached
+
+
+def test_another_unit_block_size_reuses_the_stored_activations(
+    tmp_path: Path, toy_root: Path
+) -> None:
+    dataset = read_broden(toy_root)
+    store = LocalStore(tmp_path / "store")
+    results, counters = [], []
+    for block in (64, 8, 3):
+        spec = common_pb2.ComputeSpec(unit_block_size=block, batch_size=10, image_chunk_size=24)
+        counter = CountingSource()
+        config = compute_config(spec, Settings())
+        results.append(run(Extraction(store, dataset, counter.source(), ["conv2"], config)))
+        counters.append(counter)
+    assert counters[0].images == N_IMAGES and not results[0].cached
+    # the explain blocks are no part of the stored chunking: no model load, no forward pass
+    assert all(c.loads == 0 and c.images == 0 for c in counters[1:])
+    assert all(r.cached and r.acts_keys == results[0].acts_keys for r in results[1:])
+    manifest = read_manifest(store, results[0].acts_keys["conv2"], "conv2")
+    assert manifest.unit_block == STORED_UNIT_BLOCK
 
 
 def test_resume_after_interrupt_computes_only_the_missing_chunks(
