@@ -13,6 +13,9 @@ acts/{acts_key}/{layer}/manifest.json                  shape, dtype, chunking, c
 acts/{acts_key}/{layer}/u{u0}-{u1}/i{i0}-{i1}.npy      (n, u1-u0, h, w) activations
 acts/{acts_key}/{layer}/pooled/i{i0}-{i1}.npz          per-chunk spatial mean and max
 acts/{acts_key}/{layer}/pooled.npz                     (N, U) mean and max, whole layer
+occlusion/{occlusion_key}/{layer}.npz                  per-concept activation changes
+heads/{model_key}/{layer}.npz                          classifier head reading a layer
+probe/{dataset_key}/classes/{labels_key}.npy           (N,) class per probe image
 embed/{dataset_key}/{clip_key}/images.npy              (N, D) CLIP image embeddings
 embed/text/{clip_key}/{texts_key}.npz                  names (C,) + (C, D) CLIP text embeddings
 results/{job_id}/{layer}/{method}/u{u0}-{u1}.json      one object per unit block
@@ -123,6 +126,18 @@ def pooled_chunk(acts_key: str, layer: str, i0: int, i1: int) -> str:
 
 def pooled(acts_key: str, layer: str) -> str:
     return f"acts/{acts_key}/{layer}/pooled.npz"
+
+
+def occlusion(occlusion_key: str, layer: str) -> str:
+    return f"occlusion/{occlusion_key}/{layer}.npz"
+
+
+def classifier_head(model_key: str, layer: str) -> str:
+    return f"heads/{model_key}/{layer}.npz"
+
+
+def classes(dataset_key: str, labels_key: str) -> str:
+    return f"probe/{dataset_key}/classes/{labels_key}.npy"
 
 
 def image_embeddings(dataset_key: str, clip_key: str) -> str:

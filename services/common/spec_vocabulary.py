@@ -41,7 +41,16 @@ class FloatField:
 # -- methods --------------------------------------------------------------------------------
 
 # Every method is a field of DissectionSpec; this is the order they run and are shown in.
-METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "milan", "simulation")
+METHODS = (
+    "netdissect",
+    "compositional",
+    "clip_dissect",
+    "linear",
+    "milan",
+    "simulation",
+    "occlusion",
+    "ablation",
+)
 # The methods the explainer runs in the EXPLAINING stage, in running order: compositional
 # reuses netdissect's thresholds.
 EXPLAIN_METHODS = ("netdissect", "compositional", "clip_dissect", "linear")
@@ -49,8 +58,15 @@ EXPLAIN_METHODS = ("netdissect", "compositional", "clip_dissect", "linear")
 CAPTION_METHOD = "milan"
 # The method that scores the others' stored answers, after them.
 SCORING_METHOD = "simulation"
-# The methods whose stored answers simulation scores.
+# The methods whose stored answers simulation (and ablation) scores.
 SCORED_METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "milan")
+# Verification by intervention (specs/verification.md): occlusion runs after the
+# extractor's Occlude step and NetDissect; ablation scores the stored answers after
+# simulation, with the classifier head the extractor stored.
+OCCLUSION_METHOD = "occlusion"
+ABLATION_METHOD = "ablation"
+VERIFICATION_METHODS = (OCCLUSION_METHOD, ABLATION_METHOD)
+
 
 # -- enums ----------------------------------------------------------------------------------
 
@@ -95,6 +111,14 @@ DEFAULT_FORMULA_SCORE: FormulaScore = "imroun"
 OperatorSet = Literal["close", "boolean"]
 OPERATOR_SETS: tuple[OperatorSet, ...] = get_args(OperatorSet)
 DEFAULT_OPERATOR_SET: OperatorSet = "close"
+
+OcclusionFill = Literal["black", "mean", "blur"]
+OCCLUSION_FILLS: tuple[OcclusionFill, ...] = get_args(OcclusionFill)
+DEFAULT_OCCLUSION_FILL: OcclusionFill = "black"
+
+AblationVariant = Literal["optim", "norm"]
+ABLATION_VARIANTS: tuple[AblationVariant, ...] = get_args(AblationVariant)
+DEFAULT_ABLATION_VARIANT: AblationVariant = "optim"
 
 LinearConcepts = Literal["label", "clip"]
 LINEAR_CONCEPTS: tuple[LinearConcepts, ...] = get_args(LinearConcepts)
@@ -180,6 +204,12 @@ PMI_LAMBDA = FloatField(default=0.2, low=0.0, high=10.0)
 MILAN_EXEMPLARS = IntField(default=15, high=100)
 MASK_QUANTILE = FloatField(default=0.99, low=0.0, high=1.0)  # strictly inside (0, 1)
 
+# Verification (specs/verification.md).
+MAX_REGIONS = IntField(default=2000, high=1_000_000)
+DROP_THRESHOLD = FloatField(default=0.1, low=0.0, high=1.0)
+ABLATION_TEMPERATURE = FloatField(default=1.1, low=0.01, high=100.0)
+MAX_SEED = 2**31 - 1
+
 # -- exports --------------------------------------------------------------------------------
 
 # Export format -> (the method that writes it, its file name beside the method's results).
@@ -188,5 +218,7 @@ EXPORTS = {
     "clip_dissect": ("clip_dissect", "descriptions.csv"),
     "milan": ("milan", "captions.csv"),
     "compositional": ("compositional", "formulas.csv"),
+    "occlusion": ("occlusion", "occlusion.csv"),
+    "ablation": ("ablation", "ablation.csv"),
 }
 EXPORT_FORMATS = tuple(EXPORTS)

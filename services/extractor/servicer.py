@@ -27,11 +27,16 @@ from services.common.settings import Settings
 from services.common.spec_vocabulary import (
     BATCH_SIZE,
     DEFAULT_ACTIVATION_DTYPE,
+    DEFAULT_OCCLUSION_FILL,
     IMAGE_CHUNK,
     MAX_BAD_FRACTION,
+    MAX_REGIONS,
+    MAX_SEED,
     NAME,
+    OCCLUSION_FILLS,
 )
 from services.common.store import ObjectStore
+from services.extractor.classifier_head import model_heads, store_classes
 from services.extractor.clip_models import ClipEncoder, ClipSource, resolve_clip
 from services.extractor.datasets import DatasetRequest, open_dataset, toy_world_generation
 from services.extractor.extraction import (
@@ -43,6 +48,7 @@ from services.extractor.extraction import (
 from services.extractor.hooks import describe
 from services.extractor.local_paths import local_path
 from services.extractor.models import ModelSource, fixed_input_size, resolve_model
+from services.extractor.occlusion import Occlusion, OcclusionConfig, OcclusionOutcome
 from services.extractor.probe_dataset import ProbeDataset
 from services.extractor.text_embeddings import check_texts, embed_texts, read_concept_set
 from services.extractor.thumbnails import materialize
@@ -91,6 +97,21 @@ def check_layer_names(layers: list[str]) -> None:
         if name in seen:
             raise InvalidArgument(f"{name!r} is listed twice", field=f"layers[{i}]")
         seen.add(name)
+
+
+def occlusion_config(params: common_pb2.OcclusionParams) -> OcclusionConfig:
+    """OcclusionParams with defaults (black, 2000 regions, seed 0); errors name the field."""
+    if params.fill and params.fill not in OCCLUSION_FILLS:
+        allowed = ", ".join(repr(f) for f in OCCLUSION_FILLS)
+        raise InvalidArgument(f"{params.fill!r} is not allowed; use one of {allowed}",
+                              "occlusion.fill")
+    if not 0 <= params.max_regions <= MAX_REGIONS.high:
+        raise InvalidArgument(f"{params.max_regions} is outside [0, {MAX_REGIONS.high}]",
+                              "occlusion.max_regions")
+    if not 0 <= params.seed <= MAX_SEED:
+        raise InvalidArgument(f"{params.seed} is outside [0, {MAX_SEED}]", "occlusion.seed")
+    fill = next((f for f in OCCLUSION_FILLS if f == params.fill), DEFAULT_OCCLUSION_FILL)
+    return OcclusionConfig(fill, MAX_REGIONS.value(params.max_regions), params.seed)
 
 
 class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
@@ -186,6 +207,65 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
                         )
             finally:
                 events.close()
+
+    # -- Occlude -----------------------------------------------------------------------------
+
+    def Occlude(  # noqa: N802
+        self, request: extractor_pb2.OccludeRequest, context: grpc.ServicerContext
+    ) -> Iterator[extractor_pb2.OccludeProgress]:
+        """Stream progress of an occlusion run; the last message has finished=True."""
+        layers = list(request.layers)
+        check_layer_names(layers)
+        config = occlusion_config(request.params)
+        dataset = open_dataset(dataset_request(request.dataset), self.settings)
+        occlusion = Occlusion(
+            self.store, dataset, self._model(request.model), layers,
+            compute_config(request.compute, self.settings), config,
+            preprocessing_name=request.model.preprocessing, input_size=request.model.input_size,
+        )
+        log.info("job %s: occlude %s %s (%s fill, %d regions)", request.job_id,
+                 occlusion.model_source.label, layers, config.fill, config.max_regions)
+        with self._lock(f"occlusion/{occlusion.key}"):
+            events = occlusion.run()
+            try:
+                for event in events:
+                    if isinstance(event, OcclusionOutcome):
+                        yield extractor_pb2.OccludeProgress(
+                            finished=True, occlusion_keys=event.keys, cached=event.cached,
+                            message="cached" if event.cached else "done",
+                        )
+                    else:
+                        yield extractor_pb2.OccludeProgress(
+                            regions_done=event.done, regions_total=event.total,
+                            message=event.message,
+                        )
+            finally:
+                events.close()
+
+    # -- ClassifierHead ----------------------------------------------------------------------
+
+    def ClassifierHead(  # noqa: N802
+        self, request: extractor_pb2.ClassifierHeadRequest, context: grpc.ServicerContext
+    ) -> extractor_pb2.ClassifierHeadResponse:
+        """Store each layer's classifier head (or say why none) and the probe images' classes."""
+        layers = list(request.layers)
+        check_layer_names(layers)
+        dataset = open_dataset(dataset_request(request.dataset), self.settings)
+        compute = compute_config(request.compute, self.settings)
+        table = self._stored_table(dataset.key(compute.image_chunk), dataset)
+        heads = model_heads(
+            self.store, self._model(request.model), layers,
+            request.model.input_size, dataset.image_size[0],
+        )
+        labels_path = (
+            local_path(request.labels_uri, "ablation.labels_uri", self.settings)
+            if request.labels_uri else None
+        )
+        labels_key = store_classes(self.store, table, labels_path, heads.classes)
+        return extractor_pb2.ClassifierHeadResponse(
+            head_keys=heads.head_keys, notes=heads.notes, labels_key=labels_key,
+            classes=heads.classes,
+        )
 
     # -- DescribeModel ---------------------------------------------------------------------
 
