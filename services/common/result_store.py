@@ -6,6 +6,7 @@ Under `results/{job}/{layer}/{method}/`:
   with proto field names. Simulation rows are
   `{"unit": 7, "simulation": {"netdissect": 0.31, ...}, "dead": false}`; a dead unit
   (constant activation on the test split) has `"dead": true` and "NaN" correlations.
+  Ablation rows are `{"unit": 7, "ablation": {"netdissect": 0.12, ...}}` ("NaN": no α).
   Every row is parsed back into its message before anything is written, so a block
   a reader gets always parses. A block is one object written whole by an atomic
   put: its presence means the block is done, and writing it again is harmless.
@@ -30,7 +31,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from neurodissect.v1 import common_pb2
 
-from services.common import keys
+from services.common import keys, spec_vocabulary
 from services.common.errors import InvalidArgument, NotFound
 from services.common.spec_vocabulary import EXPORTS, METHODS, SCORING_METHOD
 from services.common.store import ObjectStore
@@ -38,10 +39,13 @@ from services.common.store import ObjectStore
 # The methods whose rows are one result message per unit, each a field of UnitResult.
 UNIT_METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "milan")
 
+# Rows of one message per unit: the methods' answers and occlusion's verification.
+MESSAGE_METHODS = (*UNIT_METHODS, spec_vocabulary.OCCLUSION_METHOD)
+
 
 def _result_message(method: str) -> Message:
     """An empty result message of `method` (the UnitResult field of the same name)."""
-    if method not in UNIT_METHODS:
+    if method not in MESSAGE_METHODS:
         raise ValueError(f"{method!r} stores no result message")
     message: Message = getattr(common_pb2.UnitResult(), method)
     return type(message)()
@@ -58,6 +62,15 @@ def simulation_row(unit: int, rhos: Mapping[str, float], dead: bool) -> dict[str
     return {"unit": unit, "simulation": values, "dead": dead}
 
 
+def score_row(method: str, unit: int, scores: Mapping[str, float]) -> dict[str, Any]:
+    """One stored row of scores by method (ablation's α): `{"unit": 7, method: {...}}`.
+
+    Scores that are not finite are written as "NaN".
+    """
+    values = {m: float(v) if math.isfinite(v) else "NaN" for m, v in sorted(scores.items())}
+    return {"unit": unit, method: values}
+
+
 def _parse_row(method: str, row: Mapping[str, Any]) -> None:
     """Parse a stored row (less its "unit"); json_format.ParseError if it is no valid message."""
     fields = {k: v for k, v in row.items() if k != "unit"}
@@ -65,6 +78,10 @@ def _parse_row(method: str, row: Mapping[str, Any]) -> None:
         dead = fields.pop("dead", False)
         if not isinstance(dead, bool) or set(fields) - {"simulation"}:
             raise json_format.ParseError(f"bad simulation row {dict(row)!r}")
+        json_format.ParseDict(fields, common_pb2.UnitResult())
+    elif method == spec_vocabulary.ABLATION_METHOD:
+        if set(fields) != {method}:
+            raise json_format.ParseError(f"bad ablation row {dict(row)!r}")
         json_format.ParseDict(fields, common_pb2.UnitResult())
     else:
         json_format.ParseDict(fields, _result_message(method))

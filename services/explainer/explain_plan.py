@@ -10,6 +10,7 @@ together. Each method checks its own parameters and names the embeddings it need
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,11 @@ class ExplainPlan:
     spec: common_pb2.DissectionSpec
     # The request's stored CLIP embeddings by field name (the method they serve).
     embeddings: Mapping[str, explainer_pb2.ConceptEmbeddings]
+    # What the extractor stored for the verification methods (occlusion, ablation).
+    occlusion_key: str = ""
+    ablation: explainer_pb2.AblationInputs = dataclasses.field(
+        default_factory=explainer_pb2.AblationInputs
+    )
 
     @property
     def n_units(self) -> int:
@@ -152,6 +158,8 @@ def plan_request(
             for field in request.DESCRIPTOR.fields
             if field.message_type is explainer_pb2.ConceptEmbeddings.DESCRIPTOR
         },
+        occlusion_key=request.occlusion_key,
+        ablation=request.ablation,
     )
     for method in methods:
         for field, embeddings, why in known[method].embeddings(request):

@@ -29,28 +29,33 @@ from services.explainer.stage_runner import Stage
 
 
 def simulator(stage: Stage, seed: int) -> Simulator:
-    """P_sim on the test images of the split (loaded once per call).
+    """P_sim on the test images of the split (loaded once per call, `simulator_on`)."""
+    return simulator_on(stage, "simulator", stage.shared.split(seed).test)
+
+
+def simulator_on(stage: Stage, name: str, images: np.ndarray) -> Simulator:
+    """P_sim on the probe images `images` (n,), loaded once per call under `name`.
 
     With the request's `simulation` embeddings: σ(a·(S + b)) of the simulator CLIP's
     cosines, (a, b) calibrated on the probe labels that share a name with a text (as
-    LE(CLIP)), plain cosines when none does. Without: the label matrix.
+    LE(CLIP)), plain cosines when none does. Without: the label matrix. Ablation
+    scoring predicts its validation and test images with the same simulator.
     """
 
     def load() -> Simulator:
-        test = stage.shared.split(seed).test
         embeddings = stage.plan.embeddings[SCORING_METHOD]
         if not embeddings.text_key:
             names = [c.name for c in stage.shared.table().labels]
-            return Simulator("labels", names, stage.shared.label_matrix()[test])
+            return Simulator("labels", names, stage.shared.label_matrix()[images])
         names, similarity = stage.shared.clip_similarity(embeddings)
         fitted = stage.shared.calibrate(names, similarity)
         if fitted is None:
-            return Simulator("clip cosine", names, similarity[test])
+            return Simulator("clip cosine", names, similarity[images])
         a, b = fitted
-        matrix = linear.clip_concept_matrix(similarity[test], a, b)
+        matrix = linear.clip_concept_matrix(similarity[images], a, b)
         return Simulator(f"clip sigmoid a={a:g} b={b:g}", names, matrix)
 
-    result: Simulator = stage.shared.value("simulator", load)
+    result: Simulator = stage.shared.value(name, load)
     return result
 
 
