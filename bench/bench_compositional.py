@@ -1,6 +1,6 @@
 """Compositional explanations (length 3, beam 5): ours vs a dense boolean search.
 
-Same synthetic probe set and layer as bench_iou_tally (112×112 label maps, about 20
+Same synthetic probe set and layer as bench/broden_like.py (112×112 label maps, about 20
 labels per image, 1,241 labels; 512 units at 7×7), on fewer images. All labels are
 candidates. The baseline keeps a full-dataset boolean mask for every label and
 the unit, and scores every candidate formula of the beam search densely (the
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from bench.bench_iou_tally import CHUNK, label_categories, synthetic_acts, synthetic_labels
+from bench.broden_like import CHUNK, label_categories, synthetic_acts, synthetic_labels
 from services.common.probe_format import LabelChunk
 from services.explainer.compositional import (
     And,

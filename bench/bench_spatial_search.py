@@ -1,6 +1,6 @@
 """Spatial compositional formulas (the `indres` preset, length 3): ours vs a dense boolean search.
 
-Same synthetic probe set and layer as bench_iou_tally (112×112 label maps, about 20
+Same synthetic probe set and layer as bench/broden_like.py (112×112 label maps, about 20
 labels per image, 1,241 labels; units at 7×7), on fewer images. Label masks are
 downsampled to the 7×7 grid by manual(100/256) and pixel-level labels get their
 `-X` expansion (2,070 candidates before the preset's top 50). Both sides get the
@@ -28,7 +28,7 @@ import time
 import numpy as np
 from neurodissect.v1 import common_pb2
 
-from bench.bench_iou_tally import CHUNK, SIZES, label_categories, synthetic_acts, synthetic_labels
+from bench.broden_like import CHUNK, SIZES, label_categories, synthetic_acts, synthetic_labels
 from services.common.probe_format import LabelChunk
 from services.explainer import compositional
 from services.explainer.methods.compositional import IMAGE_LEVEL_CATEGORIES, Compositional

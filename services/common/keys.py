@@ -8,7 +8,7 @@ probe/{dataset_key}/labels/i{i0}-{i1}.npz              label maps at mask resolu
 probe/{dataset_key}/images/{size}/{image_id}.png       thumbnails materialized on demand
 probe/{dataset_key}/split.json                         seeded 70/10/20 train/val/test split
 probe/{dataset_key}/grid/{digest}.npz                  label masks on an activation grid
-probe/{dataset_key}/decoded/{digest}/i{i0}-{i1}.npz    label sets decoded for a layer grid
+probe/{dataset_key}/decoded/{digest}/i{i0}-{i1}.bin    label sets decoded for a layer grid
 acts/{acts_key}/{layer}/manifest.json                  shape, dtype, chunking, completion
 acts/{acts_key}/{layer}/u{u0}-{u1}/i{i0}-{i1}.npy      (n, u1-u0, h, w) activations
 acts/{acts_key}/{layer}/pooled/i{i0}-{i1}.npz          per-chunk spatial mean and max
@@ -105,7 +105,7 @@ def grid_masks(dataset_key: str, digest: str) -> str:
 
 def decoded_labels(dataset_key: str, digest: str, i0: int, i1: int) -> str:
     """A label chunk decoded for a grid; `digest`: `content_key` of grid and categories."""
-    return f"probe/{dataset_key}/decoded/{digest}/{span('i', i0, i1)}.npz"
+    return f"probe/{dataset_key}/decoded/{digest}/{span('i', i0, i1)}.bin"
 
 
 def manifest(acts_key: str, layer: str) -> str:

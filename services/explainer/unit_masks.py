@@ -386,7 +386,7 @@ class DecodedLabels:
         }
         for k, (group, columns) in enumerate(self.groups):
             arrays[f"g{k}_pixel_set"] = group.pixel_set
-            for name in ("first", "last", "split"):
+            for name in _COLUMN_ARRAYS:
                 arrays[f"g{k}_{name}"] = _narrow(getattr(columns, name))
         return arrays
 
@@ -399,11 +399,8 @@ class DecodedLabels:
             pixel_set = arrays[f"g{k}_pixel_set"]
             g0 = k * _GROUP_IMAGES
             group = _SetGroup(g0, first_set[g0 : g0 + len(pixel_set) + 1], pixel_set)
-            first, last, split = (
-                arrays[f"g{k}_{name}"].astype(np.int32) for name in ("first", "last", "split")
-            )
             parts.append((int(part_first), pixel_set))
-            groups.append((group, _band_segments(first, last, split, pixel_set.shape[2])))
+            groups.append((group, BandColumns(**{n: arrays[f"g{k}_{n}"] for n in _COLUMN_ARRAYS})))
         if not parts:
             parts.append((0, np.zeros((0, *arrays["mask_size"].tolist()), np.int32)))
         sets = LabelSets(
@@ -414,11 +411,16 @@ class DecodedLabels:
         return cls(i0, sets, arrays["band_start"], tuple(groups))
 
 
+_COLUMN_ARRAYS = ("first", "last", "split", "segment", "segment_start")
+
+
 def _narrow(values: np.ndarray) -> np.ndarray:
-    """`values` (int32) as int16 when they fit: band columns are stored small."""
-    small = np.iinfo(np.int16)
-    fits = values.size == 0 or (values.min() >= small.min and values.max() <= small.max)
-    return values.astype(np.int16) if fits else values
+    """Integer `values` as int16 or int32 when they fit: band columns are stored small."""
+    for small in (np.int16, np.int32):
+        limits = np.iinfo(small)
+        if values.size == 0 or (values.min() >= limits.min and values.max() <= limits.max):
+            return values.astype(small)
+    return values
 
 
 def decode_labels(
