@@ -130,7 +130,9 @@ def results_table(layer: str, units: Sequence[common_pb2.UnitResult], limit: int
     """A long table: one row per (unit, method) with the answer, its score and simulation ρ.
 
     Scores: IoU for netdissect and compositional, the similarity for clip_dissect, the
-    validation correlation for linear, log p(caption) for milan. `*` marks a detector.
+    validation correlation for linear, log p(caption) for milan; for significance the
+    grid IoU of the NetDissect label, with its z, p and whether it passes
+    Benjamini–Hochberg (`✓`). `*` marks a detector.
     """
     shown = list(units)[: limit or None]
     methods = [m for m in results.UNIT_METHODS if any(u.HasField(m) for u in shown)]
@@ -148,6 +150,10 @@ def results_table(layer: str, units: Sequence[common_pb2.UnitResult], limit: int
                 text, score = answer.label, answer.score
             elif method == "linear":
                 text, score = answer.explanation, answer.val_corr
+            elif method == "significance":
+                mark = " ✓" if answer.significant else ""
+                text = f"{answer.label} z={answer.z:.1f} p={answer.p_value:.1e}{mark}"
+                score = answer.iou
             else:
                 text, score = answer.caption, answer.logp_caption
             rho = f"{unit.simulation[method]:.3f}" if method in unit.simulation else ""

@@ -331,7 +331,7 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     """Print every method's answer per unit of a layer."""
     filters = {
         "detectors_only": args.detectors_only, "label": args.label or "",
-        "min_iou": args.min_iou or 0.0,
+        "min_iou": args.min_iou or 0.0, "significant_only": args.significant_only,
     }
     with NeurodissectClient(settings) as client:
         layers = _job_layers(client, args.job, args.layer)
@@ -581,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--detectors-only", action="store_true")
     res.add_argument("--label")
     res.add_argument("--min-iou", type=float)
+    res.add_argument("--significant-only", action="store_true",
+                     help="units whose NetDissect label passes the significance check")
     res.add_argument("--limit", type=int, default=0, help="table rows to show (0 = all)")
     export = command("export", cmd_export, "tally.csv, CLIP-Dissect or MILAN CSV of a layer")
     export.add_argument("job")

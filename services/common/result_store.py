@@ -7,6 +7,8 @@ Under `results/{job}/{layer}/{method}/`:
   `{"unit": 7, "simulation": {"netdissect": 0.31, ...}, "dead": false}`; a dead unit
   (constant activation on the test split) has `"dead": true` and "NaN" correlations.
   Ablation rows are `{"unit": 7, "ablation": {"netdissect": 0.12, ...}}` ("NaN": no α).
+  Threshold-sweep rows are `{"unit": 7, "sweep": [{"threshold": 0.001, "label": "sky",
+  "iou": 0.12, "detector": true}, ...]}`, the unit's best label at each threshold.
   Every row is parsed back into its message before anything is written, so a block
   a reader gets always parses. A block is one object written whole by an atomic
   put: its presence means the block is done, and writing it again is harmless.
@@ -33,11 +35,13 @@ from neurodissect.v1 import common_pb2
 
 from services.common import keys, spec_vocabulary
 from services.common.errors import InvalidArgument, NotFound
-from services.common.spec_vocabulary import EXPORTS, METHODS, SCORING_METHOD
+from services.common.spec_vocabulary import EXPORTS, METHODS, SCORING_METHOD, SWEEP_METHOD
 from services.common.store import ObjectStore
 
 # The methods whose rows are one result message per unit, each a field of UnitResult.
-UNIT_METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "milan")
+UNIT_METHODS = ("netdissect", "significance", "compositional", "clip_dissect", "linear", "milan")
+# The keys of one threshold of a sweep row and their types.
+_SWEEP_POINT = {"threshold": float, "label": str, "iou": float, "detector": bool}
 
 # Rows of one message per unit: the methods' answers and occlusion's verification.
 MESSAGE_METHODS = (*UNIT_METHODS, spec_vocabulary.OCCLUSION_METHOD)
@@ -62,6 +66,17 @@ def simulation_row(unit: int, rhos: Mapping[str, float], dead: bool) -> dict[str
     return {"unit": unit, "simulation": values, "dead": dead}
 
 
+def sweep_row(unit: int, points: Sequence[tuple[float, str, float, bool]]) -> dict[str, Any]:
+    """One stored threshold-sweep row: the unit's (threshold, label, IoU, detector) at each."""
+    return {
+        "unit": unit,
+        "sweep": [
+            {"threshold": float(t), "label": label, "iou": float(iou), "detector": bool(d)}
+            for t, label, iou, d in points
+        ],
+    }
+
+
 def score_row(method: str, unit: int, scores: Mapping[str, float]) -> dict[str, Any]:
     """One stored row of scores by method (ablation's α): `{"unit": 7, method: {...}}`.
 
@@ -74,7 +89,14 @@ def score_row(method: str, unit: int, scores: Mapping[str, float]) -> dict[str, 
 def _parse_row(method: str, row: Mapping[str, Any]) -> None:
     """Parse a stored row (less its "unit"); json_format.ParseError if it is no valid message."""
     fields = {k: v for k, v in row.items() if k != "unit"}
-    if method == SCORING_METHOD:
+    if method == SWEEP_METHOD:
+        points = fields.get("sweep")
+        if set(fields) != {"sweep"} or not isinstance(points, list) or not all(
+            isinstance(p, dict) and set(p) == set(_SWEEP_POINT)
+            and all(isinstance(p[k], t) for k, t in _SWEEP_POINT.items()) for p in points
+        ):
+            raise json_format.ParseError(f"bad threshold-sweep row {dict(row)!r}")
+    elif method == SCORING_METHOD:
         dead = fields.pop("dead", False)
         if not isinstance(dead, bool) or set(fields) - {"simulation"}:
             raise json_format.ParseError(f"bad simulation row {dict(row)!r}")

@@ -43,6 +43,8 @@ class FloatField:
 # Every method is a field of DissectionSpec; this is the order they run and are shown in.
 METHODS = (
     "netdissect",
+    "threshold_sweep",
+    "significance",
     "compositional",
     "clip_dissect",
     "linear",
@@ -52,8 +54,14 @@ METHODS = (
     "ablation",
 )
 # The methods the explainer runs in the EXPLAINING stage, in running order: compositional
-# reuses netdissect's thresholds.
-EXPLAIN_METHODS = ("netdissect", "compositional", "clip_dissect", "linear")
+# reuses netdissect's thresholds; the threshold sweep and significance check its labels.
+EXPLAIN_METHODS = (
+    "netdissect", "threshold_sweep", "significance", "compositional", "clip_dissect", "linear"
+)
+# The checks of NetDissect's labels (specs/verification.md): they need `netdissect` in the spec.
+NETDISSECT_CHECKS = ("threshold_sweep", "significance")
+# The check whose rows are a unit's labels across thresholds, not a result message.
+SWEEP_METHOD = "threshold_sweep"
 # The method the captioner runs in the CAPTIONING stage.
 CAPTION_METHOD = "milan"
 # The method that scores the others' stored answers, after them.
@@ -66,7 +74,6 @@ SCORED_METHODS = ("netdissect", "compositional", "clip_dissect", "linear", "mila
 OCCLUSION_METHOD = "occlusion"
 ABLATION_METHOD = "ablation"
 VERIFICATION_METHODS = (OCCLUSION_METHOD, ABLATION_METHOD)
-
 
 # -- enums ----------------------------------------------------------------------------------
 
@@ -220,5 +227,7 @@ EXPORTS = {
     "compositional": ("compositional", "formulas.csv"),
     "occlusion": ("occlusion", "occlusion.csv"),
     "ablation": ("ablation", "ablation.csv"),
+    "sweep": ("threshold_sweep", "sweep.csv"),
+    "significance": ("significance", "significance.csv"),
 }
 EXPORT_FORMATS = tuple(EXPORTS)

@@ -138,6 +138,7 @@ class NeurodissectClient:
         detectors_only: bool = False,
         label: str = "",
         min_iou: float = 0.0,
+        significant_only: bool = False,
         unit_start: int = 0,
         unit_end: int = 0,
     ) -> Iterator[common_pb2.UnitResult]:
@@ -148,6 +149,7 @@ class NeurodissectClient:
             detectors_only=detectors_only,
             label=label,
             min_iou=min_iou,
+            significant_only=significant_only,
             unit_start=unit_start,
             unit_end=unit_end,
         )

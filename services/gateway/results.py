@@ -87,6 +87,10 @@ def matches(unit: common_pb2.UnitResult, request: gateway_pb2.ListUnitsRequest) 
         return False
     if request.min_iou > 0 and not (nd and nd.iou >= request.min_iou):
         return False
+    if request.significant_only and not (
+        unit.HasField("significance") and unit.significance.significant
+    ):
+        return False
     if request.label:
         wanted = request.label.lower()
         labels = [t.lower() for t in unit_labels(unit)]
@@ -107,6 +111,15 @@ def summary_rows(summary: common_pb2.LayerSummary) -> list[tuple[str, str]]:
         rows += [
             (f"detectors ({category})", str(count))
             for category, count in sorted(summary.detectors_per_category.items())
+        ]
+    if "significance" in summary.methods:
+        rows.append(("significant detectors (Benjamini–Hochberg)",
+                     str(summary.significant_detectors)))
+    if "threshold_sweep" in summary.methods:
+        rows += [
+            (f"sweep {p.threshold:g}", f"{p.detectors} detectors, {p.unique_labels} labels,"
+             f" {p.unchanged_fraction:.0%} unchanged")
+            for p in summary.sweep
         ]
     if SCORING_METHOD in summary.methods:
         rows.append(("dead units", str(summary.dead_units)))
@@ -151,6 +164,7 @@ def table_csv(layer: str, units: Sequence[common_pb2.UnitResult]) -> str:
     header += ["compositional_formula", "compositional_iou"]
     header += ["clip_dissect_label", "clip_dissect_score"]
     header += ["linear_explanation", "linear_val_corr", "milan_caption"]
+    header += ["significance_z", "significance_p", "significant"]
     header += [f"simulation_{m}" for m in simulated]
     rows = []
     for u in units:
@@ -165,6 +179,12 @@ def table_csv(layer: str, units: Sequence[common_pb2.UnitResult]) -> str:
         row += [cd.label, f"{cd.score:.6f}"] if u.HasField("clip_dissect") else ["", ""]
         row += [lin.explanation, f"{lin.val_corr:.6f}"] if u.HasField("linear") else ["", ""]
         row.append(u.milan.caption if u.HasField("milan") else "")
+        sig = u.significance
+        row += (
+            [f"{sig.z:.6f}", f"{sig.p_value:.6g}", sig.significant]
+            if u.HasField("significance")
+            else ["", "", ""]
+        )
         row += [f"{u.simulation[m]:.6f}" if m in u.simulation else "" for m in simulated]
         rows.append(row)
     return _csv(header, rows)

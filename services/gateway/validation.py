@@ -16,7 +16,8 @@ the allowed values:
 
 Defaults: a spec that sets none of the explanation methods (netdissect,
 compositional, clip_dissect, linear, milan) gets `netdissect` with its default
-parameters. Simulation scoring runs when `simulation` is set.
+parameters. Simulation scoring runs when `simulation` is set. The checks of
+NetDissect's labels (`threshold_sweep`, `significance`) need `netdissect`.
 
 The static checks run first; then the model is described by the extractor (one
 RPC, cached by the caller) and the layers are checked against it.
@@ -65,6 +66,7 @@ from services.common.spec_vocabulary import (
     MANUAL_FRACTION,
     MAX_BAD_FRACTION,
     MAX_LAYERS,
+    MAX_SWEEP_POINTS,
     MAX_TEXT,
     MAX_TOP_K_PRIMITIVES,
     MAX_UNITS_PER_JOB,
@@ -75,12 +77,16 @@ from services.common.spec_vocabulary import (
     MIN_COVERAGE,
     MODEL_SOURCES,
     NAME,
+    NETDISSECT_CHECKS,
     NETDISSECT_EXEMPLARS,
     OPERATOR_SETS,
+    PERMUTATIONS,
     PMI_LAMBDA,
     POOLINGS,
     PREPROCESSING,
     SIMILARITIES,
+    SWEEP_PERCENTILES,
+    SWEEP_QUANTILES,
     UNIT_BLOCK,
     FloatField,
     IntField,
@@ -101,7 +107,8 @@ def with_defaults(spec: common_pb2.DissectionSpec) -> common_pb2.DissectionSpec:
     """A copy of `spec` with `netdissect` added when it asks for no explanation method."""
     out = common_pb2.DissectionSpec()
     out.CopyFrom(spec)
-    if not any(out.HasField(m) for m in METHODS if m != "simulation"):
+    explaining = [m for m in METHODS if m != "simulation" and m not in NETDISSECT_CHECKS]
+    if not any(out.HasField(m) for m in explaining):
         out.netdissect.SetInParent()
     return out
 
@@ -401,6 +408,49 @@ class SpecValidator:
                 _open_unit(milan.mask_quantile, "milan.mask_quantile")
         if spec.HasField("simulation") and spec.simulation.simulator.arch:
             self._clip(spec.simulation.simulator, "simulation.simulator")
+        self._netdissect_checks(spec)
+
+    @staticmethod
+    def _netdissect_checks(spec: common_pb2.DissectionSpec) -> None:
+        """The threshold sweep and significance (specs/verification.md): NetDissect's labels."""
+        for check in NETDISSECT_CHECKS:
+            if spec.HasField(check) and not spec.HasField("netdissect"):
+                raise InvalidArgument("it checks NetDissect's labels: set netdissect as well",
+                                      check)
+        per_image = spec.netdissect.iou_mode == "per_image"
+        if spec.HasField("threshold_sweep"):
+            sweep = spec.threshold_sweep
+            given, other = ("percentiles", "quantiles") if per_image else (
+                "quantiles", "percentiles")
+            if getattr(sweep, other):
+                mode = spec.netdissect.iou_mode or "lite"
+                raise InvalidArgument(
+                    f"the {mode} mode sweeps {given} (set threshold_sweep.{given})",
+                    f"threshold_sweep.{other}",
+                )
+            values = list(getattr(sweep, given))
+            default = SWEEP_PERCENTILES if per_image else SWEEP_QUANTILES
+            if len(values) > MAX_SWEEP_POINTS:
+                raise InvalidArgument(f"{len(values)} thresholds; at most {MAX_SWEEP_POINTS}"
+                                      f" (empty: {', '.join(f'{v:g}' for v in default)})",
+                                      f"threshold_sweep.{given}")
+            if len(set(values)) != len(values):
+                raise InvalidArgument("a threshold is listed twice", f"threshold_sweep.{given}")
+            for i, value in enumerate(values):
+                field = f"threshold_sweep.{given}[{i}]"
+                if per_image:
+                    _finite(value, field, 0.0, 100.0)
+                    if value >= 100.0:
+                        raise InvalidArgument(f"{value} is not below 100", field)
+                else:
+                    _open_unit(value, field)
+        if spec.HasField("significance"):
+            sig = spec.significance
+            if sig.HasField("q"):
+                _open_unit(sig.q, "significance.q")
+            _int_range(
+                sig.permutations, 0, PERMUTATIONS.high, "significance.permutations", "none"
+            )
 
     def _layers_exist(
         self, spec: common_pb2.DissectionSpec, description: common_pb2.DescribeModelResponse

@@ -69,6 +69,12 @@ def image_percentile(spec: common_pb2.DissectionSpec) -> float:
     return p.image_percentile if p.HasField("image_percentile") else IMAGE_PERCENTILE.default
 
 
+def netdissect_needed(spec: common_pb2.DissectionSpec, field: str) -> None:
+    """InvalidArgument naming `field` unless the spec runs NetDissect, whose labels it checks."""
+    if not spec.HasField(NetDissect.name):
+        raise InvalidArgument("it checks NetDissect's labels: set netdissect as well", field)
+
+
 def tally_part_key(job_id: str, layer: str, u0: int, u1: int) -> str:
     """Key of one block's rows of the tally (`results/J/layer4/netdissect/tally/u0-64.csv`).
 

@@ -159,3 +159,36 @@ def test_paths_must_exist_and_stay_under_the_data_roots(tmp_path: Path) -> None:
     spec.dataset.uri = str(tmp_path / "data" / "missing")
     with pytest.raises(NotFound):
         validator.validate(spec)
+
+
+def test_the_checks_of_netdissects_labels_are_validated(validator: SpecValidator) -> None:
+    spec = good()
+    spec.significance.SetInParent()
+    spec.threshold_sweep.SetInParent()
+    checked, _ = validator.validate(spec)
+    assert checked.HasField("netdissect")  # the default method, whose labels they check
+    spec.compositional.SetInParent()
+    with pytest.raises(InvalidArgument) as err:
+        validator.validate(spec)
+    assert err.value.field == "threshold_sweep"
+    for path, value, field in [
+        ("threshold_sweep.quantiles", [0.01, 1.0], "threshold_sweep.quantiles[1]"),
+        ("threshold_sweep.percentiles", [50.0], "threshold_sweep.percentiles"),
+        ("significance.q", 0.0, "significance.q"),
+        ("significance.permutations", 10_001, "significance.permutations"),
+    ]:
+        spec = good()
+        spec.netdissect.SetInParent()
+        *parents, leaf = path.split(".")
+        target = getattr(spec, parents[0])
+        if isinstance(value, list):
+            getattr(target, leaf).extend(value)
+        else:
+            setattr(target, leaf, value)
+        with pytest.raises(InvalidArgument) as err:
+            validator.validate(spec)
+        assert err.value.field == field, path
+    spec = good()
+    spec.netdissect.iou_mode = "per_image"
+    spec.threshold_sweep.percentiles.extend([0.0, 90.0])
+    validator.validate(spec)

@@ -1,0 +1,189 @@
+"""Significance of a unit's overlap with a label against random placement of its masks.
+
+Follows specs/verification.md ("Significance of a detector"). Everything is counted on
+the layer's raw activation grid (P = h·w cells): an upsampled mask moves in blocks of
+pixels, so a per-pixel null would overstate significance.
+
+- The unit's mask in image i is its raw map above its threshold (NetDissect's T_u, or
+  the image's own percentile in the per_image mode), n_i cells; the label's mask is
+  its label map downsampled to the grid (`spatial_masks.label_grid_masks`, manual
+  fraction by default), l_i cells.
+- Null: the unit's n_i cells placed uniformly at random among the P cells of each
+  image, independently. The intersection X_i is then hypergeometric:
+  E X_i = n_i·l_i / P, Var X_i = n_i(P − n_i)·l_i(P − l_i) / (P²(P − 1)), and the
+  total X = Σ_i X_i has the sums of both (`null_moments`). Grid IoU = X / (A + L − X)
+  with A = Σ n_i and L = Σ l_i fixed, so it grows with X: a test of X is a test of
+  the IoU.
+- z = (X − E X − ½) / √Var X (continuity correction) and the one-sided p = P(Z ≥ z)
+  of the normal approximation to the sum over images (`upper_p`). Pairs with
+  Var X = 0 (a unit or label that is empty or fills every image) are not tested.
+- Benjamini–Hochberg at rate q over every tested (unit, label) pair of the layer
+  (`benjamini_hochberg`): a unit's best label is significant when its pair passes.
+- Check: a permutation null that keeps the masks' shapes, each permutation pairing
+  the unit's masks with the label masks of other images (`permutation_p`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import norm
+
+from services.explainer.spatial_masks import Grid, popcount
+
+# Cells of label masks unpacked at once in `GridOverlapTally.update` (bounds its memory).
+_UNPACKED_CELLS = 1 << 24
+
+
+def null_moments(
+    mask_cells: np.ndarray, label_cells: np.ndarray, cells: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(U, L) float64 mean and variance of X under random placement, summed over images.
+
+    `mask_cells` (N, U) and `label_cells` (N, L) are n_i and l_i; `cells` is P.
+    """
+    n = np.asarray(mask_cells, dtype=np.float64)
+    labels = np.asarray(label_cells, dtype=np.float64)
+    mean = n.T @ labels / cells
+    if cells < 2:
+        return mean, np.zeros_like(mean)
+    variance = (n * (cells - n)).T @ (labels * (cells - labels)) / (cells * cells * (cells - 1))
+    return mean, variance
+
+
+def z_scores(observed: np.ndarray, mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """(...) float64 z = (X − E − ½) / √Var, NaN where Var = 0 (not tested)."""
+    tested = variance > 0
+    return np.where(
+        tested, (observed - mean - 0.5) / np.sqrt(np.where(tested, variance, 1.0)), np.nan
+    )
+
+
+def upper_p(z: np.ndarray) -> np.ndarray:
+    """(...) float64 one-sided normal p = P(Z ≥ z); 1 where z is NaN (not tested)."""
+    return np.where(np.isnan(z), 1.0, norm.sf(np.nan_to_num(z)))
+
+
+def benjamini_hochberg(p_values: np.ndarray, q: float) -> float:
+    """The Benjamini–Hochberg cut-off: pairs with p <= it pass at rate q; -1 when none does.
+
+    `p_values` (m,) of the tested pairs.
+    """
+    p = np.sort(np.asarray(p_values, dtype=np.float64).reshape(-1))
+    m = len(p)
+    below = np.flatnonzero(p <= q * np.arange(1, m + 1) / max(m, 1))
+    return float(p[below[-1]]) if len(below) else -1.0
+
+
+def grid_iou(intersection: np.ndarray, mask_area: np.ndarray, label_area: np.ndarray) -> np.ndarray:
+    """IoU = X / (A + L − X) of broadcastable counts; 0 where the union is empty."""
+    union = mask_area + label_area - intersection
+    return np.where(union > 0, intersection / np.maximum(union, 1e-300), 0.0)
+
+
+def permutation_p(
+    unit_bits: np.ndarray,
+    label_bits: np.ndarray,
+    permutations: int,
+    rng: np.random.Generator,
+) -> float:
+    """(1 + #{X_π ≥ X}) / (1 + R): the unit's masks permuted across images R times.
+
+    `unit_bits` and `label_bits` (N, W) uint64 bitboards of one unit and one label;
+    X_π = Σ_i |m_π(i) ∩ l_i|.
+    """
+    observed = int(popcount(unit_bits & label_bits).sum())
+    # Only images where the unit fires matter: the others add nothing to any X_π.
+    firing = np.flatnonzero(popcount(unit_bits) > 0)
+    masks = unit_bits[firing]
+    as_high = 0
+    for _ in range(permutations):
+        where = rng.choice(len(label_bits), size=len(firing), replace=False)
+        as_high += int(popcount(masks & label_bits[where]).sum()) >= observed
+    return (1 + as_high) / (1 + permutations)
+
+
+@dataclass(frozen=True)
+class GridOverlap:
+    """Overlap counts of a block of units with every label, and their null moments."""
+
+    first_unit: int  # global index of the block's first unit
+    intersection: np.ndarray  # (U, L) float64 X = Σ_i |m_i ∩ l_i|
+    expected: np.ndarray  # (U, L) float64 E X under random placement
+    variance: np.ndarray  # (U, L) float64 Var X
+    mask_area: np.ndarray  # (U,) float64 A = Σ_i n_i
+    permutation_p: np.ndarray  # (U,) float64 for each unit's tested label, NaN when not asked
+
+
+class GridOverlapTally:
+    """Stream a block's grid masks (image chunks) against the layer's label grid masks.
+
+    `label_masks` (L, N, W) uint64 bitboards of every tested label on `grid`. With
+    `permutations`, the block's masks are kept as bitboards (U·N·W words) for the check.
+    """
+
+    def __init__(
+        self,
+        n_units: int,
+        label_masks: np.ndarray,
+        grid: Grid,
+        first_unit: int = 0,
+        permutations: int = 0,
+    ) -> None:
+        self.permutations = permutations
+        self.label_masks = label_masks
+        self.grid = grid
+        self.first_unit = first_unit
+        self.label_cells = popcount(label_masks).T  # (N, L)
+        shape = (n_units, len(label_masks))
+        self._intersection = np.zeros(shape)
+        self._mean = np.zeros(shape)
+        self._variance = np.zeros(shape)
+        self._mask_area = np.zeros(n_units)
+        self._unit_bits: list[np.ndarray] = []
+
+    def update(self, i0: int, masks: np.ndarray) -> None:
+        """Add the (n, U, h, w) bool grid masks of images [i0, i0 + n)."""
+        n, n_units = masks.shape[:2]
+        cells = self.grid.cells
+        flat = masks.reshape(n, n_units, cells)
+        n_labels = len(self.label_masks)
+        mask_cells = flat.sum(axis=2)
+        mean, variance = null_moments(mask_cells, self.label_cells[i0 : i0 + n], cells)
+        self._mean += mean
+        self._variance += variance
+        self._mask_area += mask_cells.sum(axis=0)
+        group = max(1, _UNPACKED_CELLS // max(1, n_labels * cells))
+        for g0 in range(0, n, group):
+            g1 = min(g0 + group, n)
+            labels = self.grid.unpack(self.label_masks[:, i0 + g0 : i0 + g1])
+            units = flat[g0:g1].transpose(1, 0, 2).reshape(n_units, -1).astype(np.float32)
+            # Counts below 2**24 per product: exact in float32.
+            self._intersection += units @ labels.reshape(n_labels, -1).astype(np.float32).T
+        if self.permutations:
+            self._unit_bits.append(self.grid.pack(masks).transpose(1, 0, 2))
+
+    def result(self, tested_labels: np.ndarray) -> GridOverlap:
+        """The block's `GridOverlap`; the permutation check of each unit's `tested_labels`.
+
+        `tested_labels` (U,) int64: each unit's label row in `label_masks` (-1: none).
+        The permutations of unit u draw from a generator seeded by its global index.
+        """
+        checked = np.full(len(self._mask_area), np.nan)
+        if self.permutations:
+            unit_bits = np.concatenate(self._unit_bits, axis=1)  # (U, N, W)
+            for u, label in enumerate(tested_labels.tolist()):
+                if label >= 0:
+                    rng = np.random.default_rng(self.first_unit + u)
+                    checked[u] = permutation_p(
+                        unit_bits[u], self.label_masks[label], self.permutations, rng
+                    )
+        return GridOverlap(
+            first_unit=self.first_unit,
+            intersection=self._intersection.copy(),
+            expected=self._mean.copy(),
+            variance=self._variance.copy(),
+            mask_area=self._mask_area.copy(),
+            permutation_p=checked,
+        )
