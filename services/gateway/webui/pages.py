@@ -30,6 +30,7 @@ from services.gateway.webui.render import OUTLINES, Renders
 
 METHOD_TITLES = {
     "netdissect": "NetDissect",
+    "significance": "significance",
     "compositional": "compositional",
     "clip_dissect": "CLIP-Dissect",
     "linear": "linear",
@@ -184,6 +185,17 @@ def _answer_cells(unit: common_pb2.UnitResult) -> list[tuple[str, str, str, str]
             f"threshold {nd.threshold:.4g}</small>",
             f"IoU {nd.iou:.3f}",
             "netdissect",
+        ))
+    if unit.HasField("significance"):
+        sig = unit.significance
+        cells.append((
+            "significance",
+            f"{_e(sig.label)}: z {sig.z:.2f}, p {sig.p_value:.2e}"
+            + (" <b>passes Benjamini–Hochberg</b>" if sig.significant else "")
+            + f"<br><small class=muted>grid IoU {sig.iou:.3f}, expected under random"
+            f" placement {sig.expected_iou:.3f}</small>",
+            f"IoU {sig.iou:.3f}",
+            "significance",
         ))
     if unit.HasField("compositional"):
         comp = unit.compositional

@@ -136,3 +136,22 @@ def test_exports_are_served_as_their_method_stored_them(store: LocalStore) -> No
 def test_formula_leaves() -> None:
     assert results.formula_leaves("(water OR river) AND NOT blue") == ["water", "river", "blue"]
     assert results.formula_leaves("traffic_light") == ["traffic_light"]
+
+
+def test_significant_only_keeps_units_whose_label_passes_and_rows_show_the_checks(
+    store: LocalStore,
+) -> None:
+    store.put_json(keys.result_block(JOB, LAYER, "significance", 0, 4), {"units": [
+        {"unit": u, "label": "dog", "z": 6.0 - u, "p_value": 1e-9, "significant": u < 2}
+        for u in range(4)]})
+    units = results.unit_results(store, JOB, LAYER)
+    request = gateway_pb2.ListUnitsRequest(significant_only=True, detectors_only=True)
+    assert [u.unit for u in units if results.matches(u, request)] == [0]
+    assert "significance_z" in results.table_csv(LAYER, units).splitlines()[0]
+    result_store.write_summary(store, JOB, LAYER, "significance", {
+        "units": 4, "significant_detectors": 1, "q": 0.05})
+    result_store.write_summary(store, JOB, LAYER, "threshold_sweep", {"units": 4, "sweep": [
+        {"threshold": 0.005, "detectors": 3, "unique_labels": 2, "unchanged_fraction": 1.0}]})
+    rows = dict(results.summary_rows(result_store.layer_summary(store, JOB, LAYER, 4)))
+    assert rows["significant detectors (Benjamini–Hochberg)"] == "1"
+    assert rows["sweep 0.005"] == "3 detectors, 2 labels, 100% unchanged"
