@@ -127,19 +127,22 @@ def layers_table(title: str, rows: Sequence[tuple[str, str, str]]) -> Table:
 
 
 def results_table(layer: str, units: Sequence[common_pb2.UnitResult], limit: int = 0) -> Table:
-    """A long table: one row per (unit, method) with the answer, its score and simulation ρ.
+    """A long table: one row per (unit, method) with the answer, its score, ρ and α.
 
     Scores: IoU for netdissect and compositional, the similarity for clip_dissect, the
     validation correlation for linear, log p(caption) for milan; for significance the
     grid IoU of the NetDissect label, with its z, p and whether it passes
-    Benjamini–Hochberg (`✓`). `*` marks a detector.
+    Benjamini–Hochberg (`✓`). `*` marks a detector. ρ is simulation's correlation and
+    α ablation's score of the answer; an occlusion row names the concept whose
+    occlusion drops the unit most (`✓` when it is the NetDissect label), scored by the
+    drop for the unit's own label.
     """
     shown = list(units)[: limit or None]
     methods = [m for m in results.UNIT_METHODS if any(u.HasField(m) for u in shown)]
-    table = Table("unit", "method", "explanation", "score", "ρ", title=f"layer {layer}")
+    table = Table("unit", "method", "explanation", "score", "ρ", "α", title=f"layer {layer}")
     for unit in shown:
-        present = [m for m in methods if unit.HasField(m)]
-        for i, method in enumerate(present):
+        rows: list[tuple[str, str, str, str, str]] = []
+        for method in (m for m in methods if unit.HasField(m)):
             answer = getattr(unit, method)
             if method == "netdissect":
                 mark = "*" if answer.detector else ""
@@ -157,6 +160,13 @@ def results_table(layer: str, units: Sequence[common_pb2.UnitResult], limit: int
             else:
                 text, score = answer.caption, answer.logp_caption
             rho = f"{unit.simulation[method]:.3f}" if method in unit.simulation else ""
-            table.add_row(str(unit.unit) if i == 0 else "", method, text, f"{score:.3f}", rho,
-                          end_section=i == len(present) - 1)
+            alpha = f"{unit.ablation[method]:.3f}" if method in unit.ablation else ""
+            rows.append((method, text, f"{score:.3f}", rho, alpha))
+        if unit.HasField("occlusion"):
+            occ = unit.occlusion
+            mark = " ✓" if occ.matches_netdissect else ""
+            text = f"drops most for {occ.top_concept or '(none)'} ({occ.top_drop:.0%}){mark}"
+            rows.append(("occlusion", text, f"{occ.own_drop:.3f}", "", ""))
+        for i, row in enumerate(rows):
+            table.add_row(str(unit.unit) if i == 0 else "", *row, end_section=i == len(rows) - 1)
     return table

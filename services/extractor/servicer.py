@@ -261,7 +261,11 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
             local_path(request.labels_uri, "ablation.labels_uri", self.settings)
             if request.labels_uri else None
         )
-        labels_key = store_classes(self.store, table, labels_path, heads.classes)
+        # Without any head there is nothing to score and no need for classes.
+        labels_key = (
+            store_classes(self.store, table, labels_path, heads.classes)
+            if heads.head_keys else ""
+        )
         return extractor_pb2.ClassifierHeadResponse(
             head_keys=heads.head_keys, notes=heads.notes, labels_key=labels_key,
             classes=heads.classes,

@@ -21,10 +21,15 @@ from neurodissect.v1 import common_pb2, gateway_pb2
 
 from services.common import result_store
 from services.common.result_store import UNIT_METHODS
-from services.common.spec_vocabulary import SCORING_METHOD
+from services.common.spec_vocabulary import ABLATION_METHOD, OCCLUSION_METHOD, SCORING_METHOD
 from services.common.store import ObjectStore
 
 _OPERATORS = re.compile(r"\bAND NOT\b|\bAND\b|\bOR\b|\bNOT\b|[()]")
+
+
+def _scores(row: dict[str, Any], method: str) -> dict[str, float]:
+    """A stored score row's values by method ("NaN" read as NaN)."""
+    return {str(m): float(v) for m, v in row.get(method, {}).items()}
 
 
 def _simulation_values(row: dict[str, Any]) -> dict[str, float]:
@@ -56,6 +61,15 @@ def unit_results(
         store, job_id, layer, SCORING_METHOD, u0, u1
     ).items():
         unit(number).simulation.update(_simulation_values(row))
+    for number, row in result_store.read_rows(
+        store, job_id, layer, OCCLUSION_METHOD, u0, u1
+    ).items():
+        fields = {k: v for k, v in row.items() if k != "unit"}
+        json_format.ParseDict(fields, unit(number).occlusion, ignore_unknown_fields=True)
+    for number, row in result_store.read_rows(
+        store, job_id, layer, ABLATION_METHOD, u0, u1
+    ).items():
+        unit(number).ablation.update(_scores(row, ABLATION_METHOD))
     return [units[n] for n in sorted(units)]
 
 
@@ -127,6 +141,25 @@ def summary_rows(summary: common_pb2.LayerSummary) -> list[tuple[str, str]]:
             (f"simulation ρ {method}", f"{mean:.3f} ± {summary.simulation_sem[method]:.3f}")
             for method, mean in sorted(summary.simulation_mean.items())
         ]
+    if OCCLUSION_METHOD in summary.methods:
+        occ = summary.occlusion
+        rows += [
+            (f"occlusion ({occ.fill} fill)",
+             f"{occ.regions} regions of {occ.concepts} concepts, {occ.forward_passes} forward"
+             f" passes, {occ.seconds:.1f} s"),
+            ("occlusion ρ(drop, IoU), mean over concepts", f"{occ.mean_correlation:.3f}"),
+            ("detectors dropping for their own label",
+             f"{occ.detectors_dropping:.0%} of {occ.detectors_tested}"),
+        ]
+        if occ.note:
+            rows.append(("occlusion note", occ.note))
+    if ABLATION_METHOD in summary.methods:
+        if summary.ablation_note:
+            rows.append(("ablation", summary.ablation_note))
+        rows += [
+            (f"ablation α {method}", f"{mean:.3f} ± {summary.ablation_sem[method]:.3f}")
+            for method, mean in sorted(summary.ablation_mean.items())
+        ]
     return rows
 
 
@@ -145,6 +178,10 @@ def unit_dict(unit: common_pb2.UnitResult) -> dict[str, Any]:
             out[method] = message_dict(getattr(unit, method))
     if unit.simulation:
         out["simulation"] = dict(sorted(unit.simulation.items()))
+    if unit.HasField(OCCLUSION_METHOD):
+        out[OCCLUSION_METHOD] = message_dict(unit.occlusion)
+    if unit.ablation:
+        out[ABLATION_METHOD] = dict(sorted(unit.ablation.items()))
     return out
 
 
@@ -157,8 +194,9 @@ def _csv(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 
 def table_csv(layer: str, units: Sequence[common_pb2.UnitResult]) -> str:
-    """One row per unit with each method's answer and score, and simulation ρ per method."""
+    """One row per unit: each method's answer and score, simulation ρ, occlusion, ablation α."""
     simulated = sorted({m for u in units for m in u.simulation})
+    ablated = sorted({m for u in units for m in u.ablation})
     header = ["layer", "unit"]
     header += ["netdissect_label", "netdissect_category", "netdissect_iou", "detector"]
     header += ["compositional_formula", "compositional_iou"]
@@ -166,6 +204,9 @@ def table_csv(layer: str, units: Sequence[common_pb2.UnitResult]) -> str:
     header += ["linear_explanation", "linear_val_corr", "milan_caption"]
     header += ["significance_z", "significance_p", "significant"]
     header += [f"simulation_{m}" for m in simulated]
+    header += ["occlusion_top_concept", "occlusion_top_drop", "occlusion_own_drop",
+               "occlusion_matches_netdissect"]
+    header += [f"ablation_{m}" for m in ablated]
     rows = []
     for u in units:
         nd, comp, cd, lin = u.netdissect, u.compositional, u.clip_dissect, u.linear
@@ -186,5 +227,13 @@ def table_csv(layer: str, units: Sequence[common_pb2.UnitResult]) -> str:
             else ["", "", ""]
         )
         row += [f"{u.simulation[m]:.6f}" if m in u.simulation else "" for m in simulated]
+        occ = u.occlusion
+        row += (
+            [occ.top_concept, f"{occ.top_drop:.6f}", f"{occ.own_drop:.6f}",
+             occ.matches_netdissect]
+            if u.HasField(OCCLUSION_METHOD)
+            else ["", "", "", ""]
+        )
+        row += [f"{u.ablation[m]:.6f}" if m in u.ablation else "" for m in ablated]
         rows.append(row)
     return _csv(header, rows)

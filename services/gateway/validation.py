@@ -39,6 +39,9 @@ from services.common.concept_set import read_concept_set
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.common.settings import Settings
 from services.common.spec_vocabulary import (
+    ABLATION_METHOD,
+    ABLATION_TEMPERATURE,
+    ABLATION_VARIANTS,
     ABORT_FRACTION,
     ABORT_IMAGES,
     ACTIVATION_DTYPES,
@@ -51,6 +54,7 @@ from services.common.spec_vocabulary import (
     DATASET_KINDS,
     DEFAULT_COMPOSITIONAL_MODE,
     DETECTOR_IOU,
+    DROP_THRESHOLD,
     EXPANSION_NEIGHBOURS,
     FORMULA_LENGTH,
     FORMULA_SCORES,
@@ -66,6 +70,8 @@ from services.common.spec_vocabulary import (
     MANUAL_FRACTION,
     MAX_BAD_FRACTION,
     MAX_LAYERS,
+    MAX_REGIONS,
+    MAX_SEED,
     MAX_SWEEP_POINTS,
     MAX_TEXT,
     MAX_TOP_K_PRIMITIVES,
@@ -79,11 +85,14 @@ from services.common.spec_vocabulary import (
     NAME,
     NETDISSECT_CHECKS,
     NETDISSECT_EXEMPLARS,
+    OCCLUSION_FILLS,
+    OCCLUSION_METHOD,
     OPERATOR_SETS,
     PERMUTATIONS,
     PMI_LAMBDA,
     POOLINGS,
     PREPROCESSING,
+    SCORED_METHODS,
     SIMILARITIES,
     SWEEP_PERCENTILES,
     SWEEP_QUANTILES,
@@ -180,6 +189,7 @@ class SpecValidator:
         self._dataset(spec.dataset)
         self._compute(spec.compute)
         self._methods(spec)
+        self._verification(spec)
         description = self.describe(spec.model)
         self._layers_exist(spec, description)
         return spec, description
@@ -451,6 +461,39 @@ class SpecValidator:
             _int_range(
                 sig.permutations, 0, PERMUTATIONS.high, "significance.permutations", "none"
             )
+
+    def _verification(self, spec: common_pb2.DissectionSpec) -> None:
+        """Occlusion and ablation (specs/verification.md): what they check must run too."""
+        if spec.HasField(OCCLUSION_METHOD):
+            occ = spec.occlusion
+            if not spec.HasField("netdissect"):
+                raise InvalidArgument(
+                    "it compares units' drops with NetDissect's labels: set netdissect as well",
+                    OCCLUSION_METHOD,
+                )
+            if spec.dataset.kind == "imagefolder":
+                raise InvalidArgument(
+                    "occlusion hides annotated regions: an imagefolder dataset has none "
+                    "(use broden or toyworld)", OCCLUSION_METHOD,
+                )
+            _choice(occ.fill, OCCLUSION_FILLS, "occlusion.fill")
+            _count(occ.max_regions, MAX_REGIONS, "occlusion.max_regions")
+            _int_range(occ.seed, 0, MAX_SEED, "occlusion.seed")
+            if occ.HasField("drop_threshold"):
+                _bounded(occ.drop_threshold, DROP_THRESHOLD, "occlusion.drop_threshold")
+        if spec.HasField(ABLATION_METHOD):
+            abl = spec.ablation
+            if not any(spec.HasField(m) for m in SCORED_METHODS):
+                raise InvalidArgument(
+                    "it scores the methods' answers: set at least one of "
+                    + ", ".join(SCORED_METHODS), ABLATION_METHOD,
+                )
+            _choice(abl.variant, ABLATION_VARIANTS, "ablation.variant")
+            if abl.HasField("temperature"):
+                _bounded(abl.temperature, ABLATION_TEMPERATURE, "ablation.temperature")
+            if abl.labels_uri:
+                self.local_path(abl.labels_uri, "ablation.labels_uri")
+            _int_range(abl.seed, 0, MAX_SEED, "ablation.seed")
 
     def _layers_exist(
         self, spec: common_pb2.DissectionSpec, description: common_pb2.DescribeModelResponse

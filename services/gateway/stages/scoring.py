@@ -29,6 +29,22 @@ def simulator_embeddings(ctx: StageContext, texts: list[str]) -> explainer_pb2.C
     return embeddings
 
 
+def simulator_texts(ctx: StageContext) -> list[str]:
+    """Every label and caption the methods stored, to embed with the simulator's CLIP.
+
+    Empty when no simulator CLIP is configured (the simulator is the label matrix).
+    """
+    job, spec = ctx.job, ctx.job.spec
+    if not spec.simulation.simulator.arch:
+        return []
+    return sorted({
+        text
+        for layer in spec.layers
+        for unit in results.unit_results(ctx.store, job.id, layer)
+        for text in results.unit_labels(unit)
+    })
+
+
 def run(ctx: StageContext) -> None:
     """Enter REPORTING and simulate every layer not scored yet, streaming unit progress."""
     ctx.enter(common_pb2.REPORTING)
@@ -47,17 +63,10 @@ def run(ctx: StageContext) -> None:
     ctx.save(clock.progress(sum(done.values()), total, SCORING_METHOD))
     if not todo:
         return
-    texts: list[str] = []
-    if spec.simulation.simulator.arch:
-        texts = sorted({
-            text
-            for layer in spec.layers
-            for unit in results.unit_results(ctx.store, job.id, layer)
-            for text in results.unit_labels(unit)
-        })
-        if texts:
-            message = f"embedding {len(texts)} labels and captions with the simulator's CLIP"
-            ctx.save(clock.progress(sum(done.values()), total, message))
+    texts = simulator_texts(ctx)
+    if texts:
+        message = f"embedding {len(texts)} labels and captions with the simulator's CLIP"
+        ctx.save(clock.progress(sum(done.values()), total, message))
     embeddings = simulator_embeddings(ctx, texts)
     for layer in todo:
         request = explainer_pb2.ExplainRequest(
