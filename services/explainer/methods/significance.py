@@ -266,19 +266,28 @@ class Significance(ExplainMethod):
     def summary(
         self, stage: Stage, params: Any, rows: Mapping[int, Mapping[str, Any]]
     ) -> dict[str, Any]:
-        """Significant detectors (NetDissect detectors whose label passes) and units."""
+        """Significant detectors (NetDissect detectors whose label passes) and units.
+
+        With permutations, `significant_not_permutation` counts the significant units
+        whose permutation p is above q: their placement null is in doubt.
+        """
         plan = stage.plan
         detectors = {
             u for u, r in read_rows(stage.store, plan.job_id, plan.layer, NetDissect.name).items()
             if r.get("detector", False)
         }
         significant = {u for u, r in rows.items() if r.get("significant", False)}
-        return {
+        summary = {
             "units": len(rows),
             "significant_detectors": len(significant & detectors),
             "significant_units": len(significant),
             "q": params.q,
         }
+        if params.permutations:
+            summary["significant_not_permutation"] = sum(
+                float(rows[u].get("permutation_p", 0.0)) > params.q for u in significant
+            )
+        return summary
 
     def exports(
         self, stage: Stage, params: Any, rows: Mapping[int, Mapping[str, Any]]

@@ -103,6 +103,31 @@ def test_random_masks_rarely_pass_and_their_z_is_standard(
     assert -0.5 < np.mean(zs) < 0.1 and 0.8 < np.std(zs) < 1.2
 
 
+def test_the_permutation_check_stays_calibrated_on_spatially_coherent_random_masks(
+    store: LocalStore, planted: PlantedLayer
+) -> None:
+    """Random 2×2 blocks, independent of the labels: uniform placement overstates them."""
+    masks, grid = _planted_grids(store, planted)
+    low = checked = inflated = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        blocks = np.zeros((planted.n_images, 1, RAW, RAW), bool)
+        for i, (y, x) in enumerate(rng.integers(0, RAW - 1, size=(planted.n_images, 2))):
+            blocks[i, 0, y : y + 2, x : x + 2] = True
+        tally = GridOverlapTally(1, masks, grid)
+        tally.update(0, blocks)
+        o = tally.result(np.array([-1]))
+        z = z_scores(o.intersection, o.expected, o.variance)[0]
+        for k in np.flatnonzero(o.variance[0] > 0):
+            p = permutation_p(grid.pack(blocks[:, 0]), masks[k], 99, rng)
+            low += p <= 0.05
+            checked += 1
+            inflated += z[k] > 1.645
+    assert checked >= 20 * len(OBJECTS)
+    assert low / checked < 0.1  # about 5%
+    assert inflated / checked > 0.15  # the placement null's 5% tail holds about 29%
+
+
 def test_the_permutation_check_sees_a_unit_equal_to_a_label_and_not_a_shuffled_one() -> None:
     rng = np.random.default_rng(1)
     grid = Grid(3, 3)
