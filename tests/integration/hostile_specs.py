@@ -37,6 +37,13 @@ def _set(path: str, value: object) -> Callable[[Spec], None]:
     return spoil
 
 
+def _sweep(quantiles: list[float]) -> Callable[[Spec], None]:
+    def spoil(spec: Spec) -> None:
+        spec.threshold_sweep.quantiles.extend(quantiles)
+
+    return spoil
+
+
 def _layers(names: list[str]) -> Callable[[Spec], None]:
     def spoil(spec: Spec) -> None:
         del spec.layers[:]
@@ -87,6 +94,14 @@ HOSTILE: list[Hostile] = [
             "netdissect.detector_threshold"),
     Hostile("unknown iou_mode", _set("netdissect.iou_mode", "median"), INVALID,
             "netdissect.iou_mode"),
+    Hostile("image percentile outside per_image", _set("netdissect.image_percentile", 50.0),
+            INVALID, "netdissect.image_percentile"),
+    Hostile("NaN significance rate", _set("significance.q", math.nan), INVALID,
+            "significance.q"),
+    Hostile("huge permutation count", _set("significance.permutations", 2_000_000_000),
+            INVALID, "significance.permutations"),
+    Hostile("sweep quantile above 1", _sweep([0.01, 7.0]), INVALID,
+            "threshold_sweep.quantiles[1]"),
     Hostile("unknown similarity", _clip_similarity, INVALID, "clip_dissect.similarity"),
     Hostile("negative batch size", _set("compute.batch_size", -8), INVALID, "compute.batch_size"),
     Hostile("huge unit block", _set("compute.unit_block_size", 2_000_000_000), INVALID,
