@@ -125,3 +125,12 @@ def test_unextracted_dataset_is_refused(tmp_path: Path, toy_root: Path) -> None:
                           COMPUTE, OcclusionConfig("black", 10, 0))
     with pytest.raises(FailedPrecondition, match="Extract"):
         list(occlusion.run())
+
+
+def test_the_blur_fill_runs_and_hides_exact_colours(tmp_path: Path, toy_root: Path) -> None:
+    _, stored, names, _ = _planted_run(tmp_path, toy_root, "blur", max_regions=60)
+    delta = stored["delta"]
+    assert stored["regions"].sum() == 60
+    # A blurred region's pixels leave the palette (σ = 0.06): colour units lose most.
+    own = [delta[u, names.index(c)] for u, c in planted_units().items() if c in names]
+    assert np.nanmean(own) < -0.5, own
