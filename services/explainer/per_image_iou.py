@@ -8,7 +8,8 @@ Follows specs/verification.md (reference: TreeLLi/inner-detectors), the `per_ima
    upsampled map is thresholded strictly above it (`>`), so an all-zero map gives
    an empty mask, never a full one.
 2. `PerImageTally` — streamed over image chunks: M_u(x) = bilinear_resize(raw_u(x))
-   > t_u(x) (PIL BILINEAR, `unit_masks.count_masks` with per-image thresholds), and
+   > t_u(x) (PIL BILINEAR, `unit_masks.count_decoded` with per-image thresholds, on
+   the chunk's decoded labels), and
    for every image x holding label c, IoU(M_u(x), L_c(x)). An image-level label's
    L_c(x) is the whole image.
 3. `dissect_per_image` — mIoU(u, c) = Σ_{x ∋ c} IoU(M_u(x), L_c(x)) / #{x ∋ c}: the
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.probe_format import ConceptTable, LabelChunk
+from services.common.probe_format import ConceptTable
 from services.common.spec_vocabulary import (
     DETECTOR_IOU,
     IMAGE_PERCENTILE,
@@ -38,7 +39,7 @@ from services.common.spec_vocabulary import (
     TOP_CONCEPTS,
 )
 from services.explainer.netdissect import LabelMatch, UnitDissection
-from services.explainer.unit_masks import count_masks
+from services.explainer.unit_masks import DecodedLabels, count_decoded
 
 
 def image_thresholds(acts: np.ndarray, percentile: float = IMAGE_PERCENTILE.default) -> np.ndarray:
@@ -99,14 +100,15 @@ class PerImageTally:
         self._top_values = np.zeros((n_units, 0), dtype=np.float32)
         self._top_images = np.zeros((n_units, 0), dtype=np.int64)
 
-    def update(self, acts: np.ndarray, labels: LabelChunk) -> None:
-        """Add one chunk: (n, U, h, w) float32 activations of images [labels.i0, labels.i1)."""
+    def update(self, acts: np.ndarray, labels: DecodedLabels) -> None:
+        """Add one chunk: (n, U, h, w) float32 activations of the images of `labels`.
+
+        `labels` were decoded with the same `label_categories`.
+        """
         acts = np.asarray(acts, dtype=np.float32)
         n, n_units = acts.shape[:2]
         width = len(self.label_categories)
-        counts = count_masks(
-            acts, labels, image_thresholds(acts, self.percentile), self.label_categories
-        )
+        counts = count_decoded(acts, labels, image_thresholds(acts, self.percentile))
         sets = counts.sets
         # (n, L + 1) pixels of each label in each image (rows are padded with label 0).
         set_image = np.repeat(np.arange(n), np.diff(sets.first_set))

@@ -4,8 +4,8 @@ Follows specs/verification.md (reference: inner-detectors' `activ_thres.py`): th
 labelling is re-run with the threshold swept over a list, with no forward pass —
 dataset-wide top quantiles (`quantile_sweep`: T_u at each quantile, `netdissect.IoUTally`
 under the job's `iou_mode`) or, in the per_image mode, per-image percentiles
-(`percentile_sweep`, `per_image_iou.PerImageTally`). Every threshold's tally reads
-each label chunk once.
+(`percentile_sweep`, `per_image_iou.PerImageTally`). Each decoded label chunk is read
+once and counted by every threshold's tally.
 
 Per layer (`sweep_points`): for every threshold, the detectors, their unique labels
 and the fraction of units whose label equals their label at the job's own threshold.
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.probe_format import ConceptTable, LabelChunk
+from services.common.probe_format import ConceptTable
 from services.common.spec_vocabulary import DatasetIoUMode
 from services.explainer import netdissect, per_image_iou
+from services.explainer.unit_masks import DecodedLabels, count_decoded
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class SweepLabel:
 
 def quantile_sweep(
     acts_chunks: Callable[[], Iterable[np.ndarray]],
-    labelled_chunks: Iterable[tuple[np.ndarray, LabelChunk]],
+    labelled_chunks: Iterable[tuple[np.ndarray, DecodedLabels]],
     quantiles: Sequence[float],
     concepts: ConceptTable,
     iou_mode: DatasetIoUMode,
@@ -45,7 +46,7 @@ def quantile_sweep(
 
     `acts_chunks()` yields the block's (n, U, h, w) float32 chunks (called twice per
     quantile for the exact thresholds); `labelled_chunks` yields them once more with
-    their label chunks.
+    their labels decoded for the layer's grid.
     """
     label_categories = concepts.label_categories()
     tallies = [
@@ -57,7 +58,7 @@ def quantile_sweep(
     ]
     for acts, labels in labelled_chunks:
         for tally in tallies:
-            tally.update(acts, labels)
+            tally.add(count_decoded(acts, labels, tally.thresholds))
     found = [
         netdissect.dissect(tally.result(), concepts, iou_mode, detector_iou) for tally in tallies
     ]
@@ -65,7 +66,7 @@ def quantile_sweep(
 
 
 def percentile_sweep(
-    labelled_chunks: Iterable[tuple[np.ndarray, LabelChunk]],
+    labelled_chunks: Iterable[tuple[np.ndarray, DecodedLabels]],
     percentiles: Sequence[float],
     concepts: ConceptTable,
     detector_iou: float,

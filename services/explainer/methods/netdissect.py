@@ -19,12 +19,13 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from neurodissect.v1 import common_pb2
 
 from services.common import keys
 from services.common.activations import iter_units
 from services.common.errors import InvalidArgument
-from services.common.probe_format import ConceptTable, read_label_chunk
+from services.common.probe_format import ConceptTable
 from services.common.result_store import message_row
 from services.common.spec_vocabulary import (
     DEFAULT_IOU_MODE,
@@ -180,7 +181,7 @@ class NetDissect(ExplainMethod):
         """
         table, band_start = shared
         if params.iou_mode == "per_image":
-            return per_image_rows(store, plan, params, u0, u1, table)
+            return per_image_rows(store, plan, params, u0, u1, table, band_start)
         thresholds = netdissect.unit_thresholds(
             lambda: (acts for _, acts in iter_units(store, plan.manifest, u0, u1)),
             params.top_quantile,
@@ -245,16 +246,19 @@ def per_image_rows(
     u0: int,
     u1: int,
     table: ConceptTable,
+    band_start: np.ndarray,
 ) -> list[dict[str, Any]]:
     """The per_image mode's rows of units [u0, u1) (`per_image_iou`); stores its tally part.
 
-    One streaming pass: each chunk's maps are thresholded at their own percentiles.
+    One streaming pass: each chunk's maps are thresholded at their own percentiles and
+    counted against the chunk's decoded labels (`band_start` of the layer's grid).
     """
     tally = per_image_iou.PerImageTally(
         u1 - u0, table.label_categories(), params.image_percentile, u0, params.exemplars
     )
     for i0, acts in iter_units(store, plan.manifest, u0, u1):
-        tally.update(acts, read_label_chunk(store, plan.dataset_key, i0, i0 + len(acts)))
+        tally.update(acts, decoded_labels.read_decoded(store, table, band_start, i0,
+                                                       i0 + len(acts)))
     found = per_image_iou.dissect_per_image(tally.result(), table, params.detector_iou)
     store.put(
         tally_part_key(plan.job_id, plan.layer, u0, u1),

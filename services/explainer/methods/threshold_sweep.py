@@ -20,7 +20,6 @@ from neurodissect.v1 import common_pb2
 
 from services.common.activations import iter_units
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.probe_format import read_label_chunk
 from services.common.result_store import covered, read_rows, sweep_row
 from services.common.spec_vocabulary import (
     MAX_SWEEP_POINTS,
@@ -29,7 +28,7 @@ from services.common.spec_vocabulary import (
     DatasetIoUMode,
 )
 from services.common.store import ObjectStore
-from services.explainer import threshold_sweep
+from services.explainer import decoded_labels, threshold_sweep
 from services.explainer.explain_plan import ExplainPlan
 from services.explainer.method_contract import ExplainMethod, Shared
 from services.explainer.methods.netdissect import NetDissect, netdissect_needed
@@ -96,7 +95,7 @@ class ThresholdSweep(ExplainMethod):
         return ThresholdSweepParams(thresholds, nd.iou_mode, nd.detector_iou)
 
     def prepare(self, stage: Stage, params: Any) -> Generator[str, None, Shared]:
-        """The concept table, shared, once NetDissect's labels are stored."""
+        """The concept table, shared, and the decoded label maps (NetDissect's, stored)."""
         plan = stage.plan
         yield "reading the concept table"
         if not covered(stage.store, plan.job_id, plan.layer, NetDissect.name, plan.n_units):
@@ -105,7 +104,12 @@ class ThresholdSweep(ExplainMethod):
                 " compares with its labels (run netdissect first)",
                 "methods",
             )
-        return (stage.shared.table_ref(),)
+        table = stage.shared.table()
+        band_start = decoded_labels.grid_bands(table, plan.manifest.shape[2:])
+        yield from decoded_labels.store_missing(
+            stage.settings, stage.store, table, band_start, stage.is_active
+        )
+        return stage.shared.table_ref(), band_start
 
     def block_rows(
         self,
@@ -117,9 +121,9 @@ class ThresholdSweep(ExplainMethod):
         *shared: Any,
     ) -> list[dict[str, Any]]:
         """Units [u0, u1) labelled at every threshold of the sweep."""
-        (table,) = shared
+        table, band_start = shared
         labelled = (
-            (acts, read_label_chunk(store, plan.dataset_key, i0, i0 + len(acts)))
+            (acts, decoded_labels.read_decoded(store, table, band_start, i0, i0 + len(acts)))
             for i0, acts in iter_units(store, plan.manifest, u0, u1)
         )
         if params.iou_mode is None:

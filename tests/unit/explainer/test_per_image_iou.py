@@ -19,11 +19,13 @@ from services.common.probe_format import read_concepts, read_label_chunk
 from services.common.settings import Settings
 from services.common.store import LocalStore
 from services.explainer import sharding
+from services.explainer.decoded_labels import grid_bands
 from services.explainer.explain_plan import plan_request
 from services.explainer.methods import EXPLAINER_METHODS
 from services.explainer.per_image_iou import PerImageTally, dissect_per_image, image_thresholds
 from services.explainer.servicer import explain
-from tests.fixtures.planted_layer import MASK, OBJECTS, PlantedLayer, write_planted
+from services.explainer.unit_masks import decode_labels
+from tests.fixtures.planted_layer import MASK, OBJECTS, RAW, PlantedLayer, write_planted
 
 N_IMAGES, N_UNITS = 40, 9
 
@@ -73,10 +75,12 @@ def test_mean_iou_equals_the_direct_per_image_computation(
     manifest = read_manifest(store, planted.acts_key, planted.layer)
     table = read_concepts(store, planted.dataset_key)
     direct = _direct_mean_iou(store, planted, percentile)
+    band_start = grid_bands(table, (RAW, RAW))
     for u0, u1 in manifest.unit_ranges():
         tally = PerImageTally(u1 - u0, table.label_categories(), percentile, first_unit=u0)
         for i0, acts in iter_units(store, manifest, u0, u1):
-            tally.update(acts, read_label_chunk(store, planted.dataset_key, i0, i0 + len(acts)))
+            chunk = read_label_chunk(store, planted.dataset_key, i0, i0 + len(acts))
+            tally.update(acts, decode_labels(chunk, table.label_categories(), band_start))
         counts = tally.result()
         np.testing.assert_allclose(counts.mean_iou(), direct[u0:u1], rtol=0, atol=1e-12)
         for d in dissect_per_image(counts, table):
