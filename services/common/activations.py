@@ -158,3 +158,16 @@ def read_pooled(store: ObjectStore, acts_key: str, layer: str) -> tuple[np.ndarr
     """Return the layer's spatial (mean, max) per image and unit: two (N, U) float32 arrays."""
     arrays = store.get_arrays(keys.pooled(acts_key, layer))
     return arrays["mean"].astype(np.float32), arrays["max"].astype(np.float32)
+
+
+def iter_pooled(
+    store: ObjectStore, manifest: ActivationManifest, kind: str
+) -> Iterator[np.ndarray]:
+    """Yield each stored image chunk's (n, U) float32 spatial `kind` ("mean" | "max"), in order.
+
+    The chunks the extractor stores before the whole layer's `pooled.npz`, with the same
+    values: memory is one chunk, whatever the number of images.
+    """
+    for i0, i1 in manifest.image_ranges():
+        arrays = store.get_arrays(keys.pooled_chunk(manifest.acts_key, manifest.layer, i0, i1))
+        yield arrays[kind].astype(np.float32)

@@ -18,6 +18,7 @@ heads/{model_key}/{layer}.npz                          classifier head reading a
 probe/{dataset_key}/classes/{labels_key}.npy           (N,) class per probe image
 embed/{dataset_key}/{clip_key}/images.npy              (N, D) CLIP image embeddings
 embed/text/{clip_key}/{texts_key}.npz                  names (C,) + (C, D) CLIP text embeddings
+embed/probs/{digest}/c{m0}-{m1}/i{i0}-{i1}.npy         P̃ = softmax(a·S) in image × concept pieces
 results/{job_id}/{layer}/{method}/u{u0}-{u1}.json      one object per unit block
 results/{job_id}/{layer}/{method}/summary.json         per-layer summary of one method
 reports/{job_id}/...                                   static copy of the web UI's pages
@@ -146,6 +147,11 @@ def image_embeddings(dataset_key: str, clip_key: str) -> str:
 
 def text_embeddings(clip_key: str, texts_key: str) -> str:
     return f"embed/text/{clip_key}/{texts_key}.npz"
+
+
+def concept_probs(digest: str, m0: int, m1: int, i0: int, i1: int) -> str:
+    """Concepts [m0, m1) of P̃ on images [i0, i1); `digest`: `content_key` of embeddings, a."""
+    return f"embed/probs/{digest}/{span('c', m0, m1)}/{span('i', i0, i1)}.npy"
 
 
 def result_block(job_id: str, layer: str, method: str, u0: int, u1: int) -> str:

@@ -99,6 +99,8 @@ class WpmiParams:
 SOFT_WPMI = WpmiParams(top_k=100, a=10.0, lam=1.0, p_start=0.998, p_end=0.97)
 WPMI = WpmiParams(top_k=28, a=2.0, lam=0.6, p_start=1.0, p_end=1.0)
 _WPMI_PARAMS = {"soft_wpmi": SOFT_WPMI, "wpmi": WPMI}
+# The similarity functions scored from each unit's top images (`wpmi_rows`, `TopImages`).
+WPMI_SIMILARITIES = tuple(_WPMI_PARAMS)
 
 
 @dataclass(frozen=True)
@@ -367,17 +369,71 @@ def _padded_rows(n_rows: int, n_columns: int) -> torch.Tensor:
 
 
 def _wpmi_rows(by_unit: np.ndarray, probs: np.ndarray, params: WpmiParams) -> np.ndarray:
-    """L[k, m] for the units of (B, N) activations `by_unit` against (N, C) float32 P̃: (B, C).
+    """L[k, m] for the units of (B, N) activations `by_unit` against (N, C) float32 P̃: (B, C)."""
+    return _wpmi_rows_of_top(top_indices(by_unit, min(params.top_k, by_unit.shape[1])), probs,
+                             params)
+
+
+def wpmi_rows(method: str, top: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """L[k, m] of (soft-)WPMI from each unit's top images: (U, κ) int64 and (N, c) P̃ -> (U, c).
+
+    `top` as `TopImages.indices()` gives it, `probs` any columns of P̃ over all N images
+    (`prepare_concepts`). Each column of L depends only on that column of P̃, so the
+    layer's rows can be computed concept block by concept block; within a column the
+    arithmetic is `unit_rows`' own, so blocks whose starts are multiples of 64 concepts
+    give `unit_rows`' values bit for bit (`_padded_rows`).
+    """
+    params = _WPMI_PARAMS[check_method(method)]
+    return _wpmi_rows_of_top(top, np.asarray(probs, dtype=np.float32), params)
+
+
+class TopImages:
+    """Each unit's κ top images over image chunks streamed in order: `top_indices`' answer.
+
+    Memory is (U, κ) plus one chunk, whatever the number of images. Ties go to the
+    lower image index, as `top_indices` over all images at once has them.
+    """
+
+    def __init__(self, method: str) -> None:
+        self.top_k = _WPMI_PARAMS[check_method(method)].top_k
+        self._values = np.zeros((0, 0), dtype=np.float32)  # (U, k') best first
+        self._indices = np.zeros((0, 0), dtype=np.int64)
+        self._n_images = 0
+
+    def add(self, activations: np.ndarray) -> None:
+        """The next chunk of images: (n, U) activations (pooled), in image order."""
+        chunk = _transposed(np.asarray(activations))
+        if not np.isfinite(chunk).all():
+            raise InvalidArgument("activations hold NaN or infinite values", field="activations")
+        images = np.arange(self._n_images, self._n_images + chunk.shape[1])
+        if self._n_images:
+            chunk = np.concatenate([self._values, chunk], axis=1)
+            images = np.concatenate(
+                [self._indices, np.broadcast_to(images, (len(chunk), len(images)))], axis=1
+            )
+        else:
+            images = np.broadcast_to(images, chunk.shape)
+        # the kept images come first and have the lower indices: ties keep them
+        best = top_indices(chunk, min(self.top_k, chunk.shape[1]))
+        self._values = np.take_along_axis(chunk, best, axis=1)
+        self._indices = np.take_along_axis(images, best, axis=1)
+        self._n_images += len(activations)
+
+    def indices(self) -> np.ndarray:
+        """(U, min(κ, N)) int64 each unit's top images, largest activation first."""
+        return self._indices
+
+
+def _wpmi_rows_of_top(top: np.ndarray, probs: np.ndarray, params: WpmiParams) -> np.ndarray:
+    """L[k, m] for units with (B, κ) top images `top` against (N, C) float32 P̃: (B, C).
 
     A few units at a time (`_STEP_ELEMENTS` floats of factors), it gathers the P̃ rows of a
     group of their top images, adds d_j (see `WpmiParams.factor_offsets`), multiplies the
     group's factors (`_factor_groups`) and adds the log of the product. A unit's row comes
     out bit for bit the same, whatever block or step it falls in (`_padded_rows`).
     """
-    n_units, n_images = by_unit.shape
+    n_units, k = top.shape
     n_concepts = probs.shape[1]
-    k = min(params.top_k, n_images)
-    top = top_indices(by_unit, k)
     offsets, log_p = params.factor_offsets(k)
     d_col = torch.from_numpy(offsets)[:, None]
     groups = _factor_groups(offsets)

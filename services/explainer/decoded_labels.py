@@ -8,9 +8,9 @@ they are decoded once per chunk (`store_missing`, one Ray task per chunk) and st
 under a content key (`decoded_key`): every unit block of every layer with that grid,
 in this job and later ones, reads them (`read_decoded`) chunk by chunk, so the cost of
 a tally no longer grows with the number of unit blocks, and a block's memory stays
-that of one chunk. A chunk is stored uncompressed (`array_io.packed_bytes`: int16 pixel sets and band
-columns, about 32 KB per 112×112 image) and read back as views without copies:
-reading it must cost far less than decoding it.
+that of one chunk. A chunk is stored uncompressed (`array_io.packed_bytes`: int16
+pixel sets and band columns, about 32 KB per 112×112 image) and read back as views
+without copies: reading it must cost far less than decoding it.
 """
 
 from __future__ import annotations

@@ -393,3 +393,44 @@ def test_cos_cubed_column_means_accumulate_in_float64() -> None:
     cubed = (exact - exact.mean(axis=0)) ** 3
     expected = cubed / np.maximum(np.linalg.norm(cubed, axis=0), 1e-3)
     assert np.abs(clip_dissect._columns_cubed(x) - expected).max() < 1e-6
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 300])
+def test_top_images_streamed_in_chunks_are_the_top_indices_of_all_images(chunk: int) -> None:
+    rng = np.random.default_rng(21)
+    # few distinct values: many ties, which go to the lower image index
+    activations = rng.integers(0, 6, (300, 9)).astype(np.float32)
+    top = clip_dissect.TopImages("soft_wpmi")
+    for i0 in range(0, 300, chunk):
+        top.add(activations[i0 : i0 + chunk])
+    expected = top_indices(np.ascontiguousarray(activations.T), 100)
+    np.testing.assert_array_equal(top.indices(), expected)
+
+
+def test_top_images_of_fewer_images_than_kappa_keep_them_all() -> None:
+    activations = np.random.default_rng(22).standard_normal((30, 4)).astype(np.float32)
+    top = clip_dissect.TopImages("wpmi")
+    top.add(activations[:10])
+    top.add(activations[10:])
+    assert top.indices().shape == (4, 28)
+    np.testing.assert_array_equal(
+        top.indices(), top_indices(np.ascontiguousarray(activations.T), 28)
+    )
+
+
+@pytest.mark.parametrize("method", ["soft_wpmi", "wpmi"])
+def test_wpmi_rows_by_concept_blocks_are_unit_rows_bit_for_bit(method: str) -> None:
+    rng = np.random.default_rng(23)
+    n_images, n_units, n_concepts = 400, 12, 1000
+    similarity = rng.uniform(-0.4, 0.4, (n_images, n_concepts)).astype(np.float32)
+    activations = rng.standard_normal((n_images, n_units)).astype(np.float32)
+    prepared = clip_dissect.prepare_concepts(method, similarity)
+    dense = clip_dissect.unit_rows(method, activations, prepared)
+    top = clip_dissect.TopImages(method)
+    for i0 in range(0, n_images, 128):
+        top.add(activations[i0 : i0 + 128])
+    blocks = [
+        clip_dissect.wpmi_rows(method, top.indices(), prepared[:, m0 : m0 + 192])
+        for m0 in range(0, n_concepts, 192)
+    ]
+    np.testing.assert_array_equal(np.concatenate(blocks, axis=1), dense)

@@ -156,7 +156,7 @@ def test_layer_summaries_come_from_each_method_through_the_store(
     assert set(summary.simulation_mean) == {"netdissect", "clip_dissect"}
     # every slow step names itself before it runs
     messages = [p.message for p in progress if p.method == "clip_dissect"]
-    assert "CLIP similarities of the probe images and the concepts" in messages
+    assert "concept probabilities P̃ of the probe images" in messages
     assert messages.index("the layer's similarity and concept ranking") < messages.index(
         "units 0-8"
     )
