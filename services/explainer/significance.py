@@ -15,8 +15,11 @@ pixels, so a per-pixel null would overstate significance.
   with A = Σ n_i and L = Σ l_i fixed, so it grows with X: a test of X is a test of
   the IoU.
 - z = (X − E X − ½) / √Var X (continuity correction) and the one-sided p = P(Z ≥ z)
-  of the normal approximation to the sum over images (`upper_p`). Pairs with
-  Var X = 0 (a unit or label that is empty or fills every image) are not tested.
+  of the normal approximation to the sum over images (`upper_p`; it underflows to 0
+  beyond z ≈ 38). Pairs with Var X = 0 are not tested: a unit or label that is empty
+  or fills every image where it is present, which every image-level label (scene,
+  texture) does — placing a mask within an image cannot change its overlap with the
+  whole image; the permutation check still tests them.
 - Benjamini–Hochberg at rate q over every tested (unit, label) pair of the layer
   (`benjamini_hochberg`): a unit's best label is significant when its pair passes.
 - Check: a permutation null that keeps the masks' shapes, each permutation pairing

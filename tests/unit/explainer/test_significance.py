@@ -171,7 +171,9 @@ def test_planted_units_pass_with_tiny_p_values(
         assert row["label"] == netdissect[u]["label"]
         if label in OBJECTS:
             assert row["label"] == label and row["significant"], (u, row)
-            assert row["p_value"] < 1e-6 and row["z"] > 5 and row["iou"] > row["expected_iou"]
+            # p underflows to 0 (a default, so absent from the row) for the largest z
+            assert row.get("p_value", 0.0) < 1e-6 and row["z"] > 5
+            assert row["iou"] > row["expected_iou"]
             assert row["permutation_p"] == pytest.approx(1 / 201)
     summary = result_store.layer_summary(store, "sig", planted.layer, planted.n_units)
     detectors = {u for u, r in netdissect.items() if r.get("detector")}
