@@ -16,8 +16,9 @@ Under `results/{job}/{layer}/{method}/`:
   Its keys that are `LayerSummary` fields (proto names) are the figures shown in
   GetJob, the CLI and the report; other keys are kept for readers of the store.
 - export files (`spec_vocabulary.EXPORTS`: `netdissect/tally.csv`,
-  `clip_dissect/descriptions.csv`, `milan/captions.csv`, `compositional/formulas.csv`),
-  written by their method.
+  `clip_dissect/descriptions.csv`, `milan/captions.csv`, `compositional/formulas.csv`,
+  `threshold_sweep/sweep.csv`, `significance/significance.csv`, …), written by their
+  method.
 
 The explainer and the captioner write here; the gateway reads here; nothing else
 touches these keys.
