@@ -32,15 +32,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
 import torch
+from neurodissect.v1 import explainer_pb2
 
-from services.explainer import clip_dissect
+from services.common.store import LocalStore
+from services.explainer import clip_dissect, concept_probs
+from services.explainer.clip_dissect import top_indices
 
 IMAGES = 50_000
 CONCEPTS = 20_000
@@ -172,6 +178,125 @@ def _timed(
     return labels, best[0], best[1], peak
 
 
+@dataclass(frozen=True)
+class StreamedRun:
+    """The streamed soft-WPMI at one reduced size: peaks (tracemalloc MiB), CPU s, labels."""
+
+    images: int
+    concepts: int
+    units: int
+    driver_mib: float  # top images, then the layer's (U, C) rows, similarity, ranking, labels
+    probs_task_mib: float  # one task storing IMAGE_BLOCK rows of P̃
+    columns_task_mib: float  # one task computing CONCEPT_BLOCK columns of L
+    cpu_s: float
+    same_labels: bool  # as the dense path's on the same input
+    float16_agree: float  # labels with P̃ stored as float16, share equal to float32's
+
+
+def _traced_peak(call: Callable[[], object]) -> tuple[object, float]:
+    """`call()` and the peak MiB it allocated (numpy and Python allocations)."""
+    tracemalloc.start()
+    try:
+        value = call()
+        return value, tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def streamed(images: int, concepts: int, units: int, seed: int) -> StreamedRun:
+    """The explainer's streamed soft-WPMI through a local store, its steps run in this process.
+
+    As `ClipDissect._streamed_rows` and its tasks: top images from pooled chunks of 256
+    images, P̃ stored image block by image block, L columns concept block by concept
+    block, then the layer's similarity, ranking and labels. The labels are compared with
+    the dense path's (`ours`) on the same S and activations.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    image_vectors = torch.randn(images, EMBED_DIM, generator=generator).numpy()
+    text_vectors = torch.randn(concepts, EMBED_DIM, generator=generator).numpy()
+    activations = torch.randn(images, units, generator=generator).numpy()
+    embeddings = explainer_pb2.ConceptEmbeddings(image_key="images", text_key="texts")
+    digest = concept_probs.probs_digest(embeddings, "soft_wpmi")
+    probs_peak = columns_peak = 0.0
+    with tempfile.TemporaryDirectory() as root:
+        store = LocalStore(root)
+        cpu = time.process_time()
+
+        def top_images() -> np.ndarray:
+            top = clip_dissect.TopImages("soft_wpmi")
+            for i0 in range(0, images, 256):  # the stored pooled chunks, one at a time
+                top.add(activations[i0 : i0 + 256])
+            return top.indices()
+
+        top, driver_top = _traced_peak(top_images)
+        for i0, i1 in concept_probs.blocks(images, concept_probs.IMAGE_BLOCK):
+            _, peak = _traced_peak(lambda i0=i0, i1=i1: concept_probs.write_rows(  # type: ignore[misc]
+                store, digest, "soft_wpmi", image_vectors[i0:i1], text_vectors, i0))
+            probs_peak = max(probs_peak, peak)
+        columns = []
+        for m0, m1 in concept_probs.blocks(concepts, concept_probs.CONCEPT_BLOCK):
+            block, peak = _traced_peak(lambda m0=m0, m1=m1: clip_dissect.wpmi_rows(  # type: ignore[misc]
+                "soft_wpmi", top, concept_probs.read_columns(store, digest, images, m0, m1)))
+            columns.append(block)
+            columns_peak = max(columns_peak, peak)
+
+        def finish() -> np.ndarray:
+            rows = np.empty((units, concepts), np.float32)
+            for (m0, m1), block in zip(
+                concept_probs.blocks(concepts, concept_probs.CONCEPT_BLOCK), columns, strict=True
+            ):
+                rows[:, m0:m1] = block
+            return _labels(rows)
+
+        labels, driver_rows = _traced_peak(finish)
+        cpu = time.process_time() - cpu
+    similarity = clip_dissect.clip_similarity(image_vectors, text_vectors)
+    dense = ours(similarity.copy(), activations)
+    prepared = clip_dissect.prepare_concepts("soft_wpmi", similarity, overwrite=True)
+    rounded = prepared.astype(np.float16).astype(np.float32)
+    top_all = top_indices(np.ascontiguousarray(activations.T), clip_dissect.SOFT_WPMI.top_k)
+    half = _labels(clip_dissect.wpmi_rows("soft_wpmi", top_all, rounded))
+    return StreamedRun(
+        images, concepts, units, max(driver_top, driver_rows), probs_peak, columns_peak, cpu,
+        bool(np.array_equal(labels, dense)), float(np.mean(half == dense)),
+    )
+
+
+def _labels(rows: np.ndarray) -> np.ndarray:
+    """(U,) label index of each unit from the layer's (U, C) L rows."""
+    sim = clip_dissect.layer_similarity("soft_wpmi", rows)
+    rank = clip_dissect.layer_ranking("soft_wpmi", rows, sim)
+    concepts = [str(m) for m in range(sim.shape[1])]
+    return np.array(
+        [int(d.label) for d in clip_dissect.describe_units(sim, concepts, rank=rank)]
+    )
+
+
+def _streamed_notes(runs: list[StreamedRun]) -> str:
+    """The streamed runs' peaks and their projection to the full size."""
+    first, last = runs[0], runs[-1]
+    grow = (UNITS * CONCEPTS) / (last.units * last.concepts)
+    parts = [
+        f"{r.images}x{r.concepts}x{r.units}: driver {r.driver_mib:.0f} MiB, P̃ task "
+        f"{r.probs_task_mib:.0f} MiB, L-columns task {r.columns_task_mib:.0f} MiB, "
+        f"{r.cpu_s:.1f} CPU s, labels {'identical' if r.same_labels else 'DIFFER'}, "
+        f"float16 P̃ labels agree {100 * r.float16_agree:.1f}%"
+        for r in runs
+    ]
+    return (
+        f"Streamed as shipped (store, P̃ in {concept_probs.IMAGE_BLOCK}-image x "
+        f"{concept_probs.CONCEPT_BLOCK}-concept pieces), tracemalloc peaks: "
+        + "; ".join(parts)
+        + f". Driver (beyond a block) grows with units x concepts: x"
+        f"{(last.units * last.concepts) / (first.units * first.concepts):.0f} from the first "
+        f"size to the second took it x{last.driver_mib / max(first.driver_mib, 1e-9):.1f}; "
+        f"projected to {IMAGES}x{CONCEPTS}x{UNITS}: driver ~{last.driver_mib * grow:.0f} MiB, "
+        f"L-columns task ~{last.columns_task_mib * IMAGES / last.images:.0f} MiB, P̃ task "
+        f"~{last.probs_task_mib * CONCEPTS / last.concepts:.0f} MiB (target <= 1 GiB beyond "
+        f"a block)"
+    )
+
+
 def run() -> list[dict[str, object]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -185,6 +310,12 @@ def run() -> list[dict[str, object]]:
         base_labels, base_cpu, base_wall, base_mb = _timed(dense_baseline, small_s, small_a, 2)
         indexed_labels, indexed_cpu, _, _ = _timed(dense_indexed, small_s, small_a, 2)
         small_labels, small_cpu, _, small_mb = _timed(ours, small_s, small_a)
+        del small_s, small_a
+        runs = [
+            streamed(IMAGES // SHRINK, CONCEPTS // SHRINK, UNITS // SHRINK, seed=2),
+            streamed(IMAGES // (SHRINK // 2), CONCEPTS // (SHRINK // 2), UNITS // (SHRINK // 2),
+                     seed=3),
+        ]
     finally:
         torch.set_num_threads(threads)
     baseline = base_cpu * SHRINK
@@ -210,7 +341,8 @@ def run() -> list[dict[str, object]]:
                 f"ratio {base_cpu / small_cpu:.1f}; labels agree on {100 * agree:.1f}% of units. "
                 f"Baseline with rows picked by indexing (labels "
                 f"{'identical' if indexed_same else 'DIFFER'}): {indexed_cpu:.1f} CPU s, ×{SHRINK} "
-                f"= {indexed_cpu * SHRINK:.0f} CPU s, ratio {indexed_cpu * SHRINK / ours_cpu:.1f}"
+                f"= {indexed_cpu * SHRINK:.0f} CPU s, ratio {indexed_cpu * SHRINK / ours_cpu:.1f}. "
+                + _streamed_notes(runs)
             ),
         }
     ]

@@ -10,8 +10,9 @@ At 50,000 images × 20,000 concepts it is 4 GB: no process holds it whole. Inste
 2. `read_columns` gives one concept block over all images, which is what
    `clip_dissect.wpmi_rows` needs to compute those columns of every unit's L rows.
 
-Pieces are float32: stored as float16, P̃ moves L by up to ~1e-3 and changes labels
-(measured in bench_soft_wpmi), so the halved storage would cost the exact answer. The
+Pieces are float32, so that labels and scores are the dense path's bit for bit. float16
+would halve the pieces: on bench_soft_wpmi's inputs its labels agreed on every unit, but
+it moves the scores and may flip near-ties, which exact answers rule out. The
 pieces live under a content key of the embeddings and the method (`probs_digest`),
 shared by every layer and job with the same CLIP inputs; an image block is complete
 when its last piece is stored (pieces are written in concept order).
