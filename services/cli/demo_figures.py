@@ -1,7 +1,8 @@
 """The demo's figures as a Markdown block: printed by `neurodissect demo`, kept in the README.
 
 `figures_block` renders a finished job's per-layer figures (NetDissect detectors and
-their labels, simulation ρ per method) between two marker lines. The demo prints it;
+their labels, simulation ρ per method, occlusion and ablation when they ran) between
+two marker lines. The demo prints it;
 `neurodissect demo --readme README.md` (`make readme-figures`) writes it into the README
 in place of the previous block, and a test checks that the README's block equals what
 the demo prints, so the README's figures are always those of the shipped toy models.
@@ -15,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from neurodissect.v1 import common_pb2
+
+from services.gateway.results import dropping
 
 BEGIN = "<!-- demo-figures: made by `make readme-figures` from what `make run` prints -->"
 END = "<!-- /demo-figures -->"
@@ -71,8 +74,56 @@ def figures_block(
             ]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += verification_lines(job)
     lines.append(END)
     return "\n".join(lines)
+
+
+def verification_lines(job: common_pb2.Job) -> list[str]:
+    """Occlusion's and ablation's per-layer figures as Markdown tables (none if neither ran)."""
+    summaries = [s for layer in job.spec.layers for s in job.summary if s.layer == layer]
+    lines: list[str] = []
+    occluded = [s for s in summaries if "occlusion" in s.methods]
+    if occluded:
+        lines += [
+            "Occlusion verification (NetDissect's IoU against the drop when a concept's "
+            "regions are hidden):",
+            "",
+            "| layer | fill | regions | mean ρ(drop, IoU) over concepts "
+            "| detectors dropping ≥ 10% for their label | forward passes | seconds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in occluded:
+            o = s.occlusion
+            lines.append(
+                f"| {s.layer} | {o.fill} | {o.regions} | {o.mean_correlation:.3f} "
+                f"| {dropping(o)} | {o.forward_passes} "
+                f"| {o.seconds:.1f} |"
+            )
+        lines.append("")
+    ablated = [s for s in summaries if "ablation" in s.methods]
+    methods = sorted({m for s in ablated for m in s.ablation_mean})
+    if ablated:
+        lines += [
+            "Ablation scoring (α = 1 − Δ/base over a layer's units, mean ± standard error; "
+            "1: the explanation replaces the unit perfectly, 0: as mean-ablation):",
+            "",
+            "| method | " + " | ".join(s.layer for s in ablated) + " |",
+            "|---|" + "---|" * len(ablated),
+        ]
+        for method in methods:
+            cells = [
+                f"{s.ablation_mean[method]:.3f} ± {s.ablation_sem[method]:.3f}"
+                if method in s.ablation_mean
+                else "—"
+                for s in ablated
+            ]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+        notes = [f"{s.layer}: {s.ablation_note}" for s in ablated if s.ablation_note]
+        if notes:
+            lines += [*notes, ""]
+    return lines
 
 
 def block_in(text: str) -> str:

@@ -53,8 +53,9 @@ def losses(
     data: AblationData, head: Head, units: np.ndarray, values: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """(n, B) CE(logits / T, y) with unit units[j] set to values[:, j] (n, B), one at a time."""
-    weight = torch.as_tensor(head.weight, dtype=torch.float64)
-    bias = torch.as_tensor(head.bias, dtype=torch.float64)
+    # Copies: the head's arrays come read-only from Ray's object store.
+    weight = torch.tensor(head.weight, dtype=torch.float64)
+    bias = torch.tensor(head.bias, dtype=torch.float64)
     logits = data.pooled @ weight.T + bias  # (n, K)
     index = torch.as_tensor(units)
     shift = (values - data.pooled[:, index])[:, :, None] * weight[:, index].T[None, :, :]

@@ -114,6 +114,13 @@ def matches(unit: common_pb2.UnitResult, request: gateway_pb2.ListUnitsRequest) 
     return True
 
 
+def dropping(occlusion: common_pb2.OcclusionSummary) -> str:
+    """'75% of 4': the detectors that drop for their own label, of those whose label was hidden."""
+    if not occlusion.detectors_tested:
+        return "— (no detector's label was occluded)"
+    return f"{occlusion.detectors_dropping:.0%} of {occlusion.detectors_tested}"
+
+
 def summary_rows(summary: common_pb2.LayerSummary) -> list[tuple[str, str]]:
     """(figure, value) rows of a layer summary: units, then the figures of the methods that ran."""
     rows = [("units", str(summary.units))]
@@ -148,8 +155,7 @@ def summary_rows(summary: common_pb2.LayerSummary) -> list[tuple[str, str]]:
              f"{occ.regions} regions of {occ.concepts} concepts, {occ.forward_passes} forward"
              f" passes, {occ.seconds:.1f} s"),
             ("occlusion ρ(drop, IoU), mean over concepts", f"{occ.mean_correlation:.3f}"),
-            ("detectors dropping for their own label",
-             f"{occ.detectors_dropping:.0%} of {occ.detectors_tested}"),
+            ("detectors dropping for their own label", dropping(occ)),
         ]
         if occ.note:
             rows.append(("occlusion note", occ.note))

@@ -141,8 +141,8 @@ class Ablation(ExplainMethod):
 
         def data(images: np.ndarray) -> ablation.AblationData:
             return ablation.AblationData(
-                torch.as_tensor(pooled[images], dtype=torch.float64),
-                torch.as_tensor(classes[images], dtype=torch.int64),
+                torch.tensor(pooled[images], dtype=torch.float64),
+                torch.tensor(classes[images], dtype=torch.int64),
             )
 
         yield "the simulator's concept matrix"
