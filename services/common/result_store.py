@@ -6,7 +6,8 @@ Under `results/{job}/{layer}/{method}/`:
   with proto field names. Simulation rows are
   `{"unit": 7, "simulation": {"netdissect": 0.31, ...}, "dead": false}`; a dead unit
   (constant activation on the test split) has `"dead": true` and "NaN" correlations.
-  Ablation rows are `{"unit": 7, "ablation": {"netdissect": 0.12, ...}}` ("NaN": no α).
+  Ablation rows are `{"unit": 7, "ablation": {"netdissect": 0.12, ...}}`, a method left
+  out where it has no α.
   Threshold-sweep rows are `{"unit": 7, "sweep": [{"threshold": 0.001, "label": "sky",
   "iou": 0.12, "detector": true}, ...]}`, the unit's best label at each threshold.
   Every row is parsed back into its message before anything is written, so a block

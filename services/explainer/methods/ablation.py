@@ -6,8 +6,9 @@ classifier head and class labels the extractor stored (the request's `ablation`)
 Validation and test images are those of the dataset's persisted split that have a
 class. A layer without a head (its pooled activations do not feed it) stores rows
 with no scores and says why in `ablation_note`. Rows are
-`{"unit": 7, "ablation": {"netdissect": 0.12, ...}}`, "NaN" where a method has no
-score for the unit.
+`{"unit": 7, "ablation": {"netdissect": 0.12, ...}}`; a method without a score for
+the unit (no stored answer, a prediction P_sim cannot make, a unit the loss ignores)
+is left out.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class Ablation(ExplainMethod):
         u1: int,
         *shared: Any,
     ) -> list[dict[str, Any]]:
-        """α of units [u0, u1) for every stored method; empty scores without a head."""
+        """Finite α of units [u0, u1) for every stored method; empty scores without a head."""
         inputs: AblationInputs | None = shared[0]
         if inputs is None:
             return [score_row(ABLATION_METHOD, u, {}) for u in range(u0, u1)]
@@ -179,8 +180,7 @@ class Ablation(ExplainMethod):
             )
         return [
             score_row(ABLATION_METHOD, u0 + k, {
-                m: float(a[k]) for m, a in alphas.items()
-                if inputs.stored[m].get(u0 + k) is not None
+                m: float(a[k]) for m, a in alphas.items() if np.isfinite(a[k])
             })
             for k in range(u1 - u0)
         ]
