@@ -7,13 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torchvision
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.probe_format import read_concepts
 from services.common.settings import Settings
 from services.common.store import LocalStore
 from services.extractor.broden import read_broden
-from services.extractor.classifier_head import file_classes, model_heads, store_classes
+from services.extractor.classifier_head import (
+    file_classes,
+    find_heads,
+    model_heads,
+    store_classes,
+)
 from services.extractor.extraction import ComputeConfig, Extraction
 from services.extractor.models import resolve_model
 from services.toyworld.toynet import ToyNet
@@ -70,3 +76,15 @@ def _index(root: Path) -> list[dict[str, str]]:
     with (root / "index.csv").open() as handle:
         return list(csv.DictReader(handle))
 
+
+
+def test_resnet_layer4_feeds_fc_and_a_vit_is_not_scored() -> None:
+    resnet = torchvision.models.resnet18(weights=None, num_classes=7).eval()
+    heads, notes = find_heads(resnet, ["layer3", "layer4"], 64)
+    assert heads == {"layer4": resnet.fc} and set(notes) == {"layer3"}
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=5,
+    ).eval()
+    heads, notes = find_heads(vit, ["encoder"], 32)
+    assert not heads and "ViT" in notes["encoder"]
