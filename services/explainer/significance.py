@@ -14,12 +14,17 @@ pixels, so a per-pixel null would overstate significance.
   total X = Σ_i X_i has the sums of both (`null_moments`). Grid IoU = X / (A + L − X)
   with A = Σ n_i and L = Σ l_i fixed, so it grows with X: a test of X is a test of
   the IoU.
+- Whole-image labels (scenes, textures: l_i is 0 or P in every image) overlap a mask
+  however it is placed within an image, so placement has no variance for them. Their
+  null moves the unit's mask areas across images instead (`area_shuffle_moments`):
+  X = Σ_{i ∋ c} n_i is the sum of K of the N areas drawn without replacement,
+  E X = K·n̄, Var X = K(N − K)/(N − 1)·σ²_n (the permutation null's exact moments for
+  these labels).
 - z = (X − E X − ½) / √Var X (continuity correction) and the one-sided p = P(Z ≥ z)
   of the normal approximation to the sum over images (`upper_p`; it underflows to 0
-  beyond z ≈ 38). Pairs with Var X = 0 are not tested: a unit or label that is empty
-  or fills every image where it is present, which every image-level label (scene,
-  texture) does — placing a mask within an image cannot change its overlap with the
-  whole image; the permutation check still tests them.
+  beyond z ≈ 38). Pairs with Var X = 0 are not tested (an empty unit or label, one
+  that fills every image, a unit with the same area in every image against a
+  whole-image label).
 - Benjamini–Hochberg at rate q over every tested (unit, label) pair of the layer
   (`benjamini_hochberg`): a unit's best label is significant when its pair passes.
 - Check: a permutation null that keeps the masks' shapes, each permutation pairing
@@ -61,6 +66,21 @@ def null_moments(
         return mean, np.zeros_like(mean)
     variance = (n * (cells - n)).T @ (labels * (cells - labels)) / (cells * cells * (cells - 1))
     return mean, variance
+
+
+def area_shuffle_moments(
+    mask_area: np.ndarray, mask_squares: np.ndarray, images: int, holding: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(U, L) mean and variance of Σ_{i ∋ c} n_i when the unit's areas are shuffled.
+
+    `mask_area` (U,) Σ_i n_i and `mask_squares` (U,) Σ_i n_i² over `images` = N;
+    `holding` (L,) K_c, the images that hold each whole-image label.
+    """
+    mean_n = mask_area / images
+    spread = np.maximum(mask_squares / images - mean_n**2, 0.0)
+    k = np.asarray(holding, dtype=np.float64)
+    finite = k * (images - k) / max(images - 1, 1)
+    return mean_n[:, None] * k[None, :], spread[:, None] * finite[None, :]
 
 
 def z_scores(observed: np.ndarray, mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
@@ -117,12 +137,16 @@ def permutation_p(
 
 @dataclass(frozen=True)
 class GridOverlap:
-    """Overlap counts of a block of units with every label, and their null moments."""
+    """Overlap counts of a block of units with every label, and their null moments.
+
+    The null places each mask at random within its image, or, for whole-image labels,
+    shuffles the unit's mask areas across images.
+    """
 
     first_unit: int  # global index of the block's first unit
     intersection: np.ndarray  # (U, L) float64 X = Σ_i |m_i ∩ l_i|
-    expected: np.ndarray  # (U, L) float64 E X under random placement
-    variance: np.ndarray  # (U, L) float64 Var X
+    expected: np.ndarray  # (U, L) float64 E X under the null
+    variance: np.ndarray  # (U, L) float64 Var X under the null
     mask_area: np.ndarray  # (U,) float64 A = Σ_i n_i
     permutation_p: np.ndarray  # (U,) float64 for each unit's tested label, NaN when not asked
 
@@ -147,11 +171,17 @@ class GridOverlapTally:
         self.grid = grid
         self.first_unit = first_unit
         self.label_cells = popcount(label_masks).T  # (N, L)
+        full = self.label_cells == grid.cells
+        # Whole-image labels: empty or full in every image, full in at least one.
+        self.whole = ((self.label_cells == 0) | full).all(axis=0) & full.any(axis=0)
+        self.holding = full.sum(axis=0)  # (L,) K_c
         shape = (n_units, len(label_masks))
         self._intersection = np.zeros(shape)
         self._mean = np.zeros(shape)
         self._variance = np.zeros(shape)
         self._mask_area = np.zeros(n_units)
+        self._mask_squares = np.zeros(n_units)
+        self._images = 0
         self._unit_bits: list[np.ndarray] = []
 
     def update(self, i0: int, masks: np.ndarray) -> None:
@@ -165,6 +195,8 @@ class GridOverlapTally:
         self._mean += mean
         self._variance += variance
         self._mask_area += mask_cells.sum(axis=0)
+        self._mask_squares += (mask_cells.astype(np.float64) ** 2).sum(axis=0)
+        self._images += n
         group = max(1, _UNPACKED_CELLS // max(1, n_labels * cells))
         for g0 in range(0, n, group):
             g1 = min(g0 + group, n)
@@ -190,11 +222,14 @@ class GridOverlapTally:
                     checked[u] = permutation_p(
                         unit_bits[u], self.label_masks[label], self.permutations, rng
                     )
+        shuffled_mean, shuffled_variance = area_shuffle_moments(
+            self._mask_area, self._mask_squares, max(self._images, 1), self.holding
+        )
         return GridOverlap(
             first_unit=self.first_unit,
             intersection=self._intersection.copy(),
-            expected=self._mean.copy(),
-            variance=self._variance.copy(),
+            expected=np.where(self.whole[None, :], shuffled_mean, self._mean),
+            variance=np.where(self.whole[None, :], shuffled_variance, self._variance),
             mask_area=self._mask_area.copy(),
             permutation_p=checked,
         )

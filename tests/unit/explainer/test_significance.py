@@ -175,6 +175,8 @@ def test_planted_units_pass_with_tiny_p_values(
             assert row.get("p_value", 0.0) < 1e-6 and row["z"] > 5
             assert row["iou"] > row["expected_iou"]
             assert row["permutation_p"] == pytest.approx(1 / 201)
+        else:  # a scene: tested by shuffling the unit's mask areas across images
+            assert row["label"] == label and row["significant"] and row["z"] > 5, (u, row)
     summary = result_store.layer_summary(store, "sig", planted.layer, planted.n_units)
     detectors = {u for u, r in netdissect.items() if r.get("detector")}
     significant = {u for u, r in rows.items() if r.get("significant")}
@@ -195,3 +197,20 @@ def test_significance_needs_netdissect_and_a_rate_inside_zero_one() -> None:
     with pytest.raises(InvalidArgument) as err:
         EXPLAINER_METHODS["significance"].params(spec)
     assert err.value.field == "spec.significance.q"
+
+
+def test_whole_image_labels_are_tested_by_shuffling_the_mask_areas_across_images() -> None:
+    grid = Grid(2, 2)
+    rng = np.random.default_rng(3)
+    n_images = 12
+    holds = rng.random(n_images) < 0.4
+    label = grid.pack(np.broadcast_to(holds[:, None, None], (n_images, 2, 2)))[None]
+    masks = rng.random((n_images, 1, 2, 2)) < 0.5
+    tally = GridOverlapTally(1, label, grid)
+    tally.update(0, masks)
+    o = tally.result(np.array([0]))
+    areas = masks.reshape(n_images, -1).sum(axis=1)
+    draws = np.array([areas[rng.permutation(n_images)][holds].sum() for _ in range(100_000)])
+    assert o.intersection[0, 0] == areas[holds].sum()
+    assert o.expected[0, 0] == pytest.approx(draws.mean(), abs=0.02)
+    assert o.variance[0, 0] == pytest.approx(draws.var(), rel=0.02)
