@@ -249,9 +249,24 @@ class Occlusion:
         labels = np.unique(regions[:, 1])
         column = {int(label): c for c, label in enumerate(labels)}
         tallies: dict[str, DeltaTally] = {}
-        by_name = {row.name: row for row in self.dataset.rows}
-        chunk_of = {i0: (i0, i1) for i0, i1 in table.chunk_ranges()}
         forward_passes, done, last = 0, 0, time.monotonic()
+
+        def measure(inputs: list[torch.Tensor], tags: list[tuple[int, int]]) -> None:
+            """Forward `inputs` in batches; add their regions' changes to the tallies."""
+            for s0 in range(0, len(inputs), self.compute.batch_size):
+                forward(torch.stack(inputs[s0 : s0 + self.compute.batch_size]))
+            tag_array = np.asarray(tags)  # (n, 2): image, concept or -1 for the original
+            originals = tag_array[:, 1] < 0
+            first = {int(tag_array[k, 0]): k for k in np.flatnonzero(originals)}
+            copies = np.flatnonzero(~originals)
+            source = np.array([first[int(i)] for i in tag_array[copies, 0]])
+            concepts = np.array([column[int(c)] for c in tag_array[copies, 1]])
+            for layer in pending:
+                out = torch.cat(means[layer]).double().numpy()  # (n, U)
+                means[layer].clear()
+                tally = tallies.setdefault(layer, DeltaTally(len(labels), out.shape[1]))
+                tally.add(concepts, out[source], out[copies])
+
         with layer_tap(model, pending, on_output) as tap:
             with torch.inference_mode():
                 tap.calibrate(torch.zeros(1, 3, size, size, device=self.device))
@@ -261,28 +276,23 @@ class Occlusion:
                     f"{missing[0]!r} does not output a feature map in the forward pass",
                     field="layers",
                 )
-            images = np.unique(regions[:, 0])
-            for b0 in range(0, len(images), max(1, self.compute.batch_size // 4)):
-                batch = images[b0 : b0 + max(1, self.compute.batch_size // 4)]
-                inputs, tags = self._batch_inputs(table, regions, batch, by_name, chunk_of, prep)
-                for s0 in range(0, len(inputs), self.compute.batch_size):
-                    forward(torch.stack(inputs[s0 : s0 + self.compute.batch_size]))
-                forward_passes += len(inputs)
-                tag_array = np.asarray(tags)  # (n, 2) image position in batch, concept or -1
-                originals = tag_array[:, 1] < 0
-                for layer in pending:
-                    out = torch.cat(means[layer]).double().numpy()  # (n, U)
-                    means[layer].clear()
-                    tally = tallies.setdefault(layer, DeltaTally(len(labels), out.shape[1]))
-                    first = {int(tag_array[k, 0]): k for k in np.flatnonzero(originals)}
-                    copies = np.flatnonzero(~originals)
-                    source = np.array([first[int(p)] for p in tag_array[copies, 0]])
-                    concepts = np.array([column[int(c)] for c in tag_array[copies, 1]])
-                    tally.add(concepts, out[source], out[copies])
-                done += int((~originals).sum())
+            # An image's copies follow it, so its original is always in the same call.
+            inputs: list[torch.Tensor] = []
+            tags: list[tuple[int, int]] = []
+            for image, concepts, copies in self._image_inputs(table, regions, prep):
+                inputs += copies
+                tags += [(image, -1)] + [(image, c) for c in concepts]
+                if len(inputs) >= self.compute.batch_size:
+                    measure(inputs, tags)
+                    forward_passes += len(inputs)
+                    done += sum(c >= 0 for _, c in tags)
+                    inputs, tags = [], []
                 if time.monotonic() - last >= PROGRESS_INTERVAL_S:
                     last = time.monotonic()
                     yield OcclusionProgress(done, len(regions), "occluding")
+            if inputs:
+                measure(inputs, tags)
+                forward_passes += len(inputs)
         seconds = time.perf_counter() - start
         for layer, tally in tallies.items():
             self.store.put_arrays(keys.occlusion(self.key, layer), {
@@ -293,37 +303,32 @@ class Occlusion:
             })
         yield OcclusionProgress(len(regions), len(regions), "stored")
 
-    def _batch_inputs(
-        self,
-        table: ConceptTable,
-        regions: np.ndarray,
-        images: np.ndarray,
-        by_name: dict[str, Any],
-        chunk_of: dict[int, tuple[int, int]],
-        prep: Preprocessing,
-    ) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-        """(3, S, S) uint8 inputs of `images` and their copies; tags (image, concept or -1)."""
-        inputs: list[torch.Tensor] = []
-        tags: list[tuple[int, int]] = []
-        chunk = table.chunk_size
-        loaded: dict[int, np.ndarray] = {}
-        for image in images:
-            i0 = int(image) - int(image) % chunk
-            if i0 not in loaded:
-                loaded[i0] = read_label_chunk(self.store, self.dataset_key, *chunk_of[i0]).pixel
-            planes = torch.from_numpy(loaded[i0][int(image) - i0])  # (P, sh, sw)
-            picture = self.dataset.load_image(by_name[table.image_names[int(image)]])
+    def _image_inputs(
+        self, table: ConceptTable, regions: np.ndarray, prep: Preprocessing
+    ) -> Iterator[tuple[int, list[int], list[torch.Tensor]]]:
+        """Per sampled image: its regions' concepts, it and its occluded copies (3, S, S) uint8.
+
+        Images come in index order, so one stored label chunk is read at a time.
+        """
+        by_name = {row.name: row for row in self.dataset.rows}
+        chunk: tuple[int, np.ndarray] | None = None
+        for image in (int(i) for i in np.unique(regions[:, 0])):
+            i0 = image - image % table.chunk_size
+            if chunk is None or chunk[0] != i0:
+                i1 = min(i0 + table.chunk_size, table.n_images)
+                chunk = (i0, read_label_chunk(self.store, self.dataset_key, i0, i1).pixel)
+            planes = torch.from_numpy(chunk[1][image - i0])  # (P, sh, sw)
+            picture = self.dataset.load_image(by_name[table.image_names[image]])
             pixels = prep.resize(picture)
             blurred = None
             if self.config.fill == "blur":
                 radius = max(1.0, prep.size * BLUR_FRACTION)
                 sharp = Image.fromarray(pixels.permute(1, 2, 0).numpy())
                 blurred = prep.resize(sharp.filter(ImageFilter.GaussianBlur(radius)))
-            inputs.append(pixels)
-            tags.append((int(image), -1))
-            for label in regions[regions[:, 0] == image, 1]:
-                area = (planes == int(label)).any(dim=0).float()[None, None]
+            concepts = [int(label) for label in regions[regions[:, 0] == image, 1]]
+            copies = [pixels]
+            for label in concepts:
+                area = (planes == label).any(dim=0).float()[None, None]
                 mask = F.interpolate(area, size=(prep.size, prep.size), mode="nearest")[0, 0] > 0
-                inputs.append(occluded(pixels, mask, self.config.fill, prep, blurred))
-                tags.append((int(image), int(label)))
-        return inputs, tags
+                copies.append(occluded(pixels, mask, self.config.fill, prep, blurred))
+            yield image, concepts, copies
