@@ -53,6 +53,7 @@ from typing import Union
 
 import numpy as np
 
+from services.common.formula_text import FormulaParser, Token, tokenize
 from services.common.probe_format import LabelChunk
 from services.common.spec_vocabulary import BEAM, FORMULA_LENGTH, LENGTH_PENALTY
 from services.explainer.unit_masks import (
@@ -174,9 +175,6 @@ def string_literal(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-_TOKEN = re.compile(r'\s*(?:(\()|(\))|"((?:[^"\\]|\\.)*)"|([^()"\s]+))')
-
-
 def parse_formula(text: str, numbers: Mapping[str, int]) -> Formula:
     """Parse `format_formula`'s output (or any such text) back into a formula.
 
@@ -184,79 +182,28 @@ def parse_formula(text: str, numbers: Mapping[str, int]) -> Formula:
     bare words form one label name; `numbers` maps names to label numbers. Raises
     ValueError on malformed text or an unknown name.
     """
-    tokens: list[tuple[str, str]] = []  # kind: "(", ")", "op", "word", "quoted"
-    position, end = 0, len(text.rstrip())
-    while position < end:
-        match = _TOKEN.match(text, position)
-        if not match:
-            raise ValueError(f"cannot read formula {text!r} at character {position}")
-        position = match.end()
-        opening, closing, quoted, word = match.groups()
-        if opening or closing:
-            tokens.append((opening or closing, ""))
-        elif quoted is not None:
-            tokens.append(("quoted", re.sub(r"\\(.)", r"\1", quoted)))
-        elif word.upper() in _KEYWORDS:
-            tokens.append(("op", word.upper()))
-        else:
-            tokens.append(("word", word))
-    parser = _Parser(tokens, numbers, text)
-    formula = parser.disjunction()
-    if parser.at < len(tokens):
-        raise ValueError(f"unexpected {tokens[parser.at][1] or tokens[parser.at][0]!r} in {text!r}")
-    return formula
+    return _Parser(tokenize(text, _KEYWORDS, "()"), text, numbers).parse()
 
 
-class _Parser:
-    """Recursive descent: disjunction := conjunction (OR conjunction)*, and so on down."""
+class _Parser(FormulaParser[Formula]):
+    """The boolean grammar's nodes: Or, And, Not, Leaf."""
 
-    def __init__(self, tokens: list[tuple[str, str]], numbers: Mapping[str, int], text: str):
-        self.tokens, self.numbers, self.text, self.at = tokens, numbers, text, 0
+    def __init__(self, tokens: list[Token], text: str, numbers: Mapping[str, int]) -> None:
+        super().__init__(tokens, text)
+        self.numbers = numbers
 
-    def _kind(self) -> str | None:
-        return self.tokens[self.at][0] if self.at < len(self.tokens) else None
+    def either(self, left: Formula, right: Formula) -> Formula:
+        return Or(left, right)
 
-    def _is(self, kind: str, text: str = "") -> bool:
-        return self.at < len(self.tokens) and self.tokens[self.at] == (kind, text)
+    def both(self, left: Formula, right: Formula) -> Formula:
+        return And(left, right)
 
-    def disjunction(self) -> Formula:
-        formula = self.conjunction()
-        while self._is("op", "OR"):
-            self.at += 1
-            formula = Or(formula, self.conjunction())
-        return formula
+    def negated(self, operand: Formula) -> Formula:
+        return Not(operand)
 
-    def conjunction(self) -> Formula:
-        formula = self.negation()
-        while self._is("op", "AND"):
-            self.at += 1
-            formula = And(formula, self.negation())
-        return formula
-
-    def negation(self) -> Formula:
-        if self._is("op", "NOT"):
-            self.at += 1
-            return Not(self.negation())
-        if self._is("("):
-            self.at += 1
-            formula = self.disjunction()
-            if not self._is(")"):
-                raise ValueError(f"missing ')' in {self.text!r}")
-            self.at += 1
-            return formula
-        if self._kind() == "quoted":
-            name = self.tokens[self.at][1]
-            self.at += 1
-        elif self._kind() == "word":
-            words = []
-            while self._kind() == "word":
-                words.append(self.tokens[self.at][1])
-                self.at += 1
-            name = " ".join(words)
-        else:
-            raise ValueError(f"expected a label name in {self.text!r}")
+    def label(self, name: str, expanded: bool) -> Formula:
         if name not in self.numbers:
-            raise ValueError(f"unknown label {name!r} in {self.text!r}")
+            raise self.unknown(name)
         return Leaf(self.numbers[name])
 
 

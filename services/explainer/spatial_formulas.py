@@ -24,7 +24,6 @@ Length = number of leaves (primitives).
 from __future__ import annotations
 
 import heapq
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,6 +31,7 @@ from typing import Union
 
 import numpy as np
 
+from services.common.formula_text import EXPANDED, FormulaParser, Token, tokenize
 from services.common.spec_vocabulary import (
     ABORT_FRACTION,
     ABORT_IMAGES,
@@ -50,8 +50,6 @@ from services.common.spec_vocabulary import (
 )
 from services.explainer.compositional import quote_label, string_literal
 from services.explainer.spatial_masks import Grid, nonempty, popcount
-
-EXPANDED = "-X"
 
 
 @dataclass(frozen=True)
@@ -232,9 +230,6 @@ def _quote(name: str) -> str:
     return string_literal(name) if text == name and name.endswith(EXPANDED) else text
 
 
-_TOKEN = re.compile(r'\s*(?:(\()|(\))|(&)|"((?:[^"\\]|\\.)*)"(-X)?|([^()"&\s]+))')
-
-
 def parse_formula(text: str, numbers: Mapping[str, int]) -> Formula:
     """Parse `format_formula`'s output back into a formula; ValueError if malformed.
 
@@ -242,52 +237,39 @@ def parse_formula(text: str, numbers: Mapping[str, int]) -> Formula:
     bare words form one name, a trailing `-X` marks an expansion; `numbers` maps
     names to label numbers.
     """
-    tokens: list[tuple[str, str]] = []  # kind: "(", ")", "&", "op", "word", "quoted", "quoted-X"
-    position, end = 0, len(text.rstrip())
-    while position < end:
-        match = _TOKEN.match(text, position)
-        if not match:
-            raise ValueError(f"cannot read formula {text!r} at character {position}")
-        position = match.end()
-        opening, closing, amp, quoted, expanded, word = match.groups()
-        if opening or closing or amp:
-            tokens.append((opening or closing or amp, ""))
-        elif quoted is not None:
-            kind = "quoted-X" if expanded else "quoted"
-            tokens.append((kind, re.sub(r"\\(.)", r"\1", quoted)))
-        elif word.upper() in _KEYWORDS:
-            tokens.append(("op", word.upper()))
-        else:
-            tokens.append(("word", word))
-    parser = _Parser(tokens, numbers, text)
-    formula = parser.spatial()
-    if parser.at < len(tokens):
-        raise ValueError(f"unexpected {tokens[parser.at][1] or tokens[parser.at][0]!r} in {text!r}")
-    return formula
+    return _Parser(tokenize(text, _KEYWORDS, "()&"), text, numbers).parse()
 
 
-class _Parser:
-    """Recursive descent, loosest first: spatial, disjunction, conjunction, negation."""
+class _Parser(FormulaParser[Formula]):
+    """The boolean grammar (flattening AND/OR) under the spatial operators, loosest first."""
 
-    def __init__(self, tokens: list[tuple[str, str]], numbers: Mapping[str, int], text: str):
-        self.tokens, self.numbers, self.text, self.at = tokens, numbers, text, 0
+    expansions = True
 
-    def _kind(self) -> str | None:
-        return self.tokens[self.at][0] if self.at < len(self.tokens) else None
+    def __init__(self, tokens: list[Token], text: str, numbers: Mapping[str, int]) -> None:
+        super().__init__(tokens, text)
+        self.numbers = numbers
 
-    def _take(self, kind: str, text: str = "") -> bool:
-        if self.at < len(self.tokens) and self.tokens[self.at] == (kind, text):
-            self.at += 1
-            return True
-        return False
+    def either(self, left: Formula, right: Formula) -> Formula:
+        return disjoin(left, right)
 
-    def spatial(self) -> Formula:
+    def both(self, left: Formula, right: Formula) -> Formula:
+        return conjoin(left, right)
+
+    def negated(self, operand: Formula) -> Formula:
+        return Not(operand)
+
+    def label(self, name: str, expanded: bool) -> Formula:
+        if name not in self.numbers:
+            raise self.unknown(name)
+        return Primitive(self.numbers[name], expanded)
+
+    def top(self) -> Formula:
         formula = self.disjunction()
         while True:
-            if self._take("op", "WITH"):
+            if self.take("op", "WITH"):
                 formula = With(formula, self.disjunction())
-            elif self._take("op", "CLOSE"):
-                if self._take("op", "TO"):
+            elif self.take("op", "CLOSE"):
+                if self.take("op", "TO"):
                     for target in self.targets():
                         formula = close_to(formula, target)
                 else:
@@ -298,56 +280,15 @@ class _Parser:
     def targets(self) -> list[Formula]:
         """One operand, or a parenthesised `&` list of them."""
         start = self.at
-        if self._take("("):
-            listed = [self.spatial()]
-            while self._take("&"):
-                listed.append(self.spatial())
+        if self.take("("):
+            listed = [self.top()]
+            while self.take("&"):
+                listed.append(self.top())
             if len(listed) > 1:
-                self._close()
+                self.closing()
                 return listed
             self.at = start
         return [self.disjunction()]
-
-    def _close(self) -> None:
-        if not self._take(")"):
-            raise ValueError(f"missing ')' in {self.text!r}")
-
-    def disjunction(self) -> Formula:
-        formula = self.conjunction()
-        while self._take("op", "OR"):
-            formula = disjoin(formula, self.conjunction())
-        return formula
-
-    def conjunction(self) -> Formula:
-        formula = self.negation()
-        while self._take("op", "AND"):
-            formula = conjoin(formula, self.negation())
-        return formula
-
-    def negation(self) -> Formula:
-        if self._take("op", "NOT"):
-            return Not(self.negation())
-        if self._take("("):
-            formula = self.spatial()
-            self._close()
-            return formula
-        kind = self._kind()
-        if kind in ("quoted", "quoted-X"):
-            name, expanded = self.tokens[self.at][1], kind == "quoted-X"
-            self.at += 1
-        elif kind == "word":
-            words = []
-            while self._kind() == "word":
-                words.append(self.tokens[self.at][1])
-                self.at += 1
-            name = " ".join(words)
-            expanded = name.endswith(EXPANDED)
-            name = name.removesuffix(EXPANDED) if expanded else name
-        else:
-            raise ValueError(f"expected a label name in {self.text!r}")
-        if name not in self.numbers:
-            raise ValueError(f"unknown label {name!r} in {self.text!r}")
-        return Primitive(self.numbers[name], expanded)
 
 
 # -- masks and scores ----------------------------------------------------------------------

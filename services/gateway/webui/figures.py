@@ -18,7 +18,7 @@ from neurodissect.v1 import common_pb2
 
 from services.common.errors import NotFound
 from services.common.probe_format import LabelChunk
-from services.common.spec_vocabulary import DETECTOR_IOU
+from services.common.spec_vocabulary import COMPOSITIONAL_PRESETS, DETECTOR_IOU
 from services.gateway.webui import masks, render
 from services.gateway.webui.data import JobReader
 
@@ -93,6 +93,12 @@ def unit_exemplars(
         return []
 
 
+def spatial_mode(params: common_pb2.CompositionalParams) -> bool:
+    """Whether compositional explanations ran in the spatial mode (set, or by its preset)."""
+    preset = COMPOSITIONAL_PRESETS.get(params.preset, {})
+    return (params.mode or str(preset.get("mode", ""))) == "spatial"
+
+
 def _exemplar(
     renders: render.Renders, job: common_pb2.Job, unit: common_pb2.UnitResult, image_id: int,
     image: np.ndarray, raw: np.ndarray, labels: LabelChunk, numbers: dict[str, int],
@@ -117,8 +123,8 @@ def _exemplar(
     )
     label = unit.netdissect.label if unit.HasField("netdissect") else ""
     formula = unit.compositional.formula if unit.HasField("compositional") else ""
-    if formula and not masks.is_logical_formula(formula):
-        formula = ""  # a spatial formula (WITH, CLOSE TO): no per-pixel mask is drawn
+    if spatial_mode(job.spec.compositional) or not masks.is_logical_formula(formula):
+        formula = ""  # a spatial formula lives on the activation grid: no pixel mask
     concept = drawn("concept", lambda: leaf(label), label) if label else ""
     formula_digest = (
         drawn("formula", lambda: masks.formula_mask(formula, leaf), formula) if formula else ""

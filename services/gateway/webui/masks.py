@@ -6,24 +6,22 @@
 - `label_mask`: where a set of label numbers covers the image, from the stored
   label planes (mask resolution) scaled with nearest neighbour; an image-level label
   covers the whole image.
-- `formula_mask`: a compositional formula (`(water OR river) AND NOT blue`, as the
-  explainer prints it: precedence NOT > AND > OR, left-associative, consecutive bare
-  words one name, names with spaces or keywords in JSON quotes) evaluated on label masks.
+- `formula_mask`: a compositional formula of the boolean mode (`(water OR river) AND
+  NOT blue`, as the explainer prints it), read by the one formula parser
+  (`services/common/formula_text.py`) and evaluated on label masks. Formulas of the
+  spatial mode live on the activation grid (WITH, CLOSE TO, expansions): not drawn.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
-_TOKEN = re.compile(r'\s*(?:(\()|(\))|("(?:[^"\\]|\\.)*")|([^()"\s]+))')
+from services.common.formula_text import FormulaParser, tokenize
+
 _KEYWORDS = ("AND", "OR", "NOT")
-# Operators of spatial formulas (specs/compositional_spatial.md): read, never drawn.
-_SPATIAL = ("WITH", "CLOSE", "TO")
 
 
 def unit_mask(raw: np.ndarray, threshold: float, size: tuple[int, int]) -> np.ndarray:
@@ -54,79 +52,29 @@ def label_mask(
     return np.asarray(resized) > 0
 
 
-def _tokens(text: str) -> list[tuple[str, str]]:
-    """('(' | ')' | 'op' | 'name', text) tokens; consecutive bare words join into one name."""
-    out: list[tuple[str, str]] = []
-    bare = False  # the last token is a name of bare words, which the next bare word extends
-    position = 0
-    for match in _TOKEN.finditer(text):
-        if match.start() != position:
-            break
-        position = match.end()
-        opening, closing, quoted, word = match.groups()
-        if opening or closing:
-            out.append((opening or closing, opening or closing))
-        elif quoted:
-            out.append(("name", json.loads(quoted)))
-        elif word in _KEYWORDS or word in _SPATIAL:
-            out.append(("op", word))
-        elif bare:
-            out[-1] = ("name", f"{out[-1][1]} {word}")
-        else:
-            out.append(("name", word))
-        bare = bool(word) and word not in _KEYWORDS and word not in _SPATIAL
-    if text[position:].strip():
-        raise ValueError(f"cannot read formula {text!r} at {text[position:]!r}")
-    return out
+class _MaskParser(FormulaParser[np.ndarray]):
+    """The boolean grammar evaluated on masks: OR is |, AND is &, NOT is ~."""
+
+    def __init__(self, text: str, leaf: Callable[[str], np.ndarray]) -> None:
+        super().__init__(tokenize(text, _KEYWORDS, "()"), text)
+        self.leaf = leaf
+
+    def either(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        return left | right
+
+    def both(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        return left & right
+
+    def negated(self, operand: np.ndarray) -> np.ndarray:
+        return ~operand
+
+    def label(self, name: str, expanded: bool) -> np.ndarray:
+        return self.leaf(name)
 
 
-def formula_mask(
-    formula: str, leaf: Callable[[str], np.ndarray]
-) -> np.ndarray:
+def formula_mask(formula: str, leaf: Callable[[str], np.ndarray]) -> np.ndarray:
     """Evaluate a printed formula with `leaf(name) -> (H, W) bool` for each label name."""
-    tokens = _tokens(formula)
-    position = 0
-
-    def peek() -> tuple[str, str] | None:
-        return tokens[position] if position < len(tokens) else None
-
-    def take(kind: str) -> str:
-        nonlocal position
-        token = peek()
-        if token is None or token[0] != kind:
-            raise ValueError(f"cannot read formula {formula!r}: expected {kind}")
-        position += 1
-        return token[1]
-
-    def disjunction() -> np.ndarray:
-        mask = conjunction()
-        while peek() == ("op", "OR"):
-            take("op")
-            mask = mask | conjunction()
-        return mask
-
-    def conjunction() -> np.ndarray:
-        mask = negation()
-        while peek() == ("op", "AND"):
-            take("op")
-            mask = mask & negation()
-        return mask
-
-    def negation() -> np.ndarray:
-        if peek() == ("op", "NOT"):
-            take("op")
-            return ~negation()
-        if peek() == ("(", "("):
-            take("(")
-            mask = disjunction()
-            take(")")
-            return mask
-        return leaf(take("name"))
-
-    mask = disjunction()
-    if position != len(tokens):
-        raise ValueError(f"cannot read formula {formula!r}: trailing {tokens[position][1]!r}")
-    return mask
+    return _MaskParser(formula, leaf).parse()
 
 
 def is_logical_formula(formula: str) -> bool:

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from neurodissect.v1 import common_pb2
 from PIL import Image
 
 from services.explainer.compositional import And, Formula, Leaf, Not, Or, format_formula
-from services.gateway.webui import masks, render
+from services.gateway.webui import figures, masks, render
 
 NAMES = {1: "water", 2: "river", 3: "blue", 4: "red plain", 5: "and more", 6: 'odd "name"'}
 
@@ -45,9 +46,13 @@ def test_a_malformed_formula_is_refused(text: str) -> None:
     assert not masks.is_logical_formula(text)
 
 
-def test_only_logical_formulas_are_drawn() -> None:
+def test_only_formulas_of_the_boolean_mode_are_drawn() -> None:
     assert masks.is_logical_formula("(water OR river) AND NOT blue")
-    assert not masks.is_logical_formula("dog WITH grass")
+    # Spatial formulas live on the activation grid: the job's mode says so, set or preset.
+    assert figures.spatial_mode(common_pb2.CompositionalParams(mode="spatial"))
+    assert figures.spatial_mode(common_pb2.CompositionalParams(preset="indres"))
+    assert not figures.spatial_mode(common_pb2.CompositionalParams(mode="boolean"))
+    assert not figures.spatial_mode(common_pb2.CompositionalParams())
 
 
 def test_unit_mask_is_pils_bilinear_resize_thresholded() -> None:
