@@ -11,17 +11,23 @@ torchvision's mean and std); the model inverts it first. Layers:
   palette colours every matching position would otherwise tie at the maximum, and a
   threshold at the top 0.5% would select none of them or all of them.
 - `pool`: (N, 9) spatial mean of `colors`, the model's output.
-- `near`: (N, 1, H/2, W/2), one unit planted on a spatial relation: the match of colour
-  `NEAR[0]` (`colors` unit) where colour `NEAR[1]` matches (> 0.5) within `NEAR_REACH`
-  positions (a square window), 0 elsewhere. It fires on yellow regions (shapes or
-  backgrounds) only next to blue ones: `yellow CLOSE TO blue` in a spatial formula.
+- `near`: (N, 1, H/2, W/2), one unit planted on a spatial relation between a shape and a
+  colour: it fires on the pixels of rings (`NEAR[0]`) only where colour `NEAR[1]` matches
+  (> 0.5 in `colors`) within `NEAR_REACH` positions (a square window), 0 elsewhere:
+  `ring CLOSE TO blue` in a spatial formula. A ring is found by construction, not
+  learned: a connected region of one palette colour that does not touch the image's border
+  and encloses a hole (the toy world's shapes never overlap and never share a colour with
+  the background or its pattern, and only rings have holes). Its pixel map is pooled and
+  gained like the `colors` units.
 
 `planted_units()` says what each planted unit of `colors` must be dissected as.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 
 from services.toyworld.preprocessing import IMAGENET_MEAN, IMAGENET_STD
@@ -30,13 +36,18 @@ from services.toyworld.world import WORLD
 SIGMA = 0.06
 GAIN_SIZE = 256
 DEAD_UNIT = len(WORLD.colors)
-NEAR = ("yellow", "blue")
+NEAR = ("ring", "blue")
 NEAR_REACH = 2
 
 
 def planted_units() -> dict[int, str]:
     """Unit index of layer `colors` -> the label name it detects (every unit but the dead one)."""
     return dict(enumerate(WORLD.color_names))
+
+
+def tiled_gain(gain: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The (GAIN_SIZE, GAIN_SIZE) gain repeated to cover (h, w), cut to (h, w)."""
+    return gain.repeat(-(-h // GAIN_SIZE), -(-w // GAIN_SIZE))[:h, :w]
 
 
 class ColorUnits(nn.Module):
@@ -60,24 +71,52 @@ class ColorUnits(nn.Module):
         # Blocks on a colour's edges count fully, or the top quantile would favour large
         # uniform regions (plain backgrounds) over striped or dotted ones.
         match = (2 * self.pool(torch.exp(-distance2 / (2 * SIGMA**2)))).clamp(max=1.0)
-        h, w = match.shape[-2:]
-        tiles = (-(-h // GAIN_SIZE), -(-w // GAIN_SIZE))
-        match = match * self.gain.repeat(*tiles)[:h, :w]
+        match = match * tiled_gain(self.gain, *match.shape[-2:])
         return torch.cat([match, torch.zeros_like(match[:, :1])], dim=1)
 
 
-class NearUnit(nn.Module):
-    """(N, 9, h, w) `colors` maps -> (N, 1, h, w): colour NEAR[0] where NEAR[1] is near."""
+def ring_pixels(rgb: np.ndarray) -> np.ndarray:
+    """(3, H, W) RGB in [0, 1] -> (H, W) bool: the pixels of rings.
 
-    def __init__(self) -> None:
+    A ring is a 4-connected region of one palette colour that does not touch the border
+    and whose filled outline is larger than itself (it encloses a hole).
+    """
+    palette = np.array([rgb for _, rgb in WORLD.colors], dtype=np.float32) / 255.0
+    distance2 = ((rgb[None] - palette[:, :, None, None]) ** 2).sum(axis=1)  # (C, H, W)
+    rings = np.zeros(rgb.shape[1:], dtype=bool)
+    for match in distance2 < (3 * SIGMA) ** 2:
+        regions, n = ndimage.label(match)
+        border = np.unique(np.concatenate(
+            [regions[0], regions[-1], regions[:, 0], regions[:, -1]]))
+        for k in range(1, n + 1):
+            if k in border:
+                continue
+            region = regions == k
+            if ndimage.binary_fill_holes(region).sum() > region.sum():
+                rings |= region
+    return rings
+
+
+class NearUnit(nn.Module):
+    """(N, 3, H, W) RGB and (N, 9, h, w) `colors` -> (N, 1, h, w): rings where blue is near."""
+
+    gain: torch.Tensor
+
+    def __init__(self, gain: torch.Tensor) -> None:
         super().__init__()
-        self.target, self.context = (WORLD.color_names.index(c) for c in NEAR)
+        self.context = WORLD.color_names.index(NEAR[1])
+        self.register_buffer("gain", gain, persistent=False)
+        self.pool = nn.AvgPool2d(2)
         self.reach = nn.MaxPool2d(2 * NEAR_REACH + 1, stride=1, padding=NEAR_REACH)
 
-    def forward(self, colors: torch.Tensor) -> torch.Tensor:
-        """(N, 9, h, w) float32 -> (N, 1, h, w) float32."""
+    def forward(self, rgb: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1], (N, 9, H // 2, W // 2) -> (N, 1, H // 2, W // 2) float32."""
+        pixels = np.stack([ring_pixels(image) for image in rgb.detach().cpu().numpy()])
+        ring = torch.from_numpy(pixels[:, None]).to(rgb.device, torch.float32)
+        ring = (2 * self.pool(ring)).clamp(max=1.0)
+        ring = ring * tiled_gain(self.gain, *ring.shape[-2:])
         context = (colors[:, self.context : self.context + 1] > 0.5).float()
-        return colors[:, self.target : self.target + 1] * self.reach(context)
+        return ring * self.reach(context)
 
 
 class PlantedNet(nn.Module):
@@ -93,7 +132,7 @@ class PlantedNet(nn.Module):
         self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
         self.colors = ColorUnits()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.near = NearUnit()
+        self.near = NearUnit(self.colors.gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) ImageNet-normalised -> (N, 9) mean `colors` activations.
@@ -101,8 +140,9 @@ class PlantedNet(nn.Module):
         `near` runs on the way, for dissection (its forward hook); the output stays
         the colour means.
         """
-        colors = self.colors(x * self.std + self.mean)
-        self.near(colors)
+        rgb = x * self.std + self.mean
+        colors = self.colors(rgb)
+        self.near(rgb, colors)
         return self.pool(colors).flatten(1)
 
 

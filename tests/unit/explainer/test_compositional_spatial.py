@@ -179,8 +179,8 @@ def test_every_spatial_enum_value_runs_to_completion(
     assert result_store.covered(store, f"{field}-{value}", planted.layer, "compositional", 8)
 
 
-def test_the_planted_near_unit_is_a_close_formula_naming_both_colours() -> None:
-    # The planted model's `near` unit fires on yellow only within 2 positions of blue.
+def test_the_planted_near_unit_is_a_close_formula_naming_the_shape_and_the_colour() -> None:
+    # The planted model's `near` unit fires on rings only within 2 positions of blue.
     images, specs = render_images(seed=11, n_images=400, size=32)
     model = planted_model()
     captured: list[torch.Tensor] = []
@@ -188,8 +188,7 @@ def test_the_planted_near_unit_is_a_close_formula_naming_both_colours() -> None:
     with torch.no_grad():
         model(imagenet_normalize(images))
     acts = captured[0][:, 0].numpy()  # (400, 16, 16)
-    # Every firing position is ≥ 0.25 (half a 2×2 block of yellow at gain ≥ 0.5); other
-    # colours leave < 1e-5.
+    # Every firing position is ≥ 0.25 (half a 2×2 block of ring at gain ≥ 0.5); elsewhere 0.
     grid = Grid(*acts.shape[1:])
     unit = UnitMask(grid.pack(acts > 0.1), grid.cells)
     # Label masks at mask resolution 32, downsampled to the 16×16 grid as the method does.
@@ -211,13 +210,15 @@ def test_the_planted_near_unit_is_a_close_formula_naming_both_colours() -> None:
     preset = Compositional().params(_spec(preset="indres")).spatial
     assert preset is not None
     spatial = explain_unit(unit, candidates, masks, grid, preset.search)
-    boolean = explain_unit(
-        unit, candidates, masks, grid, dataclasses.replace(preset.search, operators="boolean")
-    )
+    # Without spatial operators, even a beam as wide as the candidate list (every formula
+    # of length 2 is tried) stays below: its best, `ring AND blue-X`, approximates "near
+    # blue" by one dilation of blue (0.69 against 0.77 when written).
+    boolean = explain_unit(unit, candidates, masks, grid, dataclasses.replace(
+        preset.search, operators="boolean", beam=len(candidates)))
     assert isinstance(spatial.formula, CloseTo | Close)
     names = {label.number: label.name for label in WORLD.labels}
     named = {names[p.label] for p in primitives(spatial.formula)}
     assert set(NEAR) <= named, format_formula(spatial.formula, names)
     assert spatial.imroun > 0.6
-    assert spatial.imroun > boolean.imroun + 0.2
+    assert spatial.imroun > boolean.imroun + 0.05
 
