@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import ray
 
 from services.common import array_io, keys
 from services.common.errors import NotFound
@@ -97,7 +98,10 @@ def store_missing(
         for i0, i1 in table.chunk_ranges()
         if keys.decoded_labels(table.dataset_key, digest, i0, i1) not in stored
     ]
-    refs = [decode_task.remote(settings, table, band_start, i0, i1) for i0, i1 in missing]
+    if not missing:
+        return
+    shared = ray.put(table)  # once, not once per task: it lists every image's name
+    refs = [decode_task.remote(settings, shared, band_start, i0, i1) for i0, i1 in missing]
     done = table.n_images - sum(i1 - i0 for i0, i1 in missing)
     for outcome in gather(refs, is_active):
         done += outcome.u1 - outcome.u0

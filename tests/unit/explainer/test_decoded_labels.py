@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 
 from services.common import keys
 from services.common.probe_format import Concept, ConceptTable, LabelChunk, write_label_chunk
+from services.common.settings import Settings
 from services.common.store import LocalStore
-from services.explainer import decoded_labels, unit_masks
+from services.explainer import decoded_labels, sharding, unit_masks
 from services.explainer.netdissect import IoUTally, TallyCounts, unit_thresholds
 from tests.unit.explainer.test_netdissect import CATEGORIES, random_probe
 
@@ -128,3 +131,32 @@ def test_labels_decoded_for_another_grid_are_refused(
     )
     with pytest.raises(ValueError, match="another grid"):
         unit_masks.count_decoded(acts[:CHUNK], labels, np.zeros(N_UNITS, np.float32))
+
+
+@pytest.fixture()
+def local_ray() -> Iterator[None]:
+    ray.shutdown()  # a Ray left connected by another module would be reused
+    sharding.connect(Settings(ray_num_cpus=2))
+    yield
+    ray.shutdown()
+
+
+def test_missing_chunks_are_decoded_by_tasks_and_a_later_job_decodes_none(
+    local_ray: None,
+    probe: tuple[LocalStore, ConceptTable, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    store, table, *_ = probe
+    band_start = decoded_labels.grid_bands(table, (7, 7))
+    digest = decoded_labels.decoded_key(table, band_start)
+    decoded_labels.read_decoded(store, table, band_start, 0, CHUNK)  # one chunk stored already
+    settings = Settings(store_url=store.url)
+
+    def steps() -> list[str]:
+        return list(decoded_labels.store_missing(settings, store, table, band_start, lambda: True))
+
+    first = steps()
+    assert len(first) == len(table.chunk_ranges()) - 1
+    assert first[-1].endswith(f"{N_IMAGES}/{N_IMAGES} images")
+    for i0, i1 in table.chunk_ranges():
+        assert store.exists(keys.decoded_labels("ds", digest, i0, i1))
+    assert steps() == []
