@@ -49,41 +49,47 @@ class AblationData:
     labels: torch.Tensor  # (n,) int64
 
 
-def losses(
-    data: AblationData, head: Head, units: np.ndarray, values: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """(n, B) CE(logits / T, y) with unit units[j] set to values[:, j] (n, B), one at a time."""
-    # Copies: the head's arrays come read-only from Ray's object store.
-    weight = torch.tensor(head.weight, dtype=torch.float64)
-    bias = torch.tensor(head.bias, dtype=torch.float64)
-    logits = data.pooled @ weight.T + bias  # (n, K)
-    index = torch.as_tensor(units)
-    shift = (values - data.pooled[:, index])[:, :, None] * weight[:, index].T[None, :, :]
-    scaled = (logits[:, None, :] + shift) / temperature  # (n, B, K)
-    picked = scaled.gather(2, data.labels[:, None, None].expand(-1, len(units), 1))[:, :, 0]
-    return torch.logsumexp(scaled, dim=2) - picked
+class LossChange:
+    """Σ_images |L(v) − L_orig| for a block of units on one split, constant parts computed once.
+
+    `units` (B,) may repeat a unit (one column per explanation scored).
+    """
+
+    def __init__(
+        self, data: AblationData, head: Head, units: np.ndarray, temperature: float
+    ) -> None:
+        # Copies: the head's arrays come read-only from Ray's object store.
+        weight = torch.tensor(head.weight, dtype=torch.float64)
+        bias = torch.tensor(head.bias, dtype=torch.float64)
+        index = torch.as_tensor(units)
+        self.logits = data.pooled @ weight.T + bias  # (n, K)
+        self.columns = weight[:, index].T  # (B, K): what one unit adds per unit of activation
+        self.acts = data.pooled[:, index]  # (n, B)
+        self.labels = data.labels[:, None, None].expand(-1, len(units), 1)  # (n, B, 1)
+        self.temperature = temperature
+        self.original = self.losses(self.acts)
+
+    def losses(self, values: torch.Tensor) -> torch.Tensor:
+        """(n, B) CE(logits / T, y) with unit units[j] set to values[:, j], one at a time."""
+        shift = (values - self.acts)[:, :, None] * self.columns[None, :, :]
+        scaled = (self.logits[:, None, :] + shift) / self.temperature  # (n, B, K)
+        return torch.logsumexp(scaled, dim=2) - scaled.gather(2, self.labels)[:, :, 0]
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """(B,) Σ_images |L(values) − L_orig|."""
+        return (self.losses(values) - self.original).abs().sum(dim=0)
 
 
-def _total_change(
-    data: AblationData, head: Head, units: np.ndarray, values: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """(B,) Σ_images |L(values) − L_orig|."""
-    original = losses(data, head, units, data.pooled[:, torch.as_tensor(units)], temperature)
-    return (losses(data, head, units, values, temperature) - original).abs().sum(dim=0)
-
-
-def fit_scale(
-    val: AblationData, head: Head, units: np.ndarray, predicted: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_scale(val: LossChange, predicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) c and d of v = c·ŷ + d minimising Σ_val |L_abl − L_orig| (Adam from (1, 0))."""
-    scale = torch.ones(len(units), dtype=torch.float64, requires_grad=True)
-    offset = torch.zeros(len(units), dtype=torch.float64, requires_grad=True)
+    n_units = predicted.shape[1]
+    scale = torch.ones(n_units, dtype=torch.float64, requires_grad=True)
+    offset = torch.zeros(n_units, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.Adam([scale, offset], lr=LEARNING_RATE)
     for _ in range(STEPS):
         optimizer.zero_grad()
         # Units are independent terms of the sum, and Adam is elementwise: one fit per unit.
-        loss = _total_change(val, head, units, scale * predicted + offset, temperature).sum()
-        loss.backward()
+        val.total(scale * predicted + offset).sum().backward()
         optimizer.step()
     return scale.detach(), offset.detach()
 
@@ -115,24 +121,25 @@ def unit_alphas(
 ) -> np.ndarray:
     """(B,) α of units `units` (B,) from ŷ on the validation (n_val, B) and test images.
 
+    A unit may appear once per explanation scored: each column is fitted on its own.
+
     A unit whose ŷ holds NaN, or whose mean-ablation leaves the test loss unchanged,
     gets NaN.
     """
     missing = np.isnan(val_predicted).any(axis=0) | np.isnan(test_predicted).any(axis=0)
     val_p = torch.as_tensor(np.nan_to_num(val_predicted), dtype=torch.float64)
     test_p = torch.as_tensor(np.nan_to_num(test_predicted), dtype=torch.float64)
-    index = torch.as_tensor(units)
-    mean_a = val.pooled[:, index].mean(dim=0)
-    base = _total_change(
-        test, head, units, mean_a[None, :].expand(len(test.labels), -1), temperature
-    )
+    val_change = LossChange(val, head, units, temperature)
+    test_change = LossChange(test, head, units, temperature)
+    mean_a = val_change.acts.mean(dim=0)
+    base = test_change.total(mean_a[None, :].expand(len(test.labels), -1))
     if variant == "optim":
-        scale, offset = fit_scale(val, head, units, val_p, temperature)
+        scale, offset = fit_scale(val_change, val_p)
         values = scale * test_p + offset
     else:
-        values = normalised(val_p, val.pooled[:, index], test_p)
+        values = normalised(val_p, val_change.acts, test_p)
     with torch.no_grad():
-        change = _total_change(test, head, units, values, temperature)
+        change = test_change.total(values)
     alpha = 1.0 - (change / torch.where(base > 0, base, 1.0)).numpy()
     alpha[missing | (base.numpy() <= 0)] = np.nan
     return alpha

@@ -167,22 +167,27 @@ class Ablation(ExplainMethod):
     ) -> list[dict[str, Any]]:
         """Finite α of units [u0, u1) for every stored method; empty scores without a head."""
         inputs: AblationInputs | None = shared[0]
-        if inputs is None:
+        if inputs is None or not inputs.stored:
             return [score_row(ABLATION_METHOD, u, {}) for u in range(u0, u1)]
-        units = np.arange(u0, u1)
-        alphas: dict[str, np.ndarray] = {}
-        for method, by_unit in inputs.stored.items():
-            rows = [by_unit.get(u) for u in range(u0, u1)]
-            predicted = block_predictions(method, rows, inputs.sim)  # (n_val + n_test, B)
-            alphas[method] = ablation.unit_alphas(
-                inputs.val, inputs.test, inputs.head, units, predicted[: inputs.n_val],
-                predicted[inputs.n_val :], params.variant, params.temperature,
-            )
+        # Every method's explanations of the block in one fit: column j·B + k is unit
+        # u0 + k explained by method j (the fits are independent, see `unit_alphas`).
+        methods = list(inputs.stored)
+        block = u1 - u0
+        predicted = np.hstack([
+            block_predictions(m, [inputs.stored[m].get(u) for u in range(u0, u1)], inputs.sim)
+            for m in methods
+        ])  # (n_val + n_test, len(methods)·B)
+        alphas = ablation.unit_alphas(
+            inputs.val, inputs.test, inputs.head, np.tile(np.arange(u0, u1), len(methods)),
+            predicted[: inputs.n_val], predicted[inputs.n_val :], params.variant,
+            params.temperature,
+        ).reshape(len(methods), block)
         return [
             score_row(ABLATION_METHOD, u0 + k, {
-                m: float(a[k]) for m, a in alphas.items() if np.isfinite(a[k])
+                m: float(alphas[j, k]) for j, m in enumerate(methods)
+                if np.isfinite(alphas[j, k])
             })
-            for k in range(u1 - u0)
+            for k in range(block)
         ]
 
     def summary(

@@ -29,7 +29,7 @@ UNITS = np.arange(U)
 
 def test_losses_equal_a_forward_pass_with_the_unit_replaced() -> None:
     values = torch.full((len(TEST.labels), U), 0.25, dtype=torch.float64)
-    got = ablation.losses(TEST, HEAD, UNITS, values, 1.1)
+    got = ablation.LossChange(TEST, HEAD, UNITS, 1.1).losses(values)
     for k in range(U):
         changed = TEST.pooled.clone()
         changed[:, k] = 0.25
@@ -42,7 +42,9 @@ def test_losses_equal_a_forward_pass_with_the_unit_replaced() -> None:
 
 def test_optim_with_the_units_own_activation_is_exact() -> None:
     own_val, own_test = VAL.pooled.numpy(), TEST.pooled.numpy()
-    scale, offset = ablation.fit_scale(VAL, HEAD, UNITS, VAL.pooled.clone(), 1.1)
+    scale, offset = ablation.fit_scale(
+        ablation.LossChange(VAL, HEAD, UNITS, 1.1), VAL.pooled.clone()
+    )
     assert scale.tolist() == [1.0] * U and offset.tolist() == [0.0] * U
     alpha = ablation.unit_alphas(VAL, TEST, HEAD, UNITS, own_val, own_test, "optim", 1.1)
     assert alpha.tolist() == [1.0] * U
@@ -68,6 +70,19 @@ def test_a_noisy_explanation_lies_between_and_a_missing_one_is_nan(variant: str)
         VAL, TEST, HEAD, UNITS, VAL.pooled.numpy(), TEST.pooled.numpy(), variant, 1.1  # type: ignore[arg-type]
     )
     assert np.all(perfect[1:] > alpha[1:])
+
+
+def test_explanations_of_one_unit_fitted_together_equal_fits_apart() -> None:
+    rng = np.random.default_rng(3)
+    val_p = VAL.pooled.numpy() + rng.normal(scale=0.3, size=(40, U))
+    test_p = TEST.pooled.numpy() + rng.normal(scale=0.3, size=(60, U))
+    apart = ablation.unit_alphas(VAL, TEST, HEAD, UNITS, val_p, test_p, "optim", 1.1)
+    both = ablation.unit_alphas(
+        VAL, TEST, HEAD, np.concatenate([UNITS, UNITS]), np.hstack([val_p, VAL.pooled.numpy()]),
+        np.hstack([test_p, TEST.pooled.numpy()]), "optim", 1.1,
+    )
+    np.testing.assert_array_equal(both[:U], apart)
+    assert both[U:].tolist() == [1.0] * U
 
 
 def test_a_unit_the_head_ignores_is_not_scored() -> None:
