@@ -18,7 +18,7 @@ P_sim lacks gets a NaN prediction and is counted as missing. Per layer and metho
 simulation method (`methods/simulation.py`) stores ρ per unit and the mean ρ with its
 standard error over the scored units; dead units (constant activation on the test images)
 and missing ones are counted apart, so they never make the mean NaN. Ablation scoring
-(optional in the spec) is not implemented.
+(specs/verification.md) replaces the unit by the same predictions: `ablation.py`.
 """
 
 from __future__ import annotations
