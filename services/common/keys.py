@@ -158,6 +158,14 @@ def result_block(job_id: str, layer: str, method: str, u0: int, u1: int) -> str:
     return f"results/{job_id}/{layer}/{method}/{span('u', u0, u1)}.json"
 
 
+def result_sample(job_id: str, layer: str, method: str, u0: int, u1: int) -> str:
+    return f"{result_samples_prefix(job_id, layer, method)}{span('u', u0, u1)}.npz"
+
+
+def result_samples_prefix(job_id: str, layer: str, method: str) -> str:
+    return f"results/{job_id}/{layer}/{method}/samples/"
+
+
 def result_summary(job_id: str, layer: str, method: str) -> str:
     return f"results/{job_id}/{layer}/{method}/summary.json"
 

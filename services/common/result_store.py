@@ -13,6 +13,9 @@ Under `results/{job}/{layer}/{method}/`:
   Every row is parsed back into its message before anything is written, so a block
   a reader gets always parses. A block is one object written whole by an atomic
   put: its presence means the block is done, and writing it again is harmless.
+- `samples/u{u0}-{u1}.npz`: arrays of a block beside its rows, for plots: simulation's
+  scatter sample (`write_sample`: up to `SAMPLE_IMAGES` test images, each unit's actual
+  pooled activation and every method's prediction there).
 - `summary.json`: the method's per-layer summary, made by the method's own code.
   Its keys that are `LayerSummary` fields (proto names) are the figures shown in
   GetJob, the CLI and the report; other keys are kept for readers of the store.
@@ -27,10 +30,12 @@ touches these keys.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from neurodissect.v1 import common_pb2
@@ -179,6 +184,48 @@ def read_rows(
             if unit >= u0 and (not u1 or unit < u1):
                 rows[unit] = row
     return rows
+
+
+# Test images kept per block for simulation's scatter plots (evenly spaced over the split).
+SAMPLE_IMAGES = 200
+
+
+def write_sample(
+    store: ObjectStore,
+    job_id: str,
+    layer: str,
+    method: str,
+    u0: int,
+    u1: int,
+    arrays: Mapping[str, np.ndarray],
+) -> None:
+    """Store a block's plot arrays (`samples/u{u0}-{u1}.npz`).
+
+    Arrays of two or more axes are per unit along their last axis (B = u1 − u0);
+    one-axis arrays (image ids, method names) describe the whole block.
+    """
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, allow_pickle=False, **arrays)
+    store.put(keys.result_sample(job_id, layer, method, u0, u1), buffer.getvalue())
+
+
+def read_sample(
+    store: ObjectStore, job_id: str, layer: str, method: str, unit: int
+) -> dict[str, np.ndarray] | None:
+    """The plot arrays of the block holding `unit`, sliced to it; None when none is stored.
+
+    Arrays of two or more axes are cut to the unit's entry of their last axis; one-axis
+    arrays (image ids, method names) are returned whole.
+    """
+    for key in store.list(keys.result_samples_prefix(job_id, layer, method)):
+        u0, u1 = keys.parse_span(key.rsplit("/", 1)[-1].removesuffix(".npz"))
+        if u0 <= unit < u1:
+            with np.load(io.BytesIO(store.get(key)), allow_pickle=False) as stored:
+                return {
+                    name: (array[..., unit - u0] if array.ndim > 1 else array)
+                    for name, array in ((n, stored[n]) for n in stored.files)
+                }
+    return None
 
 
 def write_summary(

@@ -209,6 +209,8 @@ def test_unit_pages_show_exemplars_with_overlays_and_links_work(
             assert image.evaluate("img => img.complete && img.naturalWidth") == IMAGE_PX
     methods = page.locator("#answers tr td:first-child").all_inner_texts()
     assert methods == ["NetDissect", "compositional", "CLIP-Dissect", "linear", "MILAN"]
+    # The simulation scatter, drawn from the stored sample of the unit's block.
+    assert page.locator("img#scatter").evaluate("img => img.complete && img.naturalWidth") > 0
 
     page.click("text=next unit →")
     page.wait_for_load_state("load")

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 from neurodissect.v1 import common_pb2, explainer_pb2
 
-from services.common.result_store import read_rows, simulation_row
+from services.common.result_store import SAMPLE_IMAGES, read_rows, simulation_row, write_sample
 from services.common.spec_vocabulary import SCORED_METHODS, SCORING_METHOD
 from services.common.store import ObjectStore
 from services.explainer import linear, simulation
@@ -89,6 +89,33 @@ def score_rows(
     return out
 
 
+def scatter_sample(
+    sim: Simulator,
+    test_activations: np.ndarray,
+    rows: Mapping[str, Sequence[Mapping[str, Any] | None]],
+    test: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The block's scatter plot arrays on up to SAMPLE_IMAGES test images, evenly spaced.
+
+    `test` (n_test,) are the test images' ids, `test_activations` (n_test, B) their
+    pooled means. Returns `images` (S,) int64, `methods` (M,) str, `actual` (S, B) and
+    `predicted` (M, S, B) float32 (NaN where a method has no prediction).
+    """
+    n_test = len(test)
+    picked = np.unique(np.linspace(0, n_test - 1, min(SAMPLE_IMAGES, n_test)).astype(np.int64))
+    sub = Simulator(sim.kind, sim.names, sim.matrix[picked])
+    methods = sorted(rows)
+    predicted = np.stack(
+        [block_predictions(m, rows[m], sub) for m in methods]
+    ) if methods else np.zeros((0, len(picked), test_activations.shape[1]))
+    return {
+        "images": np.asarray(test, dtype=np.int64)[picked],
+        "methods": np.array(methods, dtype=str),
+        "actual": test_activations[picked].astype(np.float32),
+        "predicted": predicted.astype(np.float32),
+    }
+
+
 def layer_summary(rows: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     """Mean ρ ± standard error (ddof 1; 0 for one unit) per method over live units.
 
@@ -147,7 +174,7 @@ class Simulation(ExplainMethod):
         }
         test = stage.shared.split(params).test
         test_activations = np.ascontiguousarray(stage.shared.pooled("mean")[test])
-        return ray.put(sim), ray.put(test_activations), ray.put(stored)
+        return ray.put(sim), ray.put(test_activations), ray.put(stored), test
 
     def block_rows(
         self,
@@ -162,9 +189,13 @@ class Simulation(ExplainMethod):
         sim: Simulator
         test_activations: np.ndarray
         stored: dict[str, dict[int, dict[str, Any]]]
-        sim, test_activations, stored = shared
+        test: np.ndarray
+        sim, test_activations, stored, test = shared
         rows = {m: [by_unit.get(u) for u in range(u0, u1)] for m, by_unit in stored.items()}
-        return score_rows(u0, sim, test_activations[:, u0:u1], rows)
+        activations = test_activations[:, u0:u1]
+        sample = scatter_sample(sim, activations, rows, test)
+        write_sample(store, plan.job_id, plan.layer, self.name, u0, u1, sample)
+        return score_rows(u0, sim, activations, rows)
 
     def summary(
         self, stage: Stage, params: int, rows: Mapping[int, Mapping[str, Any]]

@@ -16,10 +16,11 @@ from typing import TypeVar
 import numpy as np
 from neurodissect.v1 import common_pb2, extractor_pb2
 
-from services.common import keys
+from services.common import keys, result_store
 from services.common.activations import ActivationManifest, read_manifest, read_units
 from services.common.errors import NotFound
 from services.common.probe_format import ConceptTable, LabelChunk, read_concepts, read_label_chunk
+from services.common.spec_vocabulary import SCORING_METHOD
 from services.common.store import ObjectStore
 from services.gateway import results
 from services.gateway.jobs import TERMINAL, JobStore
@@ -101,6 +102,12 @@ class JobReader:
         if not found:
             raise NotFound(f"no results for unit {unit} of layer {layer!r} yet", "unit")
         return found[0]
+
+    def simulation_sample(
+        self, job: common_pb2.Job, layer: str, unit: int
+    ) -> dict[str, np.ndarray] | None:
+        """Simulation's scatter sample of one unit (`result_store.read_sample`), or None."""
+        return result_store.read_sample(self.store, job.id, layer, SCORING_METHOD, unit)
 
     def concepts(self, job: common_pb2.Job) -> ConceptTable:
         """The concept table of the job's probe dataset."""

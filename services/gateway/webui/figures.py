@@ -141,5 +141,18 @@ def layer_plot(
         params.detector_threshold if params.HasField("detector_threshold")
         else DETECTOR_IOU.default
     )
-    parts, draw = render.layer_plot(units, detector_iou)
+    sweep = next((list(s.sweep) for s in job.summary if s.layer == units[0].layer), [])
+    parts, draw = render.layer_plot(units, detector_iou, sweep)
+    return renders.png(parts, draw)
+
+
+def unit_scatter(
+    reader: JobReader, renders: render.Renders, job: common_pb2.Job, unit: common_pb2.UnitResult
+) -> str:
+    """The digest of the unit's simulation scatter plot; empty without a stored sample."""
+    sample = reader.simulation_sample(job, unit.layer, unit.unit)
+    if sample is None:
+        return ""
+    parts, draw = render.scatter_plot(
+        unit, [str(m) for m in sample["methods"]], sample["actual"], sample["predicted"])
     return renders.png(parts, draw)

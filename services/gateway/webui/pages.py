@@ -429,13 +429,21 @@ class PageBuilder:
             f"<div class=exemplars>{''.join(tiles)}</div>" if tiles
             else "<p class=muted>no exemplars (NetDissect did not run, or no thumbnails)</p>"
         )
+        scatter = figures.unit_scatter(self.reader, self.renders, job, unit)
+        simulated = (
+            "<h2>simulation</h2><p class=muted>each method's prediction of the unit against"
+            " its pooled activation, on sampled test images</p><img class=plot id=scatter "
+            f"alt='simulation scatter of unit {unit.unit}' src='{_href(image_file(scatter))}'>"
+            if scatter else ""
+        )
         body = (
             f"<h1>layer {_e(layer)} · unit {unit.unit}</h1><p>{' · '.join(steps)}</p>"
             "<table id=answers><tr><th>method</th><th>answer</th><th>score</th>"
             f"<th>simulation ρ</th></tr>{answers}</table>"
-            f"<h2>top exemplars</h2><p class=legend>{legend}</p>{shown}"
+            f"<h2>top exemplars</h2><p class=legend>{legend}</p>{shown}{simulated}"
         )
         images = [d for ex in exemplars for d in (ex.unit, ex.concept, ex.formula) if d]
+        images += [scatter] if scatter else []
         html_text = shell(
             f"{layer} unit {unit.unit} — {job.spec.name or job.id}", body,
             self._nav(job, (layer_file(layer), f"layer {layer}")),

@@ -20,19 +20,17 @@ import io
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import matplotlib
-
-matplotlib.use("Agg")  # no display: figures are drawn to PNG bytes only
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 from neurodissect.v1 import common_pb2
 from PIL import Image
 
 from services.common import keys
 from services.common.store import ObjectStore
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 RENDER_VERSION = 1
 DIM_TINT = np.array([24, 32, 64], dtype=np.float32)
@@ -89,36 +87,70 @@ class Renders:
         return self.store.get(keys.rendered(digest))
 
 
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    """A matplotlib figure; matplotlib is imported on the first plot, not with the gateway."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: figures are drawn to PNG bytes only
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def _figure_png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
     return buffer.getvalue()
 
 
+def _scores(units: Sequence[common_pb2.UnitResult], field: str) -> dict[str, list[float]]:
+    """Finite per-method scores of the units' `field` map (simulation ρ or ablation α)."""
+    maps = [getattr(u, field) for u in units]
+    methods = sorted({m for scores in maps for m in scores})
+    values = {
+        m: [round(s[m], 6) for s in maps if m in s and math.isfinite(s[m])] for m in methods
+    }
+    return {m: v for m, v in values.items() if v}
+
+
+def _violins(axes: Any, scores: dict[str, list[float]], title: str, empty: str) -> None:
+    if scores:
+        axes.violinplot(list(scores.values()), showmeans=True)
+        axes.set_xticks(range(1, len(scores) + 1), list(scores), rotation=20)
+        axes.axhline(0.0, color="#999", linewidth=0.8)
+    else:
+        axes.text(0.5, 0.5, empty, ha="center", transform=axes.transAxes)
+    axes.set_title(title)
+
+
 def layer_plot(
-    units: Sequence[common_pb2.UnitResult], detector_iou: float
+    units: Sequence[common_pb2.UnitResult],
+    detector_iou: float,
+    sweep: Sequence[common_pb2.SweepPoint] = (),
 ) -> tuple[list[Any], Callable[[], bytes]]:
     """The plotted values of one layer and a function drawing them: (parts, draw).
 
     Panels: detectors per category (bars), NetDissect IoU of every unit (histogram,
-    the detector threshold dashed), simulation ρ per method (violins with the mean).
+    the detector threshold dashed), simulation ρ per method (violins with the mean);
+    when present, ablation α per method (violins) and the threshold sweep (detectors
+    and unique labels against the threshold, the share of unchanged labels).
     """
     categories = Counter(
         u.netdissect.category for u in units if u.HasField("netdissect") and u.netdissect.detector
     )
     ious = [round(u.netdissect.iou, 6) for u in units if u.HasField("netdissect")]
-    methods = sorted({m for u in units for m in u.simulation})
-    rhos = {
-        m: [round(u.simulation[m], 6) for u in units
-            if m in u.simulation and math.isfinite(u.simulation[m])]
-        for m in methods
-    }
-    rhos = {m: values for m, values in rhos.items() if values}
-    parts = ["layer", sorted(categories.items()), ious, sorted(rhos.items()), detector_iou]
+    rhos, alphas = _scores(units, "simulation"), _scores(units, "ablation")
+    points = sorted(
+        (p.threshold, p.detectors, p.unique_labels, round(p.unchanged_fraction, 6))
+        for p in sweep
+    )
+    parts = ["layer", sorted(categories.items()), ious, sorted(rhos.items()), detector_iou,
+             sorted(alphas.items()), points]
 
     def draw() -> bytes:
-        figure = Figure(figsize=(12, 3.2))
-        bars, histogram, violins = figure.subplots(1, 3)
+        panels = 3 + bool(alphas) + bool(points)
+        figure = _new_figure((4 * panels, 3.2))
+        bars, histogram, violins, *more = figure.subplots(1, panels)
         names = sorted(categories)
         bars.bar(names, [categories[n] for n in names], color="#4a78b5")
         bars.set_title("NetDissect detectors per category")
@@ -131,14 +163,52 @@ def layer_plot(
         histogram.set_title("NetDissect IoU of every unit")
         histogram.set_xlabel("IoU")
         histogram.legend(loc="upper right")
-        if rhos:
-            violins.violinplot(list(rhos.values()), showmeans=True)
-            violins.set_xticks(range(1, len(rhos) + 1), list(rhos), rotation=20)
-            violins.axhline(0.0, color="#999", linewidth=0.8)
-        else:
-            violins.text(0.5, 0.5, "no simulation scores", ha="center",
-                         transform=violins.transAxes)
-        violins.set_title("simulation ρ per method (test split)")
+        _violins(violins, rhos, "simulation ρ per method (test split)", "no simulation scores")
+        if alphas:
+            _violins(more.pop(0), alphas, "ablation α per method (test split)", "")
+        if points:
+            axes = more.pop(0)
+            thresholds = [p[0] for p in points]
+            axes.plot(thresholds, [p[1] for p in points], "o-", label="detectors")
+            axes.plot(thresholds, [p[2] for p in points], "s-", label="unique labels")
+            axes.set_xlabel("threshold")
+            axes.set_title("threshold sweep")
+            share = axes.twinx()
+            share.plot(thresholds, [p[3] for p in points], "^--", color="#c33",
+                       label="unchanged labels")
+            share.set_ylim(0.0, 1.05)
+            share.set_ylabel("share of units, label unchanged")
+            axes.legend(loc="upper left", fontsize="small")
+        return _figure_png(figure)
+
+    return parts, draw
+
+
+def scatter_plot(
+    unit: common_pb2.UnitResult, methods: Sequence[str], actual: np.ndarray,
+    predicted: np.ndarray,
+) -> tuple[list[Any], Callable[[], bytes]]:
+    """One unit's simulation scatter: predicted against actual on sampled test images.
+
+    `actual` (S,) are the unit's pooled means, `predicted` (M, S) each method's
+    prediction (NaN where it has none). Returns (parts, draw) as `layer_plot`.
+    """
+    shown = [(m, p) for m, p in zip(methods, predicted, strict=True) if np.isfinite(p).any()]
+    parts = ["scatter", unit.layer, unit.unit, actual.round(6).tolist(),
+             [(m, p.round(6).tolist()) for m, p in shown]]
+
+    def draw() -> bytes:
+        figure = _new_figure((3.2 * max(1, len(shown)), 3.0))
+        axes_list = figure.subplots(1, max(1, len(shown)), squeeze=False)[0]
+        for axes, (method, values) in zip(axes_list, shown, strict=False):
+            rho = unit.simulation.get(method, float("nan"))
+            axes.scatter(values, actual, s=8, alpha=0.6, color="#4a78b5")
+            axes.set_title(f"{method}: ρ {rho:.3f}" if math.isfinite(rho) else method)
+            axes.set_xlabel("predicted")
+            axes.set_ylabel("actual (pooled mean)")
+        if not shown:
+            axes_list[0].text(0.5, 0.5, "no predictions", ha="center",
+                              transform=axes_list[0].transAxes)
         return _figure_png(figure)
 
     return parts, draw

@@ -14,7 +14,7 @@ from neurodissect.v1 import common_pb2, explainer_pb2
 from PIL import Image
 
 from services.common import keys, result_store
-from services.common.activations import read_manifest
+from services.common.activations import read_manifest, read_pooled
 from services.common.errors import InvalidArgument
 from services.common.probe_format import read_concepts, read_label_chunk
 from services.common.settings import Settings
@@ -164,6 +164,20 @@ def test_layer_summaries_come_from_each_method_through_the_store(
     clip_csv = result_store.read_export(store, "summary", planted.layer, "clip_dissect").decode()
     assert clip_csv.splitlines()[0] == "layer,unit,description,similarity"
     assert len(clip_csv.splitlines()) == planted.n_units + 1
+    # Simulation's scatter sample: each unit's actual pooled mean on sampled test images
+    # beside every method's prediction there, for the unit page's plot.
+    mean, _ = read_pooled(store, planted.acts_key, planted.layer)
+    for unit in (0, planted.n_units - 1):
+        sample = result_store.read_sample(store, "summary", planted.layer, "simulation", unit)
+        assert sample is not None
+        images = sample["images"]
+        assert list(sample["methods"]) == ["clip_dissect", "netdissect"]
+        assert 0 < len(images) <= result_store.SAMPLE_IMAGES
+        assert np.all(np.diff(images) > 0)
+        np.testing.assert_allclose(sample["actual"], mean[images, unit], rtol=1e-6)
+        assert sample["predicted"].shape == (2, len(images))
+    assert result_store.read_sample(store, "summary", planted.layer, "simulation",
+                                    planted.n_units) is None
 
 
 def _gateway_accepts(field: str, value: str) -> bool:
