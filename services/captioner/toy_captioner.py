@@ -125,7 +125,7 @@ def toy_annotations(cache_dir: Path, recipe: ToyRecipe) -> Path:
     """
     from services.captioner.milannotations import ANNOTATIONS_FILE
     from services.common.keys import content_key
-    from services.toyworld import write_annotations
+    from services.toyworld.annotations import write_annotations
     from services.toyworld.generator import FORMAT_VERSION
 
     key = content_key("toy-annotations", TOY_VERSION, FORMAT_VERSION, recipe.annotation_params())
@@ -177,7 +177,7 @@ def concept_figures(
     """
     import torch
 
-    from services.toyworld import WORLD
+    from services.toyworld.world import WORLD
 
     def forms(label: str) -> set[str]:
         adjective = {WORLD.adjective(label)} if label in WORLD.textures else set()
@@ -269,7 +269,7 @@ def build_toy_captioner(
     from services.captioner.checkpoint import toy_checkpoint_path
     from services.captioner.decoding import DEFAULT_PMI_LAMBDA
     from services.captioner.milannotations import load_milannotations
-    from services.toyworld import load_toynet, toynet_path
+    from services.toyworld.toynet import load_toynet, toynet_path
     from services.toyworld.model_cache import training_threads
 
     recipe = recipe or ToyRecipe()

@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from services.cli.footprint import ProcessMemory
 from services.cli.stack import LocalStack
 from services.gateway import results
 from services.gateway.jobs import state_name
@@ -84,6 +85,16 @@ def print_stack(stack: LocalStack) -> None:
     console.print(table)
     console.print(f"store: {stack.settings.store_url}", markup=False)
     console.print(f"logs:  {stack.log_dir}", markup=False)
+
+
+def print_footprint(rows: Sequence[ProcessMemory]) -> None:
+    """Memory (PSS) of each process of the stack, and their total."""
+    table = Table("process", "pid", "PSS MiB", "command", title="memory (proportional set size)")
+    for row in rows:
+        table.add_row(row.owner, str(row.pid), f"{row.pss_bytes / 2**20:.0f}", row.command[:60])
+    console.print(table)
+    total = sum(row.pss_bytes for row in rows)
+    console.print(f"total PSS: {total / 2**20:.0f} MiB in {len(rows)} processes", markup=False)
 
 
 def print_summary(job: common_pb2.Job) -> None:

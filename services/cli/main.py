@@ -50,6 +50,7 @@ from services.cli.display import (
     errors,
     jobs_table,
     layers_table,
+    print_footprint,
     print_stack,
     print_summary,
     results_table,
@@ -145,6 +146,7 @@ def start_stack(
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """Keep the local stack up, restarting what crashes, until Ctrl-C or SIGTERM.
 
+    With --verbose, prints the memory each of its processes holds once started.
     Exits EXIT_STACK_FAILED when a process cannot be kept up (a crash loop).
     """
     stop = threading.Event()
@@ -160,6 +162,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     stacks.append(stack)
     try:
         print_stack(stack)
+        if args.verbose:
+            print_footprint(stack.footprint())
         console.print(f"export NEURODISSECT_GATEWAY_ADDR={stack.address('gateway')}")
         console.print("up; Ctrl-C stops everything")
         while not stop.wait(0.5) and not stack.failed.is_set():
@@ -562,7 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    _stack_flags(command("up", cmd_up, "start the local stack until Ctrl-C"), False)
+    up = command("up", cmd_up, "start the local stack until Ctrl-C")
+    _stack_flags(up, False)
+    up.add_argument("--verbose", action="store_true",
+                    help="print the memory (PSS) each process of the stack holds once started")
     serve = command("serve", cmd_serve, "run one service in the foreground")
     serve.add_argument("service", choices=SERVICES)
     _spec_flags(command("submit", cmd_submit, "submit a dissection"))

@@ -7,7 +7,9 @@ and peer addresses in its environment (`NEURODISSECT_*`), and its output in
 cannot be bound fails the start with a message naming it, and health is asked of
 each service by its gRPC name, so another server on the same port never passes.
 
-The Ray head (`ray start --head --block`) is locked down: every server of it
+The Ray head (`ray start --head --block`) starts Python workers for tasks only,
+and stops them when idle (`ray_workers.LAZY_WORKER_CONFIG`), so an idle stack holds
+none; `footprint` says what each process holds. It is locked down: every server of it
 listens on loopback only, it requires Ray's token authentication with a token
 generated per stack (a 0600 file in a private directory, handed to the explainer as
 `RAY_AUTH_TOKEN_PATH`), its processes and workers run in an environment without
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import secrets
@@ -41,7 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from services.cli.footprint import ProcessMemory, footprint
 from services.common.client import wait_healthy
+from services.common.ray_workers import LAZY_WORKER_CONFIG
 from services.common.settings import SERVICES, Settings
 
 log = logging.getLogger(__name__)
@@ -375,6 +380,18 @@ class LocalStack:
         """host:port of a service."""
         return self.settings.address_of(name)
 
+    def footprint(self) -> list[ProcessMemory]:
+        """PSS of every live process of the stack, each counted once.
+
+        A service's row includes its children (the local Ray an explainer started
+        without a head); 'ray' is the Ray head's every process, workers included.
+        """
+        with self._lock:
+            owners = {name: [p.pid] for name, p in self.processes.items() if p.poll() is None}
+        if "ray" in owners:
+            owners["ray"] += self.ray_pids()
+        return footprint(owners)
+
     def log_tail(self, name: str, lines: int = 30) -> str:
         """The last lines of a service's log."""
         path = self.log_dir / f"{name}.log"
@@ -420,7 +437,7 @@ class LocalStack:
         command = [
             str(ray), "start", "--head", "--block", f"--node-ip-address={host}",
             f"--temp-dir={self._ray_dir / 'ray'}", "--include-dashboard=false",
-            "--disable-usage-stats",
+            "--disable-usage-stats", f"--system-config={json.dumps(LAZY_WORKER_CONFIG)}",
             *(f"--{flag}={port}" for flag, port in self._ray_ports.items()),
         ]
         if self.settings.ray_num_cpus:

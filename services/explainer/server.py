@@ -10,14 +10,15 @@ import grpc
 from grpc_health.v1 import health_pb2
 from neurodissect.v1 import explainer_pb2, explainer_pb2_grpc
 
+from services.common.lazy_servicer import lazy_servicer
 from services.common.server import ServiceServer
 from services.common.settings import Settings
-from services.explainer import sharding
-from services.explainer.servicer import ExplainerServicer
+from services.explainer.ray_watch import RayWatch, ray_connected, ray_endpoint
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = explainer_pb2.DESCRIPTOR.services_by_name["Explainer"].full_name
+SERVICE = explainer_pb2.DESCRIPTOR.services_by_name["Explainer"]
+SERVICE_NAME = SERVICE.full_name
 # Exit status when the Ray cluster is lost (EX_TEMPFAIL): a supervisor starts us again.
 EXIT_RAY_LOST = 75
 
@@ -33,17 +34,26 @@ def _exit_ray_lost(reason: str) -> None:
 def build(settings: Settings) -> ServiceServer:
     """The explainer server, not started: Explain plus health, reflection, auth and metrics.
 
-    Ray is started here (or connected to, per `settings.ray_address`): before the
-    server installs its SIGTERM handler, which must replace the one Ray's core
-    installs so that SIGTERM stops the server gracefully. Health then follows the
-    Ray connection (`sharding.RayWatch`): NOT_SERVING while the cluster does not
-    answer; the process exits (status 75) when its cluster is gone for good.
+    The servicer, Ray and the methods' libraries (torch, scipy) load with the first
+    Explain, which starts a local Ray or connects to `settings.ray_address` then
+    (`sharding.connect`); SIGTERM keeps stopping the server gracefully. Health follows the
+    configured cluster (`ray_watch.RayWatch`): NOT_SERVING while it does not answer;
+    the process exits (status 75) when the cluster it joined is gone for good.
     """
-    sharding.connect(settings)
-    servicer = ExplainerServicer(settings)
+
+    def servicer() -> explainer_pb2_grpc.ExplainerServicer:
+        # Ray's driver would install its C++ crash handler for SIGTERM too when it
+        # connects, after the server's own handler, and SIGTERM would then kill the
+        # explainer instead of stopping it gracefully (read when Ray is imported).
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+        from services.explainer.servicer import ExplainerServicer
+
+        return ExplainerServicer(settings)
 
     def register(server: grpc.Server) -> list[str]:
-        explainer_pb2_grpc.add_ExplainerServicer_to_server(servicer, server)
+        explainer_pb2_grpc.add_ExplainerServicer_to_server(
+            lazy_servicer(explainer_pb2_grpc.ExplainerServicer, SERVICE, servicer), server
+        )
         return [SERVICE_NAME]
 
     server = ServiceServer("explainer", settings, register)
@@ -54,9 +64,9 @@ def build(settings: Settings) -> ServiceServer:
         for name in ("", SERVICE_NAME):
             server.health.set(name, status)
 
-    sharding.RayWatch(
-        endpoint=lambda: sharding.ray_endpoint(settings),
-        connected=sharding.ray.is_initialized,
+    RayWatch(
+        endpoint=lambda: ray_endpoint(settings),
+        connected=ray_connected,
         on_status=on_status,
         on_lost=_exit_ray_lost,
     ).start()

@@ -8,7 +8,8 @@ block; `gather` yields their outcomes as they finish, counts retries and failure
 in the metrics, and cancels what is outstanding when the caller goes away.
 
 Ray local vs cluster is the `ray_address` setting (`RAY_ADDRESS`): empty starts a
-local Ray in this process (`ray_num_cpus` CPUs when > 0), anything else connects to
+local Ray in this process (`ray_num_cpus` CPUs when > 0; workers started for tasks
+only, `ray_workers.LAZY_WORKER_CONFIG`), anything else connects to
 that cluster; both go through the same `ray.init` call. A cluster with token
 authentication (Ray's default for `ray start`) needs `RAY_AUTH_MODE=token` and its
 token (`RAY_AUTH_TOKEN`, or the token file `RAY_AUTH_TOKEN_PATH`) in the explainer's
@@ -16,10 +17,8 @@ environment: Ray never turns token auth on by itself for an explicit address. A
 local Ray is started without the API token or store secrets in its environment
 (its workers inherit it); tasks get the store credentials as arguments.
 
-`RayWatch` probes the cluster's endpoint every second: the explainer's health
-follows it, and a cluster this process was connected to that stops accepting
-connections (its head died; a restarted head is a new cluster) is reported lost,
-so the explainer exits and its supervisor starts it afresh instead of hanging.
+The explainer imports this module (and Ray) with its first job, and connects
+then; `ray_watch` follows the cluster without importing Ray.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +37,7 @@ from ray.exceptions import GetTimeoutError, RayError, RayTaskError, TaskCancelle
 
 from services.common.errors import Cancelled, NeurodissectError, StoreError, Unavailable
 from services.common.metrics import RAY_TASK_FAILURES, RAY_TASK_RETRIES
+from services.common.ray_workers import LAZY_WORKER_CONFIG
 from services.common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,9 +56,6 @@ CONNECT_TIMEOUT_S = 60.0
 CONNECT_FIRST_DELAY_S = 1.0
 # How often `gather` wakes up to check whether the caller is still there.
 POLL_S = 0.25
-# How often `RayWatch` probes the cluster, and how long one probe may take.
-RAY_PROBE_S = 1.0
-RAY_PROBE_TIMEOUT_S = 2.0
 # Environment variables a local Ray (and so its workers) never inherits.
 SECRET_ENV_PREFIXES = ("NEURODISSECT_AUTH_TOKEN", "NEURODISSECT_S3_", "AWS_")
 
@@ -106,6 +102,7 @@ def connect(settings: Settings) -> None:
                         if local and settings.ray_num_cpus > 0 else None,
                         include_dashboard=False if local else None,
                         logging_level=logging.WARNING,
+                        _system_config=LAZY_WORKER_CONFIG if local else None,
                     )
                 break
             except (ConnectionError, RuntimeError) as exc:
@@ -135,81 +132,6 @@ def _without_secrets() -> Iterator[None]:
 def task_settings(settings: Settings) -> Settings:
     """The settings handed to Ray tasks: the store's credentials, never the API token."""
     return settings.replace(auth_token="")
-
-
-def ray_endpoint(settings: Settings) -> tuple[str, int] | None:
-    """host, port that answer for the Ray cluster: the client server, else the GCS.
-
-    None while a local Ray is not started yet.
-    """
-    address = settings.ray_address.removeprefix("ray://")
-    if ray.is_initialized() and not settings.ray_address.startswith("ray://"):
-        address = str(ray.get_runtime_context().gcs_address)
-    if ":" not in address:
-        return None
-    host, port = address.rsplit(":", 1)
-    return host, int(port)
-
-
-class RayWatch:
-    """Probes the Ray cluster's endpoint on a daemon thread.
-
-    After each probe `on_status(reachable)` is called. When a cluster this process
-    is connected to refuses connections, `on_lost(reason)` is called once: its head
-    is gone, and a head started again on the same port is a new cluster that the
-    old driver cannot use.
-    """
-
-    def __init__(
-        self,
-        endpoint: Callable[[], tuple[str, int] | None],
-        connected: Callable[[], bool],
-        on_status: Callable[[bool], None],
-        on_lost: Callable[[str], None],
-        interval_s: float = RAY_PROBE_S,
-    ) -> None:
-        self.endpoint = endpoint
-        self.connected = connected
-        self.on_status = on_status
-        self.on_lost = on_lost
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-
-    def start(self) -> RayWatch:
-        """Start probing."""
-        threading.Thread(target=self._loop, name="ray-watch", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        """Stop probing."""
-        self._stop.set()
-
-    def probe(self) -> bool:
-        """Probe once, report, and return whether the cluster answered (no endpoint: True)."""
-        endpoint = self.endpoint()
-        if endpoint is None:
-            self.on_status(True)
-            return True
-        try:
-            with socket.create_connection(endpoint, timeout=RAY_PROBE_TIMEOUT_S):
-                pass
-        except ConnectionRefusedError:
-            self.on_status(False)
-            if self.connected():
-                self._stop.set()
-                self.on_lost(f"the Ray cluster at {endpoint[0]}:{endpoint[1]} refuses "
-                             "connections: its head is gone")
-            return False
-        except OSError as exc:
-            log.warning("Ray at %s:%d unreachable: %s", *endpoint, exc)
-            self.on_status(False)
-            return False
-        self.on_status(True)
-        return True
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.probe()
 
 
 def block_task(function: Callable[..., BlockOutcome]) -> Any:

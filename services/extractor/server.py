@@ -7,18 +7,30 @@ import logging
 import grpc
 from neurodissect.v1 import extractor_pb2, extractor_pb2_grpc
 
+from services.common.lazy_servicer import lazy_servicer
 from services.common.server import ServiceServer
 from services.common.settings import Settings
-from services.extractor.servicer import ExtractorServicer
+
+SERVICE = extractor_pb2.DESCRIPTOR.services_by_name["Extractor"]
 
 
 def build(settings: Settings) -> ServiceServer:
-    """The extractor server for `settings`, not yet started."""
-    servicer = ExtractorServicer(settings)
+    """The extractor server for `settings`, not yet started.
+
+    Its servicer (and with it torch, torchvision, timm, open_clip) loads on the first
+    call and is dropped with its models when the extractor has been idle a while.
+    """
+
+    def servicer() -> extractor_pb2_grpc.ExtractorServicer:
+        from services.extractor.servicer import ExtractorServicer
+
+        return ExtractorServicer(settings)
 
     def register(server: grpc.Server) -> list[str]:
-        extractor_pb2_grpc.add_ExtractorServicer_to_server(servicer, server)
-        return [extractor_pb2.DESCRIPTOR.services_by_name["Extractor"].full_name]
+        extractor_pb2_grpc.add_ExtractorServicer_to_server(
+            lazy_servicer(extractor_pb2_grpc.ExtractorServicer, SERVICE, servicer), server
+        )
+        return [SERVICE.full_name]
 
     return ServiceServer("extractor", settings, register)
 

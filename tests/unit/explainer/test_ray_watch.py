@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from services.common.settings import Settings
-from services.explainer.sharding import RayWatch, task_settings
+from services.explainer.ray_watch import RayWatch
+from services.explainer.sharding import task_settings
 
 
 @pytest.fixture()
