@@ -35,6 +35,7 @@ METHOD_TITLES = {
     "clip_dissect": "CLIP-Dissect",
     "linear": "linear",
     "milan": "MILAN",
+    "occlusion": "occlusion",
 }
 
 
@@ -170,10 +171,10 @@ def login_page(next_path: str, failed: bool) -> str:
     return shell("neurodissect sign in", body)
 
 
-def _answer_cells(unit: common_pb2.UnitResult) -> list[tuple[str, str, str, str]]:
-    """(method, answer HTML, score HTML, simulation ρ) of every method that answered."""
+def _answer_cells(unit: common_pb2.UnitResult) -> list[tuple[str, str, str, str, str]]:
+    """(method, answer HTML, score HTML, simulation ρ, ablation α) of every method."""
     cells = []
-    rho = unit.simulation
+    rho, alpha = unit.simulation, unit.ablation
     if unit.HasField("netdissect"):
         nd = unit.netdissect
         others = ", ".join(f"{c.category}: {c.label} {c.iou:.3f}" for c in nd.per_category)
@@ -213,8 +214,21 @@ def _answer_cells(unit: common_pb2.UnitResult) -> list[tuple[str, str, str, str]
     if unit.HasField("milan"):
         milan = unit.milan
         cells.append(("milan", _e(milan.caption), f"log p {milan.logp_caption:.2f}", "milan"))
+    if unit.HasField("occlusion"):
+        occ = unit.occlusion
+        drops = ", ".join(f"{c.concept} {c.score:.2f}" for c in occ.drops)
+        own = f"; its NetDissect label's {occ.own_drop:.2f}" if math.isfinite(occ.own_drop) else ""
+        cells.append((
+            "occlusion",
+            f"hiding {_e(occ.top_concept)} drops it most"
+            + (" <b>= its NetDissect label</b>" if occ.matches_netdissect else "")
+            + f"<br><small class=muted>largest drops −δ: {_e(drops)}{_e(own)}</small>",
+            f"−δ {occ.top_drop:.3f}",
+            "occlusion",
+        ))
     return [
-        (METHOD_TITLES[m], answer, score, _num(rho[key]) if key in rho else "")
+        (METHOD_TITLES[m], answer, score, _num(rho[key]) if key in rho else "",
+         _num(alpha[key]) if key in alpha else "")
         for m, answer, score, key in cells
     ]
 
@@ -388,10 +402,13 @@ class PageBuilder:
         """Every method's answer side by side, and the top exemplars with their masks."""
         layer = unit.layer
         exemplars = figures.unit_exemplars(self.reader, self.renders, job, unit)
+        cells = _answer_cells(unit)
+        ablated = any(alpha for *_, alpha in cells)
         answers = "".join(
             f"<tr><td>{_e(m)}</td><td>{a}</td><td class=num>{_e(s)}</td>"
-            f"<td class=num>{_e(r)}</td></tr>"
-            for m, a, s, r in _answer_cells(unit)
+            f"<td class=num>{_e(r)}</td>"
+            + (f"<td class=num>{_e(alpha)}</td>" if ablated else "") + "</tr>"
+            for m, a, s, r, alpha in cells
         )
         try:
             n_units = self.reader.manifest(job, layer).n_units
@@ -439,7 +456,8 @@ class PageBuilder:
         body = (
             f"<h1>layer {_e(layer)} · unit {unit.unit}</h1><p>{' · '.join(steps)}</p>"
             "<table id=answers><tr><th>method</th><th>answer</th><th>score</th>"
-            f"<th>simulation ρ</th></tr>{answers}</table>"
+            "<th>simulation ρ</th>" + ("<th>ablation α</th>" if ablated else "")
+            + f"</tr>{answers}</table>"
             f"<h2>top exemplars</h2><p class=legend>{legend}</p>{shown}{simulated}"
         )
         images = [d for ex in exemplars for d in (ex.unit, ex.concept, ex.formula) if d]
