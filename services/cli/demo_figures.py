@@ -74,9 +74,45 @@ def figures_block(
             ]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += netdissect_check_lines([summaries[layer] for layer in layers])
     lines += verification_lines(job)
     lines.append(END)
     return "\n".join(lines)
+
+
+def netdissect_check_lines(summaries: Sequence[common_pb2.LayerSummary]) -> list[str]:
+    """Significance's and the threshold sweep's per-layer figures (none if neither ran)."""
+    lines: list[str] = []
+    tested = [s for s in summaries if "significance" in s.methods]
+    if tested:
+        lines += [
+            "Detector significance (each unit's label against its masks placed at random "
+            "within each image; Benjamini–Hochberg at q = 0.05):",
+            "",
+            "| layer | detectors (IoU ≥ 0.04) | significant detectors |",
+            "|---|---|---|",
+            *(f"| {s.layer} | {s.detectors} | {s.significant_detectors} |" for s in tested),
+            "",
+        ]
+    swept = [s for s in summaries if "threshold_sweep" in s.methods and s.sweep]
+    if swept:
+        lines += [
+            "Threshold sweep (detectors / unique labels / units whose label is unchanged "
+            "from the default top quantile):",
+            "",
+            "| top quantile | " + " | ".join(s.layer for s in swept) + " |",
+            "|---|" + "---|" * len(swept),
+        ]
+        thresholds = sorted({p.threshold for s in swept for p in s.sweep})
+        for threshold in thresholds:
+            cells = [
+                next((f"{p.detectors} / {p.unique_labels} / {p.unchanged_fraction:.0%}"
+                      for p in s.sweep if p.threshold == threshold), "—")
+                for s in swept
+            ]
+            lines.append(f"| {threshold:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def verification_lines(job: common_pb2.Job) -> list[str]:
@@ -90,15 +126,15 @@ def verification_lines(job: common_pb2.Job) -> list[str]:
             "regions are hidden):",
             "",
             "| layer | fill | regions | mean ρ(drop, IoU) over concepts "
-            "| detectors dropping ≥ 10% for their label | forward passes | seconds |",
-            "|---|---|---|---|---|---|---|",
+            "| detectors dropping ≥ 10% for their label | forward passes |",
+            "|---|---|---|---|---|---|",
         ]
+        # Seconds are left out: the block must read the same on every machine.
         for s in occluded:
             o = s.occlusion
             lines.append(
                 f"| {s.layer} | {o.fill} | {o.regions} | {o.mean_correlation:.3f} "
-                f"| {dropping(o)} | {o.forward_passes} "
-                f"| {o.seconds:.1f} |"
+                f"| {dropping(o)} | {o.forward_passes} |"
             )
         lines.append("")
     ablated = [s for s in summaries if "ablation" in s.methods]

@@ -30,14 +30,31 @@ def test_occlusion_and_ablation_tables_per_layer() -> None:
     block = figures_block(_job(layer2, layer3), {})
     lines = block.splitlines()
     assert lines[0] == BEGIN and lines[-1] == END
-    assert "| layer2 | mean | 400 | 0.310 | 50% of 4 | 520 | 3.2 |" in lines
+    # No seconds: the block reads the same on every machine.
+    assert "| layer2 | mean | 400 | 0.310 | 50% of 4 | 520 |" in lines
     no_detector = "— (no detector's label was occluded)"
-    assert f"| layer3 | mean | 400 | 0.000 | {no_detector} | 520 | 0.0 |" in lines
+    assert f"| layer3 | mean | 400 | 0.000 | {no_detector} | 520 |" in lines
     assert "| method | layer2 | layer3 |" in lines
     assert "| linear | — | 0.400 ± 0.020 |" in lines
     assert "layer2: not scored: its pooled activations do not feed the head" in lines
 
 
+def test_significance_and_sweep_tables_per_layer() -> None:
+    layer = common_pb2.LayerSummary(
+        layer="layer3", units=64, detectors=15, significant_detectors=12,
+        methods=["netdissect", "significance", "threshold_sweep"],
+        sweep=[common_pb2.SweepPoint(threshold=0.001, detectors=1, unique_labels=1,
+                                     unchanged_fraction=0.5),
+               common_pb2.SweepPoint(threshold=0.005, detectors=15, unique_labels=8,
+                                     unchanged_fraction=1.0)],
+    )
+    lines = figures_block(_job(layer), {}).splitlines()
+    assert "| layer3 | 15 | 12 |" in lines
+    assert "| 0.001 | 1 / 1 / 50% |" in lines
+    assert "| 0.005 | 15 / 8 / 100% |" in lines
+
+
 def test_no_verification_no_tables() -> None:
     block = figures_block(_job(common_pb2.LayerSummary(layer="l", methods=["netdissect"])), {})
-    assert "Occlusion" not in block and "Ablation" not in block
+    for title in ("Occlusion", "Ablation", "significance", "Threshold sweep"):
+        assert title not in block
