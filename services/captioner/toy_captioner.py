@@ -269,8 +269,8 @@ def build_toy_captioner(
     from services.captioner.checkpoint import toy_checkpoint_path
     from services.captioner.decoding import DEFAULT_PMI_LAMBDA
     from services.captioner.milannotations import load_milannotations
-    from services.toyworld.toynet import load_toynet, toynet_path
     from services.toyworld.model_cache import training_threads
+    from services.toyworld.toynet import load_toynet, toynet_path
 
     recipe = recipe or ToyRecipe()
     key = toy_captioner_key(recipe)
