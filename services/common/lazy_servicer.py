@@ -74,7 +74,7 @@ class _Holder:
             self.generation += 1
             try:
                 if self.real is None:
-                    log.info("%s: loading its servicer for the first call", self.name)
+                    log.info("%s: loading its servicer", self.name)
                     self.real = self.build()
                 real = self.real
             except BaseException:
