@@ -32,7 +32,7 @@ from services.common.store import ObjectStore
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 DIM_TINT = np.array([24, 32, 64], dtype=np.float32)
 DIM_KEEP = 0.3  # share of the image's own colour kept outside the mask
 OUTLINES = {"unit": (255, 214, 0), "concept": (0, 200, 255), "formula": (255, 64, 160)}
@@ -171,6 +171,8 @@ def layer_plot(
             thresholds = [p[0] for p in points]
             axes.plot(thresholds, [p[1] for p in points], "o-", label="detectors")
             axes.plot(thresholds, [p[2] for p in points], "s-", label="unique labels")
+            if thresholds[0] > 0:  # quantiles span decades; percentiles start at 0
+                axes.set_xscale("log")
             axes.set_xlabel("threshold")
             axes.set_title("threshold sweep")
             share = axes.twinx()
