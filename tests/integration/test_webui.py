@@ -183,6 +183,12 @@ def test_the_layer_table_sorts_filters_and_pages(signed_in: Session, served: Ser
     page.uncheck("#detectors")
     page.select_option("#category", "")
     page.fill("#min-iou", "0")
+    page.check("#significant")
+    wanted = [r for r in rows if r["significant"]]
+    assert 0 < len(wanted) < UNITS
+    assert page.locator("#count").inner_text() == f"{len(wanted)} of {UNITS} units"
+    assert all(v.endswith("✓") for v in _column(page, 13))
+    page.uncheck("#significant")
     page.click("th[data-key=unit]")  # back to unit order
     page.click("th[data-key=unit]")
     assert _column(page, 1)[:3] == ["0", "1", "2"]
@@ -208,7 +214,8 @@ def test_unit_pages_show_exemplars_with_overlays_and_links_work(
             image = figure.locator(f"img.overlay.{kind}")
             assert image.evaluate("img => img.complete && img.naturalWidth") == IMAGE_PX
     methods = page.locator("#answers tr td:first-child").all_inner_texts()
-    assert methods == ["NetDissect", "compositional", "CLIP-Dissect", "linear", "MILAN"]
+    assert methods == [
+        "NetDissect", "significance", "compositional", "CLIP-Dissect", "linear", "MILAN"]
     # The simulation scatter, drawn from the stored sample of the unit's block.
     assert page.locator("img#scatter").evaluate("img => img.complete && img.naturalWidth") > 0
 

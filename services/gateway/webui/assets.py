@@ -66,6 +66,8 @@ function render() {
     + `<td class=num>${num(r.formula_iou)}</td><td>${esc(r.clip)}</td>`
     + `<td class=num>${num(r.clip_score)}</td><td>${esc(r.linear)}</td>`
     + `<td class=num>${num(r.linear_corr)}</td><td>${esc(r.caption)}</td>`
+    + `<td class=num>${r.sig_p == null ? '' : Number(r.sig_p).toExponential(1)}`
+    + `${r.significant ? ' ✓' : ''}</td>`
     + simMethods.map((m) => `<td class=num>${num(r.sim[m])}</td>`).join('') + '</tr>').join('');
   $('count').textContent = `${shown.length} of ${rows.length} units`;
   $('page').textContent = `page ${page + 1} of ${pages}`;
@@ -76,7 +78,9 @@ function apply() {
   const words = $('text').value.toLowerCase().split(/\\s+/).filter((w) => w);
   const category = $('category').value, method = $('method').value;
   const detectors = $('detectors').checked, minIou = parseFloat($('min-iou').value) || 0;
+  const significant = $('significant').checked;
   shown = rows.filter((r) => (!detectors || r.detector)
+    && (!significant || r.significant)
     && (!category || r.category === category)
     && (!method || r.methods.includes(method))
     && (r.iou === null ? minIou <= 0 : r.iou >= minIou)
@@ -98,7 +102,7 @@ document.querySelectorAll('th.sortable').forEach((th) => th.addEventListener('cl
   th.dataset.dir = sortDir > 0 ? 'asc' : 'desc';
   page = 0; apply();
 }));
-['text', 'category', 'method', 'detectors', 'min-iou'].forEach(
+['text', 'category', 'method', 'detectors', 'significant', 'min-iou'].forEach(
   (id) => $(id).addEventListener('input', () => { page = 0; apply(); }));
 $('prev').addEventListener('click', () => { page -= 1; render(); });
 $('next').addEventListener('click', () => { page += 1; render(); });

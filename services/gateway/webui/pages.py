@@ -236,7 +236,7 @@ def _answer_cells(unit: common_pb2.UnitResult) -> list[tuple[str, str, str, str,
 # The layer table's fields, in the order each row of its JSON holds them.
 LAYER_FIELDS = (
     "unit", "label", "category", "iou", "detector", "formula", "formula_iou", "clip",
-    "clip_score", "linear", "linear_corr", "caption", "methods", "sim",
+    "clip_score", "linear", "linear_corr", "caption", "sig_p", "significant", "methods", "sim",
 )
 
 
@@ -262,6 +262,8 @@ def _layer_row(unit: common_pb2.UnitResult, simulated: Sequence[str]) -> list[An
         lin.explanation if has["linear"] else "",
         _rounded(lin.val_corr, has["linear"]),
         unit.milan.caption if has["milan"] else "",
+        float(f"{unit.significance.p_value:.3g}") if has["significance"] else None,
+        bool(has["significance"] and unit.significance.significant),
         [m for m, present in has.items() if present],
         [round(rho[m], 4) if m in rho and math.isfinite(rho[m]) else None for m in simulated],
     ]
@@ -362,6 +364,7 @@ class PageBuilder:
             ("formula_iou", "formula IoU", True), ("clip", "CLIP-Dissect", False),
             ("clip_score", "similarity", True), ("linear", "linear", False),
             ("linear_corr", "val ρ", True), ("caption", "MILAN caption", False),
+            ("sig_p", "significance p", True),
             *[(f"sim:{m}", f"ρ {m}", True) for m in simulated],
         ]
         header = "".join(
@@ -383,6 +386,8 @@ class PageBuilder:
             f"<label>answered by <select id=method><option value=''>any method</option>"
             f"{method_options}</select></label>"
             "<label><input id=detectors type=checkbox> detectors only</label>"
+            "<label><input id=significant type=checkbox> significant only "
+            "(Benjamini–Hochberg)</label>"
             "<label>IoU ≥ <input id=min-iou type=number min=0 max=1 step=0.01 value=0 "
             "style='width:5em'></label><span id=count></span></div>"
             "<div class=pager><button id=prev>previous</button><button id=next>next</button>"
