@@ -11,8 +11,8 @@ import pytest
 from neurodissect.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
 from rich.console import Console
 
-from services.common.server import ServiceServer
 from services.cli import main as cli
+from services.common.server import ServiceServer
 from tests.integration.gateway_fakes import FakeWorld
 
 LONG = [

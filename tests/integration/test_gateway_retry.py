@@ -9,8 +9,8 @@ import pytest
 from google.protobuf import json_format
 from neurodissect.v1 import common_pb2
 
-from services.common import keys
 from services.cli import main as cli
+from services.common import keys
 from tests.integration.gateway_fakes import FakeWorld, fake_spec
 
 

@@ -32,10 +32,10 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from neurodissect.v1 import common_pb2
 
+from services.cli import stack as stack_module
 from services.cli.main import demo_layers, demo_spec
 from services.cli.stack import LocalStack, StackError
 from services.common.settings import SERVICES, Settings
-from services.cli import stack as stack_module
 from services.gateway.client import NeurodissectClient
 from services.gateway.jobs import TERMINAL
 from tests.fixtures.ports import free_port
