@@ -204,6 +204,8 @@ class ServiceServer:
         if not self.port:
             raise OSError(f"{service}: cannot listen on {address}")
         self._stopped = threading.Event()
+        # Set when stopping begins: what a service watches may go away from then on.
+        self.stopping = threading.Event()
 
     def start(self) -> ServiceServer:
         """Start serving and mark every service SERVING."""
@@ -216,6 +218,7 @@ class ServiceServer:
 
     def stop(self, grace: float = 5.0) -> None:
         """Turn health NOT_SERVING, then stop with `grace` seconds for in-flight calls."""
+        self.stopping.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self._stopped.set()

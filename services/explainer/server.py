@@ -64,10 +64,15 @@ def build(settings: Settings) -> ServiceServer:
         for name in ("", SERVICE_NAME):
             server.health.set(name, status)
 
+    def on_lost(reason: str) -> None:
+        # Stopping shuts down the local Ray this process started (at exit): not a loss.
+        if not server.stopping.is_set():
+            _exit_ray_lost(reason)
+
     RayWatch(
         endpoint=lambda: ray_endpoint(settings),
         connected=ray_connected,
         on_status=on_status,
-        on_lost=_exit_ray_lost,
+        on_lost=on_lost,
     ).start()
     return server
