@@ -30,6 +30,7 @@ from services.cli.stack import LocalStack
 from services.common.settings import SERVICES
 from services.gateway.client import NeurodissectClient
 from services.gateway.jobs import TERMINAL
+from services.gateway.stages import PIPELINE
 from services.gateway.validation import requested_methods
 from tests.fixtures.ports import free_port
 from tests.fixtures.processes import stop
@@ -269,8 +270,12 @@ def test_rpc_metrics_count_each_call_with_its_status_code(observed: ObservedJob)
     assert calls("gateway", "SubmitDissection", "NOT_FOUND") == 1
     assert calls("gateway", "WatchJob", "OK") == 1
     assert calls("extractor", "Extract", "OK") == 1
-    # Per layer: one Explain for the methods, one for simulation scoring.
-    assert calls("explainer", "Explain", "OK") == 2 * len(observed.units)
+    # Per layer: one Explain for the methods, then one for each step that runs after them
+    # (occlusion's verification, simulation scoring, ablation scoring).
+    spec = observed.job.spec
+    later = sum(spec.HasField(m) for m in ("occlusion", "simulation", "ablation"))
+    assert later >= 1
+    assert calls("explainer", "Explain", "OK") == (1 + later) * len(observed.units)
     assert calls("captioner", "Caption", "OK") == len(observed.units)
     # The latency histogram counts every call, whatever its code.
     submitted = delta(observed, "gateway", "neurodissect_rpc_duration_seconds_count",
@@ -301,7 +306,7 @@ def test_prometheus_scrapes_every_service_and_the_job_progress(
         f'max_over_time(neurodissect_job_progress_ratio{{job_id="{job_id}"}}[1h])'
     )
     ratios = {r["metric"]["stage"]: float(r["value"][1]) for r in stored}
-    assert set(ratios) <= {"extract", "explain", "caption", "report"}, ratios
+    assert set(ratios) <= {name for name, _ in PIPELINE}, ratios
     assert all(0.0 <= r <= 1.0 for r in ratios.values()), ratios
     # Explaining takes seconds: Prometheus, scraping every second, saw it under way.
     assert ratios.get("explain", 0.0) > 0.0, ratios

@@ -30,11 +30,18 @@ def run(ctx: StageContext) -> None:
     clock = StageClock(NAME, "images")
 
     def attempt() -> extractor_pb2.ExtractProgress:
+        final = None
+        # Read the stream to its end (the finished message is its last), so that the call
+        # ends OK on both sides instead of being cancelled by a client that stopped reading.
         for message in ctx.stream(ctx.peers.extractor, "Extract", request):
             if message.finished:
-                return message
-            ctx.save(clock.progress(message.images_done, message.images_total, message.message))
-        raise Unavailable("extractor: stream ended without a finished message")
+                final = message
+            else:
+                ctx.save(clock.progress(
+                    message.images_done, message.images_total, message.message))
+        if final is None:
+            raise Unavailable("extractor: stream ended without a finished message")
+        return final
 
     final = ctx.retrying("extractor", attempt)
     job.dataset_key = final.dataset_key

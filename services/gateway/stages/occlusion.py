@@ -19,28 +19,42 @@ from services.gateway.stage_context import StageClock, StageContext
 NAME = "occlusion"
 
 
-def occlude(ctx: StageContext, layers: list[str]) -> dict[str, str]:
-    """Have the extractor store the layers' activation changes; layer -> key."""
+def occlude(
+    ctx: StageContext, layers: list[str], clock: StageClock, units_total: int
+) -> tuple[dict[str, str], int]:
+    """Have the extractor store the layers' activation changes: (layer -> key, regions).
+
+    The stage's progress counts the regions first, then the units verified after them
+    (`units_total`), so it only ever moves forward.
+    """
     spec = ctx.job.spec
     request = extractor_pb2.OccludeRequest(
         job_id=ctx.job.id, model=spec.model, layers=layers, dataset=spec.dataset,
         compute=spec.compute, params=spec.occlusion,
     )
-    clock = StageClock(NAME, "regions")
+
+    regions = 0  # as the extractor counts them; none streamed when its result was stored
 
     def attempt() -> extractor_pb2.OccludeProgress:
+        nonlocal regions
+        final = None
+        # Read to the end, as the extract stage does: the call then ends OK on both sides.
         for message in ctx.stream(ctx.peers.extractor, "Occlude", request):
             if message.finished:
-                return message
-            ctx.save(clock.progress(message.regions_done, message.regions_total,
+                final = message
+                continue
+            regions = int(message.regions_total)
+            ctx.save(clock.progress(message.regions_done, regions + units_total,
                                     f"occluding regions: {message.message}"))
-        raise Unavailable("extractor: Occlude stream ended without a finished message")
+        if final is None:
+            raise Unavailable("extractor: Occlude stream ended without a finished message")
+        return final
 
     final = ctx.retrying("extractor", attempt)
     missing = [layer for layer in layers if layer not in final.occlusion_keys]
     if missing:
         raise FailedPrecondition(f"extractor stored no occlusion changes for {missing}")
-    return dict(final.occlusion_keys)
+    return dict(final.occlusion_keys), regions
 
 
 def run(ctx: StageContext) -> None:
@@ -56,9 +70,10 @@ def run(ctx: StageContext) -> None:
     ]
     if not todo:
         return
-    occlusion_keys = occlude(ctx, todo)
-    clock = StageClock(NAME, "units")
-    total = sum(n_units[layer] for layer in todo)
+    clock = StageClock(NAME, "regions, units")
+    units_total = sum(n_units[layer] for layer in todo)
+    occlusion_keys, regions = occlude(ctx, todo, clock, units_total)
+    total = regions + units_total
     done = dict.fromkeys(todo, 0)
     for layer in todo:
         request = explainer_pb2.ExplainRequest(
@@ -69,7 +84,7 @@ def run(ctx: StageContext) -> None:
 
         def on_progress(message: explainer_pb2.ExplainProgress, layer: str = layer) -> None:
             done[layer] = min(message.units_done, n_units[layer])
-            ctx.save(clock.progress(sum(done.values()), total,
+            ctx.save(clock.progress(regions + sum(done.values()), total,
                                     f"{layer}: {OCCLUSION_METHOD} {message.message}".strip()))
 
         ctx.explain_layer(request, on_progress)
