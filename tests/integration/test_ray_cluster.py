@@ -120,6 +120,10 @@ def test_cluster_has_two_nodes_and_the_explainer_drives_it(
 ) -> None:
     raylets = [t for t in cluster_processes(cluster.groups).values() if "raylet" in t]
     assert len(raylets) == 2
+    # The explainer joins the cluster with its first job (it starts without Ray).
+    assert "Ray connected" not in explainer.log.read_text()
+    rows = _explain(explainer, "first")
+    assert all(len(by_unit) == explainer.planted.n_units for by_unit in rows.values()), rows
     assert "Ray connected: 127.0.0.1:" in explainer.log.read_text()
 
 
