@@ -82,16 +82,19 @@ def unit_blocks(unit_start: int, unit_end: int, block_size: int) -> list[tuple[i
 def connect(settings: Settings) -> None:
     """Start a local Ray or connect to the cluster at `settings.ray_address`, once per process.
 
-    A cluster is retried with backoff for `CONNECT_TIMEOUT_S`: in a deployment the
-    explainer may start before the Ray head is up, and a Ray client's first connection
-    can fail while the head starts its per-client server.
+    Both are retried with backoff for `CONNECT_TIMEOUT_S`: in a deployment the explainer
+    may start before the Ray head is up, a Ray client's first connection can fail while
+    the head starts its per-client server, and a local Ray's start can time out on busy
+    cores.
     """
     with _init_lock:
         if ray.is_initialized():
             return
         address = settings.ray_address or "local"
         local = address == "local"
-        deadline = time.monotonic() + (0.0 if local else CONNECT_TIMEOUT_S)
+        # A local start is retried too: on busy cores its GCS can miss Ray's own start-up
+        # wait, and since the idle stack that start happens inside the first Explain call.
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
         delay = CONNECT_FIRST_DELAY_S
         while True:
             try:

@@ -90,12 +90,12 @@ def test_an_unreachable_cluster_is_unavailable_after_the_timeout(
     assert flaky.calls == 1
 
 
-def test_a_local_ray_that_fails_to_start_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_local_ray_that_fails_to_start_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On busy cores a local GCS can miss Ray's own start-up wait: start it again.
     flaky = _FlakyRay(failures=1)
     _use(flaky, monkeypatch)
-    with pytest.raises(Unavailable):
-        sharding.connect(Settings())
-    assert flaky.calls == 1 and flaky.waits == []
+    sharding.connect(Settings())
+    assert flaky.calls == 2 and flaky.waits == [1.0]
 
 
 @pytest.fixture(scope="module")
