@@ -24,9 +24,9 @@ from neurodissect.v1 import common_pb2
 
 from services.common import keys
 from services.common.activations import iter_units
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.probe_format import ConceptTable
-from services.common.result_store import message_row
+from services.common.result_store import covered, message_row
 from services.common.spec_vocabulary import (
     DEFAULT_IOU_MODE,
     DETECTOR_IOU,
@@ -121,6 +121,32 @@ def layer_summary(rows: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def decoded_label_inputs(stage: Stage) -> Generator[str, None, Shared]:
+    """The shared concept table and the layer grid's row bands, its decoded labels stored.
+
+    What NetDissect's blocks and the checks that relabel its units (threshold sweep)
+    read: (table ref, band starts).
+    """
+    yield "reading the concept table"
+    table = stage.shared.table()
+    band_start = decoded_labels.grid_bands(table, stage.plan.manifest.shape[2:])
+    yield from decoded_labels.store_missing(
+        stage.settings, stage.store, table, band_start, stage.is_active
+    )
+    return stage.shared.table_ref(), band_start
+
+
+def require_stored(stage: Stage, why: str) -> None:
+    """FailedPrecondition unless NetDissect stored every unit of the layer (`why` it is read)."""
+    plan = stage.plan
+    if not covered(stage.store, plan.job_id, plan.layer, NetDissect.name, plan.n_units):
+        raise FailedPrecondition(
+            f"NetDissect has not stored every unit of layer {plan.layer!r}: {why}"
+            " (run netdissect first)",
+            "methods",
+        )
+
+
 class NetDissect(ExplainMethod):
     """Network Dissection (Bau et al. 2017; NetDissect-Lite's figures and tally.csv)."""
 
@@ -157,13 +183,7 @@ class NetDissect(ExplainMethod):
 
     def prepare(self, stage: Stage, params: Any) -> Generator[str, None, Shared]:
         """The concept table, shared, and the label maps decoded for the layer's grid."""
-        yield "reading the concept table"
-        table = stage.shared.table()
-        band_start = decoded_labels.grid_bands(table, stage.plan.manifest.shape[2:])
-        yield from decoded_labels.store_missing(
-            stage.settings, stage.store, table, band_start, stage.is_active
-        )
-        return stage.shared.table_ref(), band_start
+        return (yield from decoded_label_inputs(stage))
 
     def block_rows(
         self,

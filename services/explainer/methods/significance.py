@@ -25,15 +25,15 @@ from neurodissect.v1 import common_pb2
 
 from services.common import keys
 from services.common.activations import iter_units
-from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.result_store import covered, message_row, read_rows
+from services.common.errors import InvalidArgument
+from services.common.result_store import message_row, read_rows
 from services.common.settings import Settings
 from services.common.spec_vocabulary import MANUAL_FRACTION, PERMUTATIONS, SIGNIFICANCE_Q
 from services.common.store import ObjectStore
 from services.explainer import per_image_iou, significance, spatial_masks
 from services.explainer.explain_plan import ExplainPlan
 from services.explainer.method_contract import ExplainMethod, Shared
-from services.explainer.methods.netdissect import NetDissect, netdissect_needed
+from services.explainer.methods.netdissect import NetDissect, netdissect_needed, require_stored
 from services.explainer.sharding import BlockOutcome, attempt_number, block_task, gather
 from services.explainer.stage_runner import Stage
 
@@ -203,12 +203,7 @@ class Significance(ExplainMethod):
         """Step 1 over every block of the layer, then the layer's tests, shared."""
         plan = stage.plan
         yield "reading Network Dissection's labels and thresholds"
-        if not covered(stage.store, plan.job_id, plan.layer, NetDissect.name, plan.n_units):
-            raise FailedPrecondition(
-                f"NetDissect has not stored every unit of layer {plan.layer!r}: significance"
-                " tests its labels (run netdissect first)",
-                "methods",
-            )
+        require_stored(stage, "significance tests its labels")
         stored = read_rows(stage.store, plan.job_id, plan.layer, NetDissect.name)
         h, w = plan.manifest.shape[2:]
         yield f"label masks on the {h}×{w} grid"

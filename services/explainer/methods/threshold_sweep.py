@@ -19,8 +19,8 @@ from typing import Any
 from neurodissect.v1 import common_pb2
 
 from services.common.activations import iter_units
-from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.result_store import covered, read_rows, sweep_row
+from services.common.errors import InvalidArgument
+from services.common.result_store import read_rows, sweep_row
 from services.common.spec_vocabulary import (
     MAX_SWEEP_POINTS,
     SWEEP_PERCENTILES,
@@ -31,7 +31,12 @@ from services.common.store import ObjectStore
 from services.explainer import decoded_labels, threshold_sweep
 from services.explainer.explain_plan import ExplainPlan
 from services.explainer.method_contract import ExplainMethod, Shared
-from services.explainer.methods.netdissect import NetDissect, netdissect_needed
+from services.explainer.methods.netdissect import (
+    NetDissect,
+    decoded_label_inputs,
+    netdissect_needed,
+    require_stored,
+)
 from services.explainer.stage_runner import Stage
 
 
@@ -96,20 +101,8 @@ class ThresholdSweep(ExplainMethod):
 
     def prepare(self, stage: Stage, params: Any) -> Generator[str, None, Shared]:
         """The concept table, shared, and the decoded label maps (NetDissect's, stored)."""
-        plan = stage.plan
-        yield "reading the concept table"
-        if not covered(stage.store, plan.job_id, plan.layer, NetDissect.name, plan.n_units):
-            raise FailedPrecondition(
-                f"NetDissect has not stored every unit of layer {plan.layer!r}: the sweep"
-                " compares with its labels (run netdissect first)",
-                "methods",
-            )
-        table = stage.shared.table()
-        band_start = decoded_labels.grid_bands(table, plan.manifest.shape[2:])
-        yield from decoded_labels.store_missing(
-            stage.settings, stage.store, table, band_start, stage.is_active
-        )
-        return stage.shared.table_ref(), band_start
+        require_stored(stage, "the sweep compares with its labels")
+        return (yield from decoded_label_inputs(stage))
 
     def block_rows(
         self,
