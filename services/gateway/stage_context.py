@@ -165,6 +165,13 @@ class StageContext:
                 f"no stored activations for layer {layer!r}", field="layers"
             ) from None
 
+    def layers_missing(self, method: str) -> list[str]:
+        """The job's layers, in order, whose unit blocks of `method` are not all stored."""
+        return [
+            layer for layer in self.job.spec.layers
+            if not covered(self.store, self.job.id, layer, method, self.n_units(layer))
+        ]
+
     # -- RPC plumbing ----------------------------------------------------------------------
 
     def stream(self, peer: Peer, method: str, request: Any) -> Iterator[Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import grpc
 from neurodissect.v1 import common_pb2, explainer_pb2, extractor_pb2
 
-from services.common.result_store import covered
 from services.common.spec_vocabulary import ABLATION_METHOD
 from services.gateway.peers import DESCRIBE_TIMEOUT_S, peer_error
 from services.gateway.stage_context import StageClock, StageContext
@@ -47,10 +46,7 @@ def run(ctx: StageContext) -> None:
         return
     ctx.enter(common_pb2.REPORTING)
     n_units = {layer: ctx.n_units(layer) for layer in spec.layers}
-    todo = [
-        layer for layer in spec.layers
-        if not covered(ctx.store, job.id, layer, ABLATION_METHOD, n_units[layer])
-    ]
+    todo = ctx.layers_missing(ABLATION_METHOD)
     if not todo:
         return
     clock = StageClock(NAME, "units")

@@ -12,7 +12,6 @@ from __future__ import annotations
 from neurodissect.v1 import common_pb2, explainer_pb2, extractor_pb2
 
 from services.common.errors import FailedPrecondition, Unavailable
-from services.common.result_store import covered
 from services.common.spec_vocabulary import OCCLUSION_METHOD
 from services.gateway.stage_context import StageClock, StageContext
 
@@ -64,10 +63,7 @@ def run(ctx: StageContext) -> None:
         return
     ctx.enter(common_pb2.EXPLAINING)
     n_units = {layer: ctx.n_units(layer) for layer in spec.layers}
-    todo = [
-        layer for layer in spec.layers
-        if not covered(ctx.store, job.id, layer, OCCLUSION_METHOD, n_units[layer])
-    ]
+    todo = ctx.layers_missing(OCCLUSION_METHOD)
     if not todo:
         return
     clock = StageClock(NAME, "regions, units")

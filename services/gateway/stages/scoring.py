@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from neurodissect.v1 import common_pb2, explainer_pb2, extractor_pb2
 
-from services.common.result_store import covered
 from services.common.spec_vocabulary import SCORING_METHOD
 from services.gateway import results
 from services.gateway.stage_context import StageClock, StageContext
@@ -53,11 +52,7 @@ def run(ctx: StageContext) -> None:
         return
     clock = StageClock(NAME, "units")
     n_units = {layer: ctx.n_units(layer) for layer in spec.layers}
-    todo = [
-        layer
-        for layer in spec.layers
-        if not covered(ctx.store, job.id, layer, SCORING_METHOD, n_units[layer])
-    ]
+    todo = ctx.layers_missing(SCORING_METHOD)
     total = sum(n_units.values())
     done = {layer: n for layer, n in n_units.items() if layer not in todo}
     ctx.save(clock.progress(sum(done.values()), total, SCORING_METHOD))
