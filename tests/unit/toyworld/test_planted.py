@@ -85,3 +85,22 @@ def test_iou_at_the_default_quantile_names_every_planted_unit() -> None:
         inter = (present & mask[:, None]).sum(axis=(0, 2, 3))
         iou = inter / (mask.sum() + present.sum(axis=(0, 2, 3)) - inter)
         assert WORLD.labels[int(iou.argmax()) - 1].name == name
+
+
+def test_region_units_keep_each_colours_whole_region_at_one_gain_per_image() -> None:
+    images, _ = render_images(seed=7, n_images=6, size=48)
+    model = planted_model()
+    captured: list[torch.Tensor] = []
+    model.regions.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.no_grad():
+        model(imagenet_normalize(images))
+    acts = captured[0].numpy()  # (6, 8, 48, 48)
+    assert acts.shape == (6, len(WORLD.colors), 48, 48)
+    for unit, name in planted_units().items():
+        region = (images == PALETTE[WORLD.color_names.index(name)]).all(axis=-1)
+        share = region.mean(axis=(1, 2))
+        expected = region * (1 + share)[:, None, None]
+        np.testing.assert_allclose(acts[:, unit], expected, atol=1e-4)
+        # Any threshold between 0 and an image's gain keeps exactly its colour region.
+        for i in np.flatnonzero(share):
+            assert np.array_equal(acts[i, unit] > 1.0, region[i])
