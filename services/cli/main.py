@@ -140,6 +140,7 @@ def start_stack(
         free_ports=args.free_ports,
         log_dir=args.log_dir,
         on_restart=on_restart,
+        extractors=args.extractors,
     ).start()
 
 
@@ -519,6 +520,9 @@ def _stack_flags(parser: argparse.ArgumentParser, free_ports_default: bool) -> N
     parser.add_argument("--free-ports", dest="free_ports", action="store_true",
                         default=free_ports_default, help="pick free ports instead of the defaults")
     parser.add_argument("--log-dir", default="var/log", help="service logs (default var/log)")
+    parser.add_argument("--extractors", type=int, default=1, metavar="N",
+                        help="extractor processes that share each job's images, each with "
+                             "usable cores / N torch threads (default 1)")
 
 
 def _spec_flags(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,11 @@ and peer addresses in its environment (`NEURODISSECT_*`), and its output in
 cannot be bound fails the start with a message naming it, and health is asked of
 each service by its gRPC name, so another server on the same port never passes.
 
+With `extractors=N` (`up --extractors N`) N extractor processes share each job's images
+(`extractor`, `extractor-1`, ...; the others on consecutive ports after the four
+services'), each with `torch_threads` = usable cores // N so that together they do not
+oversubscribe the machine; the gateway gets their addresses as `extractor_addrs`.
+
 The Ray head (`ray start --head --block`) starts Python workers for tasks only,
 and stops them when idle (`ray_workers.LAZY_WORKER_CONFIG`), so an idle stack holds
 none; `footprint` says what each process holds. It is locked down: every server of it
@@ -47,7 +52,7 @@ from typing import IO
 from services.cli.footprint import ProcessMemory, footprint
 from services.common.client import wait_healthy
 from services.common.ray_workers import LAZY_WORKER_CONFIG
-from services.common.settings import SERVICES, Settings
+from services.common.settings import SERVICES, Settings, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +104,16 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def replica_names(extractors: int) -> list[str]:
+    """Process names of the extractor replicas: `extractor`, `extractor-1`, ..."""
+    return ["extractor"] + [f"extractor-{k}" for k in range(1, extractors)]
+
+
+def service_of(name: str) -> str:
+    """The service a stack process runs (`extractor-1` runs the extractor)."""
+    return name.split("-", 1)[0]
 
 
 def available_services() -> list[str]:
@@ -157,8 +172,16 @@ class LocalStack:
         log_dir: str | Path = "var/log",
         supervise: bool = True,
         on_restart: Callable[[str, str], None] | None = None,
+        extractors: int = 1,
     ) -> None:
-        self.services = list(services)
+        if extractors < 1:
+            raise StackError(f"--extractors {extractors}: at least one extractor is needed")
+        replicas = replica_names(extractors)[1:]
+        self.services = [
+            process for name in services
+            for process in ([name, *replicas] if name == "extractor" else [name])
+        ]
+        self.extractors = extractors
         self.ray_head = ray_head
         self.supervise = supervise
         self.on_restart = on_restart
@@ -174,9 +197,24 @@ class LocalStack:
             else:
                 self.ports[name] = int(settings.address_of(name).rsplit(":", 1)[1])
                 self.metrics_ports[name] = settings.service_metrics_port(name)
+        for k, name in enumerate(replicas, 1):
+            if free_ports:
+                self.ports[name] = free_port(host, taken)
+                self.metrics_ports[name] = free_port(host, taken)
+            else:
+                self.ports[name] = max(self.ports[s] for s in SERVICES) + k
+                self.metrics_ports[name] = (
+                    max(self.metrics_ports[s] for s in SERVICES) + k
+                    if self.metrics_ports["extractor"] else 0
+                )
         changes: dict[str, object] = {
             f"{name}_addr": f"{host}:{self.ports[name]}" for name in SERVICES
         }
+        if replicas:
+            changes["extractor_addrs"] = ",".join(
+                f"{host}:{self.ports[name]}" for name in replica_names(extractors))
+            changes["torch_threads"] = settings.torch_threads or max(
+                1, usable_cores() // extractors)
         if free_ports and settings.ui_port:
             changes["ui_port"] = free_port(host, taken)
         self.settings = settings.replace(**changes)
@@ -234,7 +272,7 @@ class LocalStack:
         return self
 
     def start_service(self, name: str) -> subprocess.Popen[bytes]:
-        """Start one service process (again, after a kill) and return it."""
+        """Start one service process (an extractor replica too; again, after a kill)."""
         env = {**os.environ, **self.settings.environment(), **RAY_LOOPBACK_ENV}
         env["NEURODISSECT_PORT"] = str(self.ports[name])
         env["NEURODISSECT_METRICS_PORT"] = str(self.metrics_ports[name])
@@ -245,7 +283,7 @@ class LocalStack:
         log_file = (self.log_dir / f"{name}.log").open("ab")
         self._logs.append(log_file)
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli.main", "serve", name],
+            [sys.executable, "-m", "services.cli.main", "serve", service_of(name)],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -272,12 +310,12 @@ class LocalStack:
                 )
             try:
                 wait_healthy(self.address(name), self.settings, timeout=2.0,
-                             service=health_name(name))
+                             service=health_name(service_of(name)))
                 return
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise StackError(
-                        f"{name} did not answer health for {health_name(name)} on "
+                        f"{name} did not answer health for {health_name(service_of(name))} on "
                         f"{self.address(name)} within {timeout:.0f}s"
                     ) from None
 
@@ -377,8 +415,8 @@ class LocalStack:
     # -- facts -----------------------------------------------------------------------------
 
     def address(self, name: str) -> str:
-        """host:port of a service."""
-        return self.settings.address_of(name)
+        """host:port of a service (or an extractor replica)."""
+        return f"{self.settings.host}:{self.ports[name]}"
 
     def footprint(self) -> list[ProcessMemory]:
         """PSS of every live process of the stack, each counted once.

@@ -43,6 +43,9 @@ class Settings:
     ui_port: int = 8080
     gateway_addr: str = "127.0.0.1:50051"
     extractor_addr: str = "127.0.0.1:50052"
+    # Several extractor replicas that share a job's images (comma-separated host:port; the
+    # first also indexes and finishes). Empty: `extractor_addr` alone.
+    extractor_addrs: str = ""
     explainer_addr: str = "127.0.0.1:50053"
     captioner_addr: str = "127.0.0.1:50054"
     auth_token: str = ""
@@ -56,6 +59,10 @@ class Settings:
     stage_no_progress_retries: int = 2
     max_queued_jobs: int = 100
     device: str = "cpu"
+    # torch intra-op threads of an extractor (0: the cores this process may run on). Set it
+    # to cores / replicas where several extractors share a machine (`up --extractors`,
+    # the Helm chart from the pod's CPU limit), so they do not oversubscribe the cores.
+    torch_threads: int = 0
     cache_dir: str = "./var/cache"
     # Directories user-supplied model and dataset paths must lie under (empty: anywhere).
     data_roots: str = ""
@@ -91,6 +98,15 @@ class Settings:
         """The host:port clients use to reach `service`."""
         return str(getattr(self, f"{service}_addr"))
 
+    def extractor_addresses(self) -> list[str]:
+        """host:port of every extractor replica, the first one first."""
+        listed = [a.strip() for a in self.extractor_addrs.split(",") if a.strip()]
+        return listed or [self.extractor_addr]
+
+    def extractor_threads(self) -> int:
+        """The intra-op torch threads of an extractor: `torch_threads`, else its usable cores."""
+        return self.torch_threads or usable_cores()
+
     def open_store(self) -> ObjectStore:
         """Open the configured object store."""
         return open_store(
@@ -115,6 +131,11 @@ class Settings:
             name = env_name(item.name)
             out[name] = str(value).lower() if isinstance(value, bool) else str(value)
         return out
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
 
 
 def env_name(field: str) -> str:

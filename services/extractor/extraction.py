@@ -27,6 +27,17 @@ chunk is written after its unit blocks). A restarted extraction skips the forwar
 for ranges complete in every layer still pending; CLIP embeddings, stored as one object,
 are recomputed whole when missing.
 
+Sharding (several extractor replicas on one job): an `index_only` pass builds the
+concept table and label chunks (no model, no forward pass), which fixes the probe
+indices; then each replica runs the job with its `Shard`, forwarding only the image
+ranges whose chunk number is its index modulo the replica count and writing their
+activation and pooled chunks under the same keys as an unsharded pass, finishing
+nothing; last, an ordinary pass finds every range complete and only finishes (pooled.npz,
+manifests, CLIP embeddings). Ranges are dealt round-robin rather than in contiguous
+blocks so that replicas share the cost evenly where it varies along the index (an
+ImageFolder sorted by class, image sizes by source) and a resumed job's remaining ranges
+stay spread over all replicas.
+
 Bad images: an image (or label PNG) that cannot be decoded is excluded, not zero-filled:
 probe indices count readable images only, so labels, activations, pooled arrays and
 embeddings stay aligned, and the concept table lists the readable images
@@ -131,6 +142,24 @@ def compute_device(name: str) -> torch.device:
         raise InvalidArgument(f"{name!r} is not a device; use cpu, cuda or cuda:N",
                               "compute.device")
     return device
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The part of a job one of `count` replicas extracts: image ranges number ≡ `index`."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise InvalidArgument(f"{self.count} is not positive", "shard_count")
+        if not 0 <= self.index < self.count:
+            raise InvalidArgument(f"{self.index} is outside [0, {self.count})", "shard_index")
+
+    def owns(self, chunk_number: int) -> bool:
+        """Whether the image range with this number (i0 // image_chunk) is this shard's."""
+        return chunk_number % self.count == self.index
 
 
 @dataclass
@@ -288,7 +317,9 @@ class Extraction:
     """One extraction job: a model's layers (and CLIP embeddings) on one probe dataset.
 
     `run()` yields `Progress` while it works and an `ExtractionResult` last. The model
-    is loaded only when some layer is not cached yet.
+    is loaded only when some layer is not cached yet. `index_only`: only the concept
+    table and label chunks; `shard`: only that shard's image ranges, no finishing (both
+    store no CLIP embeddings, and a shard needs the concept table).
     """
 
     def __init__(
@@ -302,7 +333,12 @@ class Extraction:
         input_size: int = 0,
         clips: list[ClipSource] | None = None,
         max_bad_fraction: float = 0.01,
+        shard: Shard | None = None,
+        index_only: bool = False,
     ) -> None:
+        if index_only and shard is not None:
+            raise InvalidArgument("an index_only call is not sharded; set shard_count 0",
+                                  "index_only")
         if not layers and not clips:
             raise InvalidArgument("at least one layer is required", field="layers")
         if len(set(layers)) != len(layers):
@@ -322,6 +358,8 @@ class Extraction:
                                   "model.input_size")
         self.requested_size = input_size
         self.clips = list(clips or [])
+        self.shard = shard
+        self.index_only = index_only
         self.max_bad_fraction = max_bad_fraction
         self.device = compute_device(compute.device)
         self.dtype = ACTIVATION_DTYPES[compute.dtype]
@@ -366,20 +404,31 @@ class Extraction:
         """Extract what is missing; yield progress, then the result."""
         store = self.store
         labels_done = store.exists(keys.concepts(self.dataset_key))
-        pending = [
+        pending = [] if self.index_only else [
             layer for layer in self.layers
             if not store.exists(keys.manifest(self.acts_key, layer))
         ]
+        clips = [] if self.index_only or self.shard is not None else self.clips
         embedding_keys = {
-            clip.label: keys.image_embeddings(self.dataset_key, clip.key) for clip in self.clips
+            clip.label: keys.image_embeddings(self.dataset_key, clip.key) for clip in clips
         }
-        pending_clips = [c for c in self.clips if not store.exists(embedding_keys[c.label])]
+        pending_clips = [c for c in clips if not store.exists(embedding_keys[c.label])]
         table = read_concepts(store, self.dataset_key) if labels_done else None
+        if table is None and self.shard is not None:
+            raise FailedPrecondition(
+                f"dataset {self.dataset_key} has no concept table yet: a sharded Extract "
+                "needs an index_only Extract first", field="shard_count")
+        done = {
+            layer: self._done_ranges(_pooled_prefix(self.acts_key, layer)) for layer in pending
+        }
+        if table is not None and self.shard is not None and not self._known_rows(table, done):
+            pending = []  # this shard's ranges are all stored: no model to load
         if table is not None and not pending and not pending_clips:
-            yield Progress(table.n_images, table.n_images, "cached")
+            total = self._images_of(table)
+            yield Progress(total, total, "cached")
             yield self._result(table, True, embedding_keys)
             return
-        total = len(self.dataset.rows)
+        total = len(self.dataset.rows) if table is None else self._images_of(table)
         if pending:
             message = f"loading {self.model_source.label}"
             yield from _heartbeat(lambda: self._prepare_model(pending), message, total)
@@ -389,7 +438,7 @@ class Extraction:
                 "loading CLIP", total,
             )
         try:
-            yield from self._stream(table, pending, pending_clips, embedding_keys)
+            yield from self._stream(table, done, pending_clips, embedding_keys)
         finally:
             if self._tap is not None:
                 self._tap.close()
@@ -465,18 +514,27 @@ class Extraction:
         buffer.max[rows_of].copy_(high)
         buffer.filled += values.shape[0]
 
+    def _images_of(self, table: ConceptTable) -> int:
+        """Images this pass covers: all of the table's, or its shard's ranges'."""
+        return sum(
+            i1 - i0 for number, (i0, i1) in enumerate(table.chunk_ranges())
+            if self.shard is None or self.shard.owns(number)
+        )
+
     def _stream(
         self,
         table: ConceptTable | None,
-        pending: list[str],
+        done: dict[str, set[int]],
         pending_clips: list[ClipSource],
         embedding_keys: dict[str, str],
     ) -> Iterator[Progress | ExtractionResult]:
-        """Decode rows, run batches, write full image ranges; then consolidate."""
+        """Decode rows, run batches, write full image ranges; then consolidate.
+
+        `done`: per pending layer, the starts of its image ranges already stored.
+        """
+        pending = list(done)
         state = _PassState(
-            done={
-                layer: self._done_ranges(_pooled_prefix(self.acts_key, layer)) for layer in pending
-            },
+            done=done,
             labels_done=(
                 self._done_ranges(keys.labels_prefix(self.dataset_key)) if table is None else None
             ),
@@ -489,7 +547,7 @@ class Extraction:
             total = len(self.dataset.rows)
         else:
             work = self._known_rows(table, state.done, bool(pending_clips))
-            total = table.n_images
+            total = self._images_of(table)
         with_labels = table is None
 
         def load(group: list[tuple[ProbeRow, int | None]]) -> list[_Loaded]:
@@ -525,7 +583,8 @@ class Extraction:
                     self._run_batch(state, pending)
                 if time.monotonic() - last_progress >= PROGRESS_INTERVAL_S:
                     last_progress = time.monotonic()
-                    rows_done = len(state.names) + len(state.bad) if table is None else index + 1
+                    rows_done = len(state.names) + (
+                        len(state.bad) if table is None else total - len(work))
                     yield Progress(rows_done, total, "extracting")
             if state.chunk is not None:
                 self._flush(state, pending, writer)
@@ -536,6 +595,10 @@ class Extraction:
                 writer.close()
             raise
         writer.close()
+        if table is not None and self.shard is not None:
+            yield Progress(total, total, "shard extracted")
+            yield self._result(table, False, embedding_keys)
+            return
         self._check_bad(state.bad, total)
         labels_pending = table is None
         complete = table or self.dataset.table(
@@ -589,12 +652,17 @@ class Extraction:
         state.chunk = self._chunk = None
 
     def _known_rows(
-        self, table: ConceptTable, done: dict[str, set[int]], clips: bool
+        self, table: ConceptTable, done: dict[str, set[int]], clips: bool = False
     ) -> list[tuple[ProbeRow, int | None]]:
-        """Rows of the image ranges that still need work, by index, when N is known."""
+        """Rows of the image ranges (of the shard, if any) that still need work, by index.
+
+        Only when the concept table fixes the indices.
+        """
         by_name = {row.name: row for row in self.dataset.rows}
         work: list[tuple[ProbeRow, int | None]] = []
-        for i0, i1 in table.chunk_ranges():
+        for number, (i0, i1) in enumerate(table.chunk_ranges()):
+            if self.shard is not None and not self.shard.owns(number):
+                continue
             if not clips and all(i0 in d for d in done.values()):
                 continue
             for index in range(i0, i1):

@@ -18,12 +18,17 @@ def build(settings: Settings) -> ServiceServer:
     """The extractor server for `settings`, not yet started.
 
     Its servicer (and with it torch, torchvision, timm, open_clip) loads on the first
-    call and is dropped with its models when the extractor has been idle a while.
+    call, with `torch_threads` intra-op threads, and is dropped with its models when the
+    extractor has been idle a while.
     """
 
     def servicer() -> extractor_pb2_grpc.ExtractorServicer:
+        import torch
+
         from services.extractor.servicer import ExtractorServicer
 
+        # Replicas sharing a machine each get their share of its cores.
+        torch.set_num_threads(settings.extractor_threads())
         return ExtractorServicer(settings)
 
     def register(server: grpc.Server) -> list[str]:

@@ -3,8 +3,10 @@
 Extract: the gateway sends model, layers, dataset, compute and the CLIP models whose
 image embeddings it needs; the stream's last message has `finished=True` with the
 dataset key, one acts key per layer, `arch|weights_uri` -> image embedding key, the
-bad image count and examples, and `cached` when nothing was computed. Two identical
-extractions at once run one after the other, so the second is a cache hit. A toy world
+bad image count and examples, and `cached` when nothing was computed. `index_only` and
+`shard_index`/`shard_count` ask for one part of a sharded extraction (see
+services.extractor.extraction). Two identical extractions (or the same shard twice) at
+once run one after the other, so the second is a cache hit. A toy world
 that is not generated yet is generated first, with its own progress messages, and
 stops when the call is cancelled.
 """
@@ -12,7 +14,6 @@ stops when the call is cancelled.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ from services.extractor.extraction import (
     ComputeConfig,
     Extraction,
     ExtractionResult,
+    Shard,
     compute_device,
 )
 from services.extractor.hooks import describe
@@ -84,8 +86,17 @@ def compute_config(spec: common_pb2.ComputeSpec, settings: Settings) -> ComputeC
         batch_size=BATCH_SIZE.value(spec.batch_size),
         image_chunk=IMAGE_CHUNK.value(spec.image_chunk_size),
         dtype=spec.activation_dtype or DEFAULT_ACTIVATION_DTYPE,
-        loader_threads=min(4, os.cpu_count() or 1),
+        loader_threads=min(4, settings.extractor_threads()),
     )
+
+
+def shard_of(request: extractor_pb2.ExtractRequest) -> Shard | None:
+    """The request's shard, or None for the whole job; errors name the field."""
+    if not request.shard_count:
+        if request.shard_index:
+            raise InvalidArgument("a shard_index needs a shard_count", field="shard_count")
+        return None
+    return Shard(request.shard_index, request.shard_count)
 
 
 def check_layer_names(layers: list[str]) -> None:
@@ -190,10 +201,16 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServicer):
             input_size=request.model.input_size,
             clips=self._clips(list(request.clip_models)),
             max_bad_fraction=max_bad,
+            shard=shard_of(request),
+            index_only=request.index_only,
         )
-        log.info("job %s: extract %s %s into %s", request.job_id, extraction.model_source.label,
-                 layers, extraction.acts_key)
-        with self._lock(f"{extraction.dataset_key}/{extraction.acts_key}"):
+        part = f"shard {request.shard_index}/{request.shard_count}" if request.shard_count else ""
+        log.info("job %s: extract %s %s into %s %s", request.job_id,
+                 extraction.model_source.label, layers, extraction.acts_key,
+                 part or ("(index only)" if request.index_only else ""))
+        # The same part of one extraction twice at once runs one after the other (the
+        # second is then a cache hit); different shards run side by side.
+        with self._lock(f"{extraction.dataset_key}/{extraction.acts_key}/{part}"):
             events = extraction.run()
             try:
                 for event in events:

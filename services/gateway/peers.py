@@ -48,17 +48,25 @@ def peer_error(exc: grpc.RpcError, peer: str) -> errors.NeurodissectError:
 
 
 class Peers:
-    """Stubs of the three backend services."""
+    """Stubs of the three backend services; one per extractor replica.
+
+    `extractor` is the first replica: it serves every extractor call but the shards of
+    a sharded extraction (`extractors`).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._channels = {
             name: open_channel(settings.address_of(name), settings)
-            for name in ("extractor", "explainer", "captioner")
+            for name in ("explainer", "captioner")
         }
-        self.extractor = Peer(
-            extractor_pb2_grpc.ExtractorStub(self._channels["extractor"]), settings
-        )
+        for k, address in enumerate(settings.extractor_addresses()):
+            self._channels[f"extractor-{k}"] = open_channel(address, settings)
+        self.extractors = [
+            Peer(extractor_pb2_grpc.ExtractorStub(channel), settings)
+            for name, channel in self._channels.items() if name.startswith("extractor-")
+        ]
+        self.extractor = self.extractors[0]
         self.explainer = Peer(
             explainer_pb2_grpc.ExplainerStub(self._channels["explainer"]), settings
         )

@@ -51,30 +51,40 @@ class StageStalled(Unavailable):
 
 
 class JobRun:
-    """One job being run: its stop flag, the RPC it is waiting on and its progress watchdog."""
+    """One job being run: its stop flag, the RPCs it is waiting on and its progress watchdog.
+
+    Usually one RPC is in flight; a sharded extraction has one per extractor replica.
+    """
 
     def __init__(
         self, job_id: str, no_progress_s: float, outage: Callable[[], bool] = lambda: False
     ) -> None:
         self.job_id = job_id
         self.stopped = threading.Event()
+        self.no_progress_s = no_progress_s
+        self.outage = outage
         self.progress = ProgressWatchdog(no_progress_s, outage)
         self._lock = threading.Lock()
-        self._call: Cancellable | None = None
+        self._calls: list[Cancellable] = []
 
-    def attach(self, call: Cancellable | None) -> None:
-        """Record the in-flight call (None when it is done); cancel it at once if stopped."""
+    def attach(self, call: Cancellable) -> None:
+        """Record an in-flight call; cancel it at once if stopped."""
         with self._lock:
-            self._call = call
-            if call is not None and self.stopped.is_set():
+            self._calls.append(call)
+            if self.stopped.is_set():
                 call.cancel()
 
+    def detach(self, call: Cancellable) -> None:
+        """Forget a call that is done."""
+        with self._lock:
+            self._calls.remove(call)
+
     def stop(self) -> None:
-        """Ask the run to stop and cancel its in-flight call."""
+        """Ask the run to stop and cancel its in-flight calls."""
         with self._lock:
             self.stopped.set()
-            if self._call is not None:
-                self._call.cancel()
+            for call in self._calls:
+                call.cancel()
 
     def check(self) -> None:
         """Raise Stopped if the run was asked to stop."""
@@ -174,47 +184,59 @@ class StageContext:
 
     # -- RPC plumbing ----------------------------------------------------------------------
 
-    def stream(self, peer: Peer, method: str, request: Any) -> Iterator[Any]:
+    def stream(
+        self, peer: Peer, method: str, request: Any, watchdog: ProgressWatchdog | None = None
+    ) -> Iterator[Any]:
         """Iterate a server stream of a peer, cancellable through the run.
 
-        Raises StageStalled when the run's watchdog cancelled a silent stream.
+        Raises StageStalled when the watchdog (the run's, or one of several concurrent
+        streams' own) cancelled a silent stream.
         """
         run = self.run
+        progress = watchdog or run.progress
         run.check()
         call = getattr(peer.stub, method)(
             request, timeout=STAGE_DEADLINE_S, metadata=peer.metadata
         )
         run.attach(call)
         try:
-            with run.progress.watching(call):
+            with progress.watching(call):
                 try:
                     for message in call:
-                        run.progress.arrived()
+                        progress.arrived()
                         yield message
                 except grpc.RpcError:
-                    if run.progress.tripped:
+                    if progress.tripped:
                         raise StageStalled(
-                            f"{method} streamed no progress for {run.progress.limit_s:.0f}s"
+                            f"{method} streamed no progress for {progress.limit_s:.0f}s"
                         ) from None
                     raise
         finally:
-            run.attach(None)
+            run.detach(call)
 
-    def retrying(self, peer: str, attempt: Callable[[], T]) -> T:
+    def watchdog(self) -> ProgressWatchdog:
+        """A watchdog of its own for one of several streams that run at once."""
+        return ProgressWatchdog(self.run.no_progress_s, self.run.outage)
+
+    def retrying(
+        self, peer: str, attempt: Callable[[], T], watchdog: ProgressWatchdog | None = None
+    ) -> T:
         """Run `attempt`, retrying with backoff while the peer is unavailable.
 
         The retry budget counts from the first of consecutive failures: an attempt
         that streamed progress before it broke starts a fresh budget (one that merely
         lasted long does not), and time while the object store is unreachable does not
         count. A stream the watchdog cancelled for silence is called again at once, at
-        most `stage_no_progress_retries` times.
+        most `stage_no_progress_retries` times. `watchdog`: the one `attempt` streams
+        under, when not the run's.
         """
         run = self.run
+        progress = watchdog or run.progress
         failing_since = 0.0
         delay = RETRY_FIRST_DELAY_S
         stalls = 0
         while True:
-            seen = run.progress.messages
+            seen = progress.messages
             try:
                 return attempt()
             except StageStalled as exc:
@@ -222,7 +244,7 @@ class StageContext:
                 stalls += 1
                 if stalls > self.settings.stage_no_progress_retries:
                     raise StageStalled(
-                        f"{peer} made no progress for {run.progress.limit_s:.0f}s in {stalls}"
+                        f"{peer} made no progress for {progress.limit_s:.0f}s in {stalls}"
                         f" attempts in a row ({exc}; each silent call was cancelled and"
                         f" retried): {peer} hangs or cannot reach what it needs"
                     ) from None
@@ -236,7 +258,7 @@ class StageContext:
                 run.check()
                 error = exc
             now = time.monotonic()
-            if not failing_since or run.progress.messages > seen or self.store_out():
+            if not failing_since or progress.messages > seen or self.store_out():
                 failing_since, delay = now, RETRY_FIRST_DELAY_S
             # A peer that restarts drops its streams as UNAVAILABLE or CANCELLED.
             retryable = isinstance(error, Unavailable | Cancelled)

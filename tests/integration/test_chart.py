@@ -90,6 +90,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "grafanaDashboard": {"enabled": False},
         "serviceAccount": {"create": False},
     },
+    # Sharded extraction over two extractor replicas, threads from the CPU limit.
+    "extractor-replicas": {
+        "extractor": {"replicas": 2, "resources": {"requests": {"cpu": "2", "memory": "4Gi"},
+                                                   "limits": {"cpu": "1500m", "memory": "8Gi"}}},
+    },
 }
 
 
@@ -123,6 +128,17 @@ def named(objects: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str
     matches = [obj for obj in of_kind(objects, kind) if obj["metadata"]["name"] == name]
     assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
     return matches[0]
+
+
+def workload(objects: tuple[dict[str, Any], ...], service: str) -> dict[str, Any]:
+    """The Deployment of a service (the extractor's StatefulSet)."""
+    kind = "StatefulSet" if service == "extractor" else "Deployment"
+    return named(objects, kind, f"{FULLNAME}-{service}")
+
+
+def cpu_cores(quantity: str) -> int:
+    """A CPU quantity ("2", "1500m") in whole cores, rounded up as the downward API does."""
+    return -(-int(quantity[:-1]) // 1000) if quantity.endswith("m") else int(quantity)
 
 
 def pod_specs(objects: tuple[dict[str, Any], ...]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -164,6 +180,11 @@ def container_env(objects: tuple[dict[str, Any], ...], container: dict[str, Any]
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = item["value"]
+        elif "resourceFieldRef" in item["valueFrom"]:
+            field = item["valueFrom"]["resourceFieldRef"]
+            assert field["containerName"] == container["name"] and field["divisor"] == "1"
+            kind, resource = field["resource"].split(".")
+            env[item["name"]] = str(cpu_cores(container["resources"][kind][resource]))
         else:
             ref = item["valueFrom"]["secretKeyRef"]
             data = secret_data(objects, ref["name"])
@@ -259,7 +280,7 @@ def test_service_pods_have_grpc_health_probes_and_resources(name: str) -> None:
     tls = values.get("tls", {}).get("enabled", False)
     _, objects = render(name)
     for service in SERVICES:
-        deployment = named(objects, "Deployment", f"{FULLNAME}-{service}")
+        deployment = workload(objects, service)
         spec = deployment["spec"]["template"]["spec"]
         (container,) = spec["containers"]
         assert container["args"] == ["serve", service]
@@ -314,7 +335,7 @@ def test_settings_load_and_wire_the_services_together(name: str) -> None:
     _, objects = render(name)
     services = {s["metadata"]["name"]: s for s in of_kind(objects, "Service")}
     for service in SERVICES:
-        deployment = named(objects, "Deployment", f"{FULLNAME}-{service}")
+        deployment = workload(objects, service)
         pod = deployment["spec"]["template"]
         (container,) = pod["spec"]["containers"]
         env = container_env(objects, container)
@@ -329,7 +350,7 @@ def test_settings_load_and_wire_the_services_together(name: str) -> None:
             svc = services[host]
             (grpc_port,) = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
             assert grpc_port["port"] == int(port)
-            peer_pod = named(objects, "Deployment", f"{FULLNAME}-{peer}")["spec"]["template"]
+            peer_pod = workload(objects, peer)["spec"]["template"]
             assert svc["spec"]["selector"].items() <= peer_pod["metadata"]["labels"].items()
         # The object store.
         store = values.get("store", {})
@@ -363,10 +384,40 @@ def test_settings_load_and_wire_the_services_together(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_extractor_replicas_are_addressed_one_by_one(name: str) -> None:
+    extractor_values = VALUE_SETS[name].get("extractor", {})
+    replicas = extractor_values.get("replicas", 1)
+    _, objects = render(name)
+    statefulset = workload(objects, "extractor")["spec"]
+    assert statefulset["replicas"] == replicas
+    headless = named(objects, "Service", statefulset["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    pod = statefulset["template"]
+    assert headless["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (grpc_port,) = [p for p in headless["spec"]["ports"] if p["name"] == "grpc"]
+    gateway = workload(objects, "gateway")["spec"]["template"]["spec"]["containers"][0]
+    settings = Settings.load(container_env(objects, gateway))
+    # A StatefulSet's pod k is <name>-k; under its headless Service: <pod>.<service>.<ns>.svc.
+    expected = [
+        f"{FULLNAME}-extractor-{k}.{headless['metadata']['name']}.{NAMESPACE}.svc:"
+        f"{grpc_port['port']}" for k in range(replicas)
+    ] if replicas > 1 else [settings.extractor_addr]
+    assert settings.extractor_addresses() == expected
+    # Threads: the value, else the CPU limit (or request) in whole cores.
+    (container,) = pod["spec"]["containers"]
+    threads = int(container_env(objects, container)["NEURODISSECT_TORCH_THREADS"])
+    resources = container["resources"]
+    cpu = resources.get("limits", {}).get("cpu") or resources["requests"]["cpu"]
+    assert threads == (extractor_values.get("torchThreads") or cpu_cores(cpu))
+    if name == "extractor-replicas":
+        assert threads == 2  # 1500m rounded up
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_explainer_ray_address(name: str) -> None:
     values = VALUE_SETS[name]
     _, objects = render(name)
-    explainer = named(objects, "Deployment", f"{FULLNAME}-explainer")
+    explainer = workload(objects, "explainer")
     env = container_env(objects, explainer["spec"]["template"]["spec"]["containers"][0])
     clusters = of_kind(objects, "RayCluster")
     if values.get("ray", {}).get("address"):
@@ -403,8 +454,8 @@ def test_secret_references_resolve(name: str) -> None:
     for where, spec in pod_specs(objects):
         refs = {v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
         for container in spec["containers"]:
-            refs |= {e["valueFrom"]["secretKeyRef"]["name"]
-                     for e in container.get("env", []) if "valueFrom" in e}
+            refs |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
+                     if "secretKeyRef" in e.get("valueFrom", {})}
         assert refs <= rendered | existing, where
     assert (f"{FULLNAME}-s3" in rendered) is not values.get("store", {}).get("existingSecret")
 
@@ -486,7 +537,7 @@ def test_the_gateway_service_exposes_the_web_ui(name: str) -> None:
     ports = named(objects, "Service", f"{FULLNAME}-gateway")["spec"]["ports"]
     assert {"name": "ui", "port": 8080, "targetPort": "ui", "protocol": "TCP",
             "appProtocol": "http"} in ports
-    container = named(objects, "Deployment", f"{FULLNAME}-gateway")["spec"]["template"]["spec"][
+    container = workload(objects, "gateway")["spec"]["template"]["spec"][
         "containers"][0]
     assert {"name": "ui", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
     assert {"name": "NEURODISSECT_UI_PORT", "value": "8080"} in container["env"]

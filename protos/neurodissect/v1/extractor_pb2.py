@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from neurodissect.v1 import common_pb2 as neurodissect_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fneurodissect/v1/extractor.proto\x12\x0fneurodissect.v1\x1a\x1cneurodissect/v1/common.proto\"\xee\x01\n\x0e\x45xtractRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12)\n\x05model\x18\x02 \x01(\x0b\x32\x1a.neurodissect.v1.ModelSpec\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12-\n\x07\x64\x61taset\x18\x04 \x01(\x0b\x32\x1c.neurodissect.v1.DatasetSpec\x12-\n\x07\x63ompute\x18\x05 \x01(\x0b\x32\x1c.neurodissect.v1.ComputeSpec\x12\x33\n\x0b\x63lip_models\x18\x06 \x03(\x0b\x32\x1e.neurodissect.v1.ClipModelSpec\"\xbb\x03\n\x0f\x45xtractProgress\x12\x13\n\x0bimages_done\x18\x01 \x01(\x03\x12\x14\n\x0cimages_total\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x61taset_key\x18\x05 \x01(\t\x12\x41\n\tacts_keys\x18\x06 \x03(\x0b\x32..neurodissect.v1.ExtractProgress.ActsKeysEntry\x12V\n\x14image_embedding_keys\x18\x07 \x03(\x0b\x32\x38.neurodissect.v1.ExtractProgress.ImageEmbeddingKeysEntry\x12\x12\n\nbad_images\x18\x08 \x01(\x03\x12\x1a\n\x12\x62\x61\x64_image_examples\x18\t \x03(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\n \x01(\x08\x1a/\n\rActsKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x39\n\x17ImageEmbeddingKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"y\n\x12MaterializeRequest\x12-\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x1c.neurodissect.v1.DatasetSpec\x12\x13\n\x0b\x64\x61taset_key\x18\x02 \x01(\t\x12\x11\n\timage_ids\x18\x03 \x03(\x03\x12\x0c\n\x04size\x18\x04 \x01(\x05\"#\n\x13MaterializeResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\"}\n\x10\x45mbedTextRequest\x12,\n\x04\x63lip\x18\x01 \x01(\x0b\x32\x1e.neurodissect.v1.ClipModelSpec\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x17\n\x0f\x63oncept_set_uri\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x61taset_key\x18\x04 \x01(\t\"/\n\x11\x45mbedTextResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\xeb\x01\n\x0eOccludeRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12)\n\x05model\x18\x02 \x01(\x0b\x32\x1a.neurodissect.v1.ModelSpec\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12-\n\x07\x64\x61taset\x18\x04 \x01(\x0b\x32\x1c.neurodissect.v1.DatasetSpec\x12-\n\x07\x63ompute\x18\x05 \x01(\x0b\x32\x1c.neurodissect.v1.ComputeSpec\x12\x30\n\x06params\x18\x06 \x01(\x0b\x32 .neurodissect.v1.OcclusionParams\"\xf4\x01\n\x0fOccludeProgress\x12\x14\n\x0cregions_done\x18\x01 \x01(\x03\x12\x15\n\rregions_total\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12K\n\x0eocclusion_keys\x18\x05 \x03(\x0b\x32\x33.neurodissect.v1.OccludeProgress.OcclusionKeysEntry\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x1a\x34\n\x12OcclusionKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc4\x01\n\x15\x43lassifierHeadRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.neurodissect.v1.ModelSpec\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12-\n\x07\x64\x61taset\x18\x03 \x01(\x0b\x32\x1c.neurodissect.v1.DatasetSpec\x12-\n\x07\x63ompute\x18\x04 \x01(\x0b\x32\x1c.neurodissect.v1.ComputeSpec\x12\x12\n\nlabels_uri\x18\x05 \x01(\t\"\xa9\x02\n\x16\x43lassifierHeadResponse\x12H\n\thead_keys\x18\x01 \x03(\x0b\x32\x35.neurodissect.v1.ClassifierHeadResponse.HeadKeysEntry\x12\x41\n\x05notes\x18\x02 \x03(\x0b\x32\x32.neurodissect.v1.ClassifierHeadResponse.NotesEntry\x12\x12\n\nlabels_key\x18\x03 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x04 \x01(\x05\x1a/\n\rHeadKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nNotesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x9c\x04\n\tExtractor\x12N\n\x07\x45xtract\x12\x1f.neurodissect.v1.ExtractRequest\x1a .neurodissect.v1.ExtractProgress0\x01\x12^\n\rDescribeModel\x12%.neurodissect.v1.DescribeModelRequest\x1a&.neurodissect.v1.DescribeModelResponse\x12X\n\x0bMaterialize\x12#.neurodissect.v1.MaterializeRequest\x1a$.neurodissect.v1.MaterializeResponse\x12R\n\tEmbedText\x12!.neurodissect.v1.EmbedTextRequest\x1a\".neurodissect.v1.EmbedTextResponse\x12N\n\x07Occlude\x12\x1f.neurodissect.v1.OccludeRequest\x1a .neurodissect.v1.OccludeProgress0\x01\x12\x61\n\x0e\x43lassifierHead\x12&.neurodissect.v1.ClassifierHeadRequest\x1a\'.neurodissect.v1.ClassifierHeadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fneurodissect/v1/extractor.proto\x12\x0fneurodissect.v1\x1a\x1cneurodissect/v1/common.proto\"\xac\x02\n\x0e\x45xtractRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12)\n\x05model\x18\x02 \x01(\x0b\x32\x1a.neurodissect.v1.ModelSpec\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12-\n\x07\x64\x61taset\x18\x04 \x01(\x0b\x32\x1c.neurodissect.v1.DatasetSpec\x12-\n\x07\x63ompute\x18\x05 \x01(\x0b\x32\x1c.neurodissect.v1.ComputeSpec\x12\x33\n\x0b\x63lip_models\x18\x06 \x03(\x0b\x32\x1e.neurodissect.v1.ClipModelSpec\x12\x13\n\x0bshard_index\x18\x07 \x01(\x05\x12\x13\n\x0bshard_count\x18\x08 \x01(\x05\x12\x12\n\nindex_only\x18\t \x01(\x08\"\xbb\x03\n\x0f\x45xtractProgress\x12\x13\n\x0bimages_done\x18\x01 \x01(\x03\x12\x14\n\x0cimages_total\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x61taset_key\x18\x05 \x01(\t\x12\x41\n\tacts_keys\x18\x06 \x03(\x0b\x32..neurodissect.v1.ExtractProgress.ActsKeysEntry\x12V\n\x14image_embedding_keys\x18\x07 \x03(\x0b\x32\x38.neurodissect.v1.ExtractProgress.ImageEmbeddingKeysEntry\x12\x12\n\nbad_images\x18\x08 \x01(\x03\x12\x1a\n\x12\x62\x61\x64_image_examples\x18\t \x03(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\n \x01(\x08\x1a/\n\rActsKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x39\n\x17ImageEmbeddingKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"y\n\x12MaterializeRequest\x12-\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x1c.neurodissect.v1.DatasetSpec\x12\x13\n\x0b\x64\x61taset_key\x18\x02 \x01(\t\x12\x11\n\timage_ids\x18\x03 \x03(\x03\x12\x0c\n\x04size\x18\x04 \x01(\x05\"#\n\x13MaterializeResponse\x12\x0c\n\x04keys\x18\x01 \x03(\t\"}\n\x10\x45mbedTextRequest\x12,\n\x04\x63lip\x18\x01 \x01(\x0b\x32\x1e.neurodissect.v1.ClipModelSpec\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x17\n\x0f\x63oncept_set_uri\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x61taset_key\x18\x04 \x01(\t\"/\n\x11\x45mbedTextResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\xeb\x01\n\x0eOccludeRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12)\n\x05model\x18\x02 \x01(\x0b\x32\x1a.neurodissect.v1.ModelSpec\x12\x0e\n\x06layers\x18\x03 \x03(\t\x12-\n\x07\x64\x61taset\x18\x04 \x01(\x0b\x32\x1c.neurodissect.v1.DatasetSpec\x12-\n\x07\x63ompute\x18\x05 \x01(\x0b\x32\x1c.neurodissect.v1.ComputeSpec\x12\x30\n\x06params\x18\x06 \x01(\x0b\x32 .neurodissect.v1.OcclusionParams\"\xf4\x01\n\x0fOccludeProgress\x12\x14\n\x0cregions_done\x18\x01 \x01(\x03\x12\x15\n\rregions_total\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12K\n\x0eocclusion_keys\x18\x05 \x03(\x0b\x32\x33.neurodissect.v1.OccludeProgress.OcclusionKeysEntry\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x1a\x34\n\x12OcclusionKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc4\x01\n\x15\x43lassifierHeadRequest\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.neurodissect.v1.ModelSpec\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12-\n\x07\x64\x61taset\x18\x03 \x01(\x0b\x32\x1c.neurodissect.v1.DatasetSpec\x12-\n\x07\x63ompute\x18\x04 \x01(\x0b\x32\x1c.neurodissect.v1.ComputeSpec\x12\x12\n\nlabels_uri\x18\x05 \x01(\t\"\xa9\x02\n\x16\x43lassifierHeadResponse\x12H\n\thead_keys\x18\x01 \x03(\x0b\x32\x35.neurodissect.v1.ClassifierHeadResponse.HeadKeysEntry\x12\x41\n\x05notes\x18\x02 \x03(\x0b\x32\x32.neurodissect.v1.ClassifierHeadResponse.NotesEntry\x12\x12\n\nlabels_key\x18\x03 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x04 \x01(\x05\x1a/\n\rHeadKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nNotesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x9c\x04\n\tExtractor\x12N\n\x07\x45xtract\x12\x1f.neurodissect.v1.ExtractRequest\x1a .neurodissect.v1.ExtractProgress0\x01\x12^\n\rDescribeModel\x12%.neurodissect.v1.DescribeModelRequest\x1a&.neurodissect.v1.DescribeModelResponse\x12X\n\x0bMaterialize\x12#.neurodissect.v1.MaterializeRequest\x1a$.neurodissect.v1.MaterializeResponse\x12R\n\tEmbedText\x12!.neurodissect.v1.EmbedTextRequest\x1a\".neurodissect.v1.EmbedTextResponse\x12N\n\x07Occlude\x12\x1f.neurodissect.v1.OccludeRequest\x1a .neurodissect.v1.OccludeProgress0\x01\x12\x61\n\x0e\x43lassifierHead\x12&.neurodissect.v1.ClassifierHeadRequest\x1a\'.neurodissect.v1.ClassifierHeadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,35 +43,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFIERHEADRESPONSE_NOTESENTRY']._loaded_options = None
   _globals['_CLASSIFIERHEADRESPONSE_NOTESENTRY']._serialized_options = b'8\001'
   _globals['_EXTRACTREQUEST']._serialized_start=83
-  _globals['_EXTRACTREQUEST']._serialized_end=321
-  _globals['_EXTRACTPROGRESS']._serialized_start=324
-  _globals['_EXTRACTPROGRESS']._serialized_end=767
-  _globals['_EXTRACTPROGRESS_ACTSKEYSENTRY']._serialized_start=661
-  _globals['_EXTRACTPROGRESS_ACTSKEYSENTRY']._serialized_end=708
-  _globals['_EXTRACTPROGRESS_IMAGEEMBEDDINGKEYSENTRY']._serialized_start=710
-  _globals['_EXTRACTPROGRESS_IMAGEEMBEDDINGKEYSENTRY']._serialized_end=767
-  _globals['_MATERIALIZEREQUEST']._serialized_start=769
-  _globals['_MATERIALIZEREQUEST']._serialized_end=890
-  _globals['_MATERIALIZERESPONSE']._serialized_start=892
-  _globals['_MATERIALIZERESPONSE']._serialized_end=927
-  _globals['_EMBEDTEXTREQUEST']._serialized_start=929
-  _globals['_EMBEDTEXTREQUEST']._serialized_end=1054
-  _globals['_EMBEDTEXTRESPONSE']._serialized_start=1056
-  _globals['_EMBEDTEXTRESPONSE']._serialized_end=1103
-  _globals['_OCCLUDEREQUEST']._serialized_start=1106
-  _globals['_OCCLUDEREQUEST']._serialized_end=1341
-  _globals['_OCCLUDEPROGRESS']._serialized_start=1344
-  _globals['_OCCLUDEPROGRESS']._serialized_end=1588
-  _globals['_OCCLUDEPROGRESS_OCCLUSIONKEYSENTRY']._serialized_start=1536
-  _globals['_OCCLUDEPROGRESS_OCCLUSIONKEYSENTRY']._serialized_end=1588
-  _globals['_CLASSIFIERHEADREQUEST']._serialized_start=1591
-  _globals['_CLASSIFIERHEADREQUEST']._serialized_end=1787
-  _globals['_CLASSIFIERHEADRESPONSE']._serialized_start=1790
-  _globals['_CLASSIFIERHEADRESPONSE']._serialized_end=2087
-  _globals['_CLASSIFIERHEADRESPONSE_HEADKEYSENTRY']._serialized_start=1994
-  _globals['_CLASSIFIERHEADRESPONSE_HEADKEYSENTRY']._serialized_end=2041
-  _globals['_CLASSIFIERHEADRESPONSE_NOTESENTRY']._serialized_start=2043
-  _globals['_CLASSIFIERHEADRESPONSE_NOTESENTRY']._serialized_end=2087
-  _globals['_EXTRACTOR']._serialized_start=2090
-  _globals['_EXTRACTOR']._serialized_end=2630
+  _globals['_EXTRACTREQUEST']._serialized_end=383
+  _globals['_EXTRACTPROGRESS']._serialized_start=386
+  _globals['_EXTRACTPROGRESS']._serialized_end=829
+  _globals['_EXTRACTPROGRESS_ACTSKEYSENTRY']._serialized_start=723
+  _globals['_EXTRACTPROGRESS_ACTSKEYSENTRY']._serialized_end=770
+  _globals['_EXTRACTPROGRESS_IMAGEEMBEDDINGKEYSENTRY']._serialized_start=772
+  _globals['_EXTRACTPROGRESS_IMAGEEMBEDDINGKEYSENTRY']._serialized_end=829
+  _globals['_MATERIALIZEREQUEST']._serialized_start=831
+  _globals['_MATERIALIZEREQUEST']._serialized_end=952
+  _globals['_MATERIALIZERESPONSE']._serialized_start=954
+  _globals['_MATERIALIZERESPONSE']._serialized_end=989
+  _globals['_EMBEDTEXTREQUEST']._serialized_start=991
+  _globals['_EMBEDTEXTREQUEST']._serialized_end=1116
+  _globals['_EMBEDTEXTRESPONSE']._serialized_start=1118
+  _globals['_EMBEDTEXTRESPONSE']._serialized_end=1165
+  _globals['_OCCLUDEREQUEST']._serialized_start=1168
+  _globals['_OCCLUDEREQUEST']._serialized_end=1403
+  _globals['_OCCLUDEPROGRESS']._serialized_start=1406
+  _globals['_OCCLUDEPROGRESS']._serialized_end=1650
+  _globals['_OCCLUDEPROGRESS_OCCLUSIONKEYSENTRY']._serialized_start=1598
+  _globals['_OCCLUDEPROGRESS_OCCLUSIONKEYSENTRY']._serialized_end=1650
+  _globals['_CLASSIFIERHEADREQUEST']._serialized_start=1653
+  _globals['_CLASSIFIERHEADREQUEST']._serialized_end=1849
+  _globals['_CLASSIFIERHEADRESPONSE']._serialized_start=1852
+  _globals['_CLASSIFIERHEADRESPONSE']._serialized_end=2149
+  _globals['_CLASSIFIERHEADRESPONSE_HEADKEYSENTRY']._serialized_start=2056
+  _globals['_CLASSIFIERHEADRESPONSE_HEADKEYSENTRY']._serialized_end=2103
+  _globals['_CLASSIFIERHEADRESPONSE_NOTESENTRY']._serialized_start=2105
+  _globals['_CLASSIFIERHEADRESPONSE_NOTESENTRY']._serialized_end=2149
+  _globals['_EXTRACTOR']._serialized_start=2152
+  _globals['_EXTRACTOR']._serialized_end=2692
 # @@protoc_insertion_point(module_scope)

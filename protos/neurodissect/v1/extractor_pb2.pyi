@@ -8,20 +8,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExtractRequest(_message.Message):
-    __slots__ = ("job_id", "model", "layers", "dataset", "compute", "clip_models")
+    __slots__ = ("job_id", "model", "layers", "dataset", "compute", "clip_models", "shard_index", "shard_count", "index_only")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_FIELD_NUMBER: _ClassVar[int]
     CLIP_MODELS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_ONLY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     model: _common_pb2.ModelSpec
     layers: _containers.RepeatedScalarFieldContainer[str]
     dataset: _common_pb2.DatasetSpec
     compute: _common_pb2.ComputeSpec
     clip_models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ClipModelSpec]
-    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSpec, _Mapping]] = ..., compute: _Optional[_Union[_common_pb2.ComputeSpec, _Mapping]] = ..., clip_models: _Optional[_Iterable[_Union[_common_pb2.ClipModelSpec, _Mapping]]] = ...) -> None: ...
+    shard_index: int
+    shard_count: int
+    index_only: bool
+    def __init__(self, job_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetSpec, _Mapping]] = ..., compute: _Optional[_Union[_common_pb2.ComputeSpec, _Mapping]] = ..., clip_models: _Optional[_Iterable[_Union[_common_pb2.ClipModelSpec, _Mapping]]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., index_only: _Optional[bool] = ...) -> None: ...
 
 class ExtractProgress(_message.Message):
     __slots__ = ("images_done", "images_total", "message", "finished", "dataset_key", "acts_keys", "image_embedding_keys", "bad_images", "bad_image_examples", "cached")

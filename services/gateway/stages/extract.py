@@ -1,9 +1,23 @@
-"""EXTRACTING: one Extract call for all layers (cached by the extractor when already done)."""
+"""EXTRACTING: one Extract call for all layers, or sharded over several extractor replicas.
+
+With one extractor address this is one Extract call (cached by the extractor when already
+done). With N > 1 (`extractor_addrs`): an index-only call on the first replica builds the
+dataset's concept table and label chunks (which fix the probe indices), then N shard calls
+run at once, replica k forwarding the image ranges whose number is k mod N, and last an
+ordinary call on the first replica finds every range stored and only finishes (pooled
+arrays, manifests, CLIP embeddings). Every call is retried like any stage call, under its
+own progress watchdog; a failed job resumes from the stored chunks. A shard that fails for
+good is reported after the others ended: their chunks are stored for the resumed job.
+"""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 from neurodissect.v1 import common_pb2, extractor_pb2
 
+from services.common.client import Peer
 from services.common.errors import FailedPrecondition, Unavailable
 from services.gateway.stage_context import StageClock, StageContext
 from services.gateway.stages.clip_embeddings import clip_models
@@ -28,22 +42,12 @@ def run(ctx: StageContext) -> None:
         clip_models=clip_models(spec),
     )
     clock = StageClock(NAME, "images")
-
-    def attempt() -> extractor_pb2.ExtractProgress:
-        final = None
-        # Read the stream to its end (the finished message is its last), so that the call
-        # ends OK on both sides instead of being cancelled by a client that stopped reading.
-        for message in ctx.stream(ctx.peers.extractor, "Extract", request):
-            if message.finished:
-                final = message
-            else:
-                ctx.save(clock.progress(
-                    message.images_done, message.images_total, message.message))
-        if final is None:
-            raise Unavailable("extractor: stream ended without a finished message")
-        return final
-
-    final = ctx.retrying("extractor", attempt)
+    replicas = ctx.peers.extractors
+    if len(replicas) > 1:
+        indexed = _call(ctx, replicas[0], "extractor", _part(request, index_only=True), clock)
+        # On a cached job every shard answers at once, without loading the model.
+        _shards(ctx, request, clock, indexed.images_total)
+    final = _call(ctx, replicas[0], "extractor", request, clock)
     job.dataset_key = final.dataset_key
     job.acts_keys.clear()
     job.acts_keys.update(final.acts_keys)
@@ -57,3 +61,74 @@ def run(ctx: StageContext) -> None:
         final.images_total, final.images_total,
         "cached" if final.cached else final.message or "done"))
     ctx.image_keys = dict(final.image_embedding_keys)
+
+
+def _call(
+    ctx: StageContext,
+    peer: Peer,
+    name: str,
+    request: extractor_pb2.ExtractRequest,
+    clock: StageClock,
+) -> extractor_pb2.ExtractProgress:
+    """One Extract call, retried, saving its progress; its finished message."""
+
+    def attempt() -> extractor_pb2.ExtractProgress:
+        final = None
+        # Read the stream to its end (the finished message is its last), so that the call
+        # ends OK on both sides instead of being cancelled by a client that stopped reading.
+        for message in ctx.stream(peer, "Extract", request):
+            if message.finished:
+                final = message
+            else:
+                ctx.save(clock.progress(
+                    message.images_done, message.images_total, message.message))
+        if final is None:
+            raise Unavailable(f"{name}: stream ended without a finished message")
+        return final
+
+    return ctx.retrying(name, attempt)
+
+
+def _part(request: extractor_pb2.ExtractRequest, **fields: object) -> extractor_pb2.ExtractRequest:
+    """A copy of `request` with some fields set."""
+    part = extractor_pb2.ExtractRequest()
+    part.CopyFrom(request)
+    for name, value in fields.items():
+        setattr(part, name, value)
+    return part
+
+
+def _shards(
+    ctx: StageContext, request: extractor_pb2.ExtractRequest, clock: StageClock, total: int
+) -> None:
+    """Run one shard call per replica at once; progress is the sum of their images done."""
+    replicas = ctx.peers.extractors
+    done = [0] * len(replicas)
+    lock = threading.Lock()
+
+    def shard(k: int) -> None:
+        part = _part(request, shard_index=k, shard_count=len(replicas))
+        name = f"extractor {k}"
+        watchdog = ctx.watchdog()
+
+        def attempt() -> None:
+            finished = False
+            for message in ctx.stream(replicas[k], "Extract", part, watchdog):
+                if message.finished:
+                    finished = True  # its counts are the whole dataset's, not the shard's
+                    continue
+                with lock:
+                    done[k] = message.images_done
+                    ctx.save(clock.progress(
+                        sum(done), total, f"extracting on {len(done)} extractors"))
+            if not finished:
+                raise Unavailable(f"{name}: stream ended without a finished message")
+
+        ctx.retrying(name, attempt, watchdog)
+
+    with ThreadPoolExecutor(len(replicas), thread_name_prefix="extract-shard") as pool:
+        futures = [pool.submit(shard, k) for k in range(len(replicas))]
+        errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error

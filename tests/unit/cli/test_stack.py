@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.cli.stack import LocalStack, StackError, free_port, scrubbed_environment
-from services.common.settings import SERVICES, Settings
+from services.common.settings import SERVICES, Settings, usable_cores
 
 
 def test_free_ports_are_never_handed_out_twice() -> None:
@@ -35,6 +35,24 @@ def test_two_services_on_one_port_are_refused_before_anything_starts() -> None:
     with pytest.raises(StackError, match=f"gateway and captioner would both listen on port {port}"):
         LocalStack(Settings(gateway_addr=f"127.0.0.1:{port}", captioner_addr=f"127.0.0.1:{port}"),
                    free_ports=False)
+
+
+def test_extractor_replicas_get_their_ports_threads_and_the_gateway_their_addresses() -> None:
+    stack = LocalStack(Settings(), free_ports=False, extractors=3)
+    assert stack.services == ["gateway", "extractor", "extractor-1", "extractor-2", "explainer",
+                              "captioner"]
+    assert [stack.ports[f"extractor-{k}"] for k in (1, 2)] == [50055, 50056]
+    assert [stack.metrics_ports[f"extractor-{k}"] for k in (1, 2)] == [9105, 9106]
+    assert stack.settings.extractor_addresses() == [
+        "127.0.0.1:50052", "127.0.0.1:50055", "127.0.0.1:50056"]
+    assert stack.settings.torch_threads == max(1, usable_cores() // 3)
+    pinned = LocalStack(Settings(torch_threads=5), free_ports=True, extractors=2)
+    assert pinned.settings.torch_threads == 5
+    assert len(set(pinned.ports.values())) == len(SERVICES) + 1
+    single = LocalStack(Settings(), free_ports=True)
+    assert single.settings.extractor_addrs == "" and single.settings.torch_threads == 0
+    with pytest.raises(StackError, match="at least one extractor"):
+        LocalStack(Settings(), extractors=0)
 
 
 def test_the_ray_head_environment_holds_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,7 @@ from services.common.settings import Settings
 from services.common.store import LocalStore
 from services.extractor import extraction
 from services.extractor.broden import read_broden
-from services.extractor.extraction import ComputeConfig, Extraction, ExtractionResult
+from services.extractor.extraction import ComputeConfig, Extraction, ExtractionResult, Shard
 from services.extractor.models import ModelSource, resolve_model
 from services.extractor.preprocessing import preprocessing
 from services.extractor.probe_dataset import ProbeDataset
@@ -228,6 +228,67 @@ def test_resume_after_interrupt_computes_only_the_missing_chunks(
     clean = run(extract(clean_store, dataset, CountingSource(), layers, batch_size=8,
                         image_chunk=16))
     assert clean.acts_keys == result.acts_keys and clean.dataset_key == result.dataset_key
+    for key in clean_store.list("acts/") + clean_store.list("probe/"):
+        assert store.get(key) == clean_store.get(key), key
+
+
+def test_shard_owns_every_count_th_range() -> None:
+    assert [n for n in range(7) if Shard(1, 3).owns(n)] == [1, 4]
+    assert all(Shard(0, 1).owns(n) for n in range(5))
+    with pytest.raises(InvalidArgument, match="outside") as info:
+        Shard(2, 2)
+    assert info.value.field == "shard_index"
+    with pytest.raises(InvalidArgument) as info:
+        Shard(0, 0)
+    assert info.value.field == "shard_count"
+
+
+def test_index_then_shards_then_finish_equal_one_pass(tmp_path: Path, toy_root: Path) -> None:
+    dataset = read_broden(toy_root)
+    store = LocalStore(tmp_path / "store")
+    layers = ["conv1", "conv2"]
+    config = ComputeConfig(batch_size=8, image_chunk=16, unit_block=5)
+
+    def part(counter: CountingSource, **mode: object) -> Extraction:
+        return Extraction(
+            store, dataset, counter.source(), layers, config, **mode  # type: ignore[arg-type]
+        )
+
+    with pytest.raises(FailedPrecondition, match="index_only Extract first"):
+        run(part(CountingSource(), shard=Shard(0, 2)))
+    with pytest.raises(InvalidArgument) as info:
+        part(CountingSource(), shard=Shard(0, 2), index_only=True)
+    assert info.value.field == "index_only"
+    indexer = CountingSource()
+    indexed = run(part(indexer, index_only=True))
+    assert indexer.loads == 0 and not indexed.cached and indexed.n_images == N_IMAGES
+    assert read_concepts(store, indexed.dataset_key).chunk_ranges() == [
+        (0, 16), (16, 32), (32, 48), (48, 64)]
+    assert store.list("acts/") == []
+    again = CountingSource()
+    assert run(part(again, index_only=True)).cached and again.loads == 0
+    spans = {}
+    for index in (0, 1):
+        counter = CountingSource()
+        events = list(part(counter, shard=Shard(index, 2)).run())
+        result = events[-1]
+        assert isinstance(result, ExtractionResult) and not result.cached
+        assert counter.images == result.images_forwarded == 32
+        assert events[-2].images_done == events[-2].images_total == 32  # type: ignore[union-attr]
+        assert not store.exists(keys.manifest(indexed.acts_keys["conv2"], "conv2"))
+        spans[index] = [keys.parse_span(k) for k in store.list(
+            keys.acts_layer_prefix(indexed.acts_keys["conv2"], "conv2") + "pooled/")]
+    assert spans[0] == [(0, 16), (32, 48)]
+    assert spans[1] == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    idle = CountingSource()
+    assert run(part(idle, shard=Shard(1, 2))).cached and idle.loads == 0
+    finisher = CountingSource()
+    finished = run(part(finisher))
+    assert finisher.images == 0 and not finished.cached
+    assert finished.acts_keys == indexed.acts_keys
+    clean_store = LocalStore(tmp_path / "clean")
+    clean = run(Extraction(clean_store, dataset, CountingSource().source(), layers, config))
+    assert clean.acts_keys == finished.acts_keys
     for key in clean_store.list("acts/") + clean_store.list("probe/"):
         assert store.get(key) == clean_store.get(key), key
 

@@ -302,3 +302,19 @@ volumeMounts:
 {{ include "neurodissect.scratchVolumes" .root }}
 {{ include "neurodissect.shmVolume" .shmSize }}
 {{- end -}}
+
+{{/* NEURODISSECT_TORCH_THREADS of an extractor container (call with .Values.extractor): the
+     torchThreads value, else the container's CPU limit (or request, without a limit) rounded
+     up, so that replicas sharing a node do not oversubscribe its cores. */}}
+{{- define "neurodissect.torchThreadsEnv" -}}
+- name: NEURODISSECT_TORCH_THREADS
+{{- if .torchThreads }}
+  value: {{ .torchThreads | int | quote }}
+{{- else }}
+  valueFrom:
+    resourceFieldRef:
+      containerName: extractor
+      resource: {{ ternary "limits.cpu" "requests.cpu" (hasKey (.resources.limits | default dict) "cpu") }}
+      divisor: "1"
+{{- end }}
+{{- end -}}
