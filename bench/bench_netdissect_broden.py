@@ -6,7 +6,7 @@ of 64 units × 256 images).
 
 Ours: what an Explain call runs for Network Dissection, in this process: the label
 chunks decoded once for the 7×7 grid (`NetDissect.prepare`'s tasks), then every
-64-unit block task (`NetDissect.block_rows`: exact thresholds in two streaming passes,
+64-unit block task (`NetDissect.block_rows`: exact thresholds in one pass over the float16 chunks,
 the tally against the stored decoded labels, bests, tally part and rows stored).
 
 Reference: NetDissect-Lite's tally loop (`broden_like.baseline_tally`: per image,

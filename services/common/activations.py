@@ -128,11 +128,18 @@ def requested_units(start: int, end: int, manifest: ActivationManifest) -> tuple
 
 
 def read_units(
-    store: ObjectStore, manifest: ActivationManifest, u0: int, u1: int, i0: int, i1: int
+    store: ObjectStore,
+    manifest: ActivationManifest,
+    u0: int,
+    u1: int,
+    i0: int,
+    i1: int,
+    as_stored: bool = False,
 ) -> np.ndarray:
     """Return activations of units [u0, u1) on images [i0, i1): (i1-i0, u1-u0, h, w) float32.
 
     `i0, i1` must be a stored image range; units may span several stored unit blocks.
+    `as_stored` keeps the stored dtype (float16 or float32) instead of converting.
     """
     parts = []
     for b0, b1 in manifest.unit_ranges():
@@ -140,18 +147,20 @@ def read_units(
             continue
         chunk = store.get_array(keys.acts_chunk(manifest.acts_key, manifest.layer, b0, b1, i0, i1))
         parts.append(chunk[:, max(u0, b0) - b0 : min(u1, b1) - b0])
-    return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+    acts = np.concatenate(parts, axis=1)
+    return acts if as_stored else acts.astype(np.float32, copy=False)
 
 
 def iter_units(
-    store: ObjectStore, manifest: ActivationManifest, u0: int, u1: int
+    store: ObjectStore, manifest: ActivationManifest, u0: int, u1: int, as_stored: bool = False
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (i0, activations (n, u1-u0, h, w) float32) over all image chunks, in order.
 
     Memory is one image chunk of the requested units, whatever the dataset size.
+    `as_stored` keeps the stored dtype (as `read_units`).
     """
     for i0, i1 in manifest.image_ranges():
-        yield i0, read_units(store, manifest, u0, u1, i0, i1)
+        yield i0, read_units(store, manifest, u0, u1, i0, i1, as_stored)
 
 
 def read_pooled(store: ObjectStore, acts_key: str, layer: str) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,8 @@ Follows specs/netdissect.md (reference: NetDissect-Lite, Bau et al. 2017).
 
 1. `unit_thresholds` — T_u, the exact quantile at 1 - top_quantile of unit u's raw
    activations over all N·h·w positions (numpy's default linear interpolation),
-   streamed over image chunks twice with memory bounded by the unit block.
+   streamed over image chunks with memory bounded by the unit block: once for
+   float16 activations (a histogram of all 2**16 values is exact), twice otherwise.
 2. `IoUTally` — streamed over image chunks: M_u = bilinear_resize(raw_u) > T_u
    (PIL BILINEAR), intersections with every label, label areas, mask areas for the
    three `iou_mode` denominators, and each unit's top images by raw spatial max.
@@ -44,6 +45,10 @@ from services.explainer.unit_masks import MaskCounts, count_masks
 _PREFIX_SHIFT = 16
 _PREFIX_BINS = 1 << (32 - _PREFIX_SHIFT)
 _SIGN = np.uint32(0x80000000)
+_HALF_SIGN = np.uint16(0x8000)
+_HALF_VALUES = 1 << 16
+# Order keys of float16 NaNs: negative ones sort first, positive ones last.
+_HALF_NAN_BELOW, _HALF_NAN_ABOVE = 0x03FF, 0xFC01
 
 
 def _order_keys(values: np.ndarray) -> np.ndarray:
@@ -56,6 +61,69 @@ def _from_order_keys(keys: np.ndarray) -> np.ndarray:
     """Invert `_order_keys`: uint32 keys → float32 values."""
     keys = keys.astype(np.uint32)
     return np.where(keys & _SIGN, keys & ~_SIGN, ~keys).view(np.float32)
+
+
+def _quantile_ranks(n: int, q: float) -> tuple[int, int, float]:
+    """0-based ranks of the two order statistics numpy interpolates, and the second's weight."""
+    if n == 0:
+        raise ValueError("no activations were counted")
+    q_ = np.asarray(q, dtype=np.float64)
+    virtual = n * q_ + (1 + q_ * (1 - 1 - 1)) - 1  # numpy's _compute_virtual_index
+    if virtual >= n - 1:
+        return n - 1, n - 1, float(virtual - np.floor(virtual))
+    first = int(np.floor(virtual))
+    return first, first + 1, float(virtual - first)
+
+
+def _lerp(low: np.ndarray, high: np.ndarray, gamma: float) -> np.ndarray:
+    """Interpolate as numpy's `_lerp` with a Python-float weight, in float32: (U,) float32."""
+    diff = high - low
+    if gamma >= 0.5:
+        return high - diff * (1 - gamma)
+    return low + diff * gamma
+
+
+class HalfQuantile:
+    """Exact per-unit quantile of float16 activations in one pass over the chunks.
+
+    A float16 value has 2**16 bit patterns, so a histogram of every unit's values by
+    an order-preserving 16-bit key holds the whole sorted distribution: the order
+    statistics are read from its cumulative counts, converted to float32 exactly and
+    interpolated as `UnitQuantile` does, so thresholds equal `np.quantile` of the
+    values in float32 bit for bit. Memory is 2**16 counts per unit.
+    """
+
+    def __init__(self, n_units: int, top_quantile: float = TOP_QUANTILE.default) -> None:
+        if not 0.0 < top_quantile < 1.0:
+            raise ValueError(f"top_quantile must lie in (0, 1), got {top_quantile}")
+        self.n_units = n_units
+        self.q = 1.0 - float(top_quantile)
+        self._hist = np.zeros((n_units, _HALF_VALUES), dtype=np.int64)
+        self._n = 0
+
+    def count(self, acts: np.ndarray) -> None:
+        """Add a chunk, (n, U, h, w) float16 activations."""
+        if acts.dtype != np.float16 or acts.ndim != 4 or acts.shape[1] != self.n_units:
+            raise ValueError(
+                f"expected (n, {self.n_units}, h, w) float16 activations, "
+                f"got {acts.shape} {acts.dtype}")
+        bits = np.ascontiguousarray(acts).view(np.uint16)
+        keys = np.where(bits & _HALF_SIGN, ~bits, bits | _HALF_SIGN)
+        for u in range(self.n_units):
+            self._hist[u] += np.bincount(keys[:, u].reshape(-1), minlength=_HALF_VALUES)
+        self._n += acts.shape[0] * acts.shape[2] * acts.shape[3]
+
+    def thresholds(self) -> np.ndarray:
+        """Return the (U,) float32 quantiles."""
+        if self._hist[:, :_HALF_NAN_BELOW].any() or self._hist[:, _HALF_NAN_ABOVE:].any():
+            raise ValueError("activations hold NaN")
+        first, second, gamma = _quantile_ranks(self._n, self.q)
+        cumulative = np.cumsum(self._hist, axis=1)
+        keys = np.stack([(cumulative <= first).sum(axis=1), (cumulative <= second).sum(axis=1)])
+        keys = keys.astype(np.uint16)
+        bits = np.where(keys & _HALF_SIGN, keys & ~_HALF_SIGN, ~keys)
+        low, high = bits.view(np.float16).astype(np.float32)
+        return _lerp(low, high, gamma)
 
 
 class UnitQuantile:
@@ -128,11 +196,7 @@ class UnitQuantile:
         hi_at = np.searchsorted(cumulative, base + second - below, side="right")
         low = _from_order_keys(keys[lo_at] & np.uint64(0xFFFFFFFF))
         high = _from_order_keys(keys[hi_at] & np.uint64(0xFFFFFFFF))
-        # numpy's _lerp with a Python-float weight, in float32.
-        diff = high - low
-        if gamma >= 0.5:
-            return high - diff * (1 - gamma)
-        return low + diff * gamma
+        return _lerp(low, high, gamma)
 
     def _keys(self, acts: np.ndarray) -> np.ndarray:
         acts = np.asarray(acts, dtype=np.float32)
@@ -143,16 +207,7 @@ class UnitQuantile:
         return _order_keys(acts).reshape(acts.shape[0], self.n_units, -1)
 
     def _ranks(self) -> tuple[int, int, float]:
-        """0-based ranks of the two order statistics and the weight of the second."""
-        n = self._n
-        if n == 0:
-            raise ValueError("no activations were counted")
-        q = np.asarray(self.q, dtype=np.float64)
-        virtual = n * q + (1 + q * (1 - 1 - 1)) - 1  # numpy's _compute_virtual_index
-        if virtual >= n - 1:
-            return n - 1, n - 1, float(virtual - np.floor(virtual))
-        first = int(np.floor(virtual))
-        return first, first + 1, float(virtual - first)
+        return _quantile_ranks(self._n, self.q)
 
     def _find_bracket(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per unit: the prefix bins holding both order statistics and the counts around."""
@@ -186,17 +241,20 @@ def unit_thresholds(
     """Return (U,) float32 T_u: the exact quantile at 1 - top_quantile of each unit.
 
     `chunks()` must yield the same (n, U, h, w) activation chunks each time it is
-    called; it is called twice (two streaming passes).
+    called, all float16 or none; it is called once for float16 chunks (`HalfQuantile`),
+    twice otherwise (`UnitQuantile`'s two streaming passes).
     """
-    selector: UnitQuantile | None = None
+    selector: HalfQuantile | UnitQuantile | None = None
     for acts in chunks():
         if selector is None:
-            selector = UnitQuantile(np.shape(acts)[1], top_quantile)
+            kind = HalfQuantile if acts.dtype == np.float16 else UnitQuantile
+            selector = kind(np.shape(acts)[1], top_quantile)
         selector.count(acts)
     if selector is None:
         raise ValueError("no activation chunks")
-    for acts in chunks():
-        selector.collect(acts)
+    if isinstance(selector, UnitQuantile):
+        for acts in chunks():
+            selector.collect(acts)
     return selector.thresholds()
 
 

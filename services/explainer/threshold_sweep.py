@@ -44,9 +44,9 @@ def quantile_sweep(
 ) -> list[list[SweepLabel]]:
     """Per unit of a block, its best label at each top quantile (in `quantiles` order).
 
-    `acts_chunks()` yields the block's (n, U, h, w) float32 chunks (called twice per
-    quantile for the exact thresholds); `labelled_chunks` yields them once more with
-    their labels decoded for the layer's grid.
+    `acts_chunks()` yields the block's (n, U, h, w) chunks as stored (called once per
+    quantile for float16 ones, twice for float32, for the exact thresholds);
+    `labelled_chunks` yields them once more with their labels decoded for the layer's grid.
     """
     label_categories = concepts.label_categories()
     tallies = [

@@ -55,10 +55,10 @@ from services.common.spec_vocabulary import (
     GridDownsampling,
 )
 from services.common.store import ObjectStore
-from services.explainer import compositional, netdissect, spatial_formulas, spatial_masks
+from services.explainer import compositional, spatial_formulas, spatial_masks
 from services.explainer.explain_plan import ExplainPlan, check_choice, check_open_unit
 from services.explainer.method_contract import ExplainMethod, Shared
-from services.explainer.methods.netdissect import NetDissect, top_quantile
+from services.explainer.methods.netdissect import NetDissect, block_unit_thresholds, top_quantile
 from services.explainer.stage_runner import Stage
 
 # Image-level categories: no `label-X` expansion of their labels (they cover whole images).
@@ -235,10 +235,7 @@ class Compositional(ExplainMethod):
         thresholds: np.ndarray = shared[-1]
         block_thresholds = thresholds[u0:u1]
         if not np.isfinite(block_thresholds).all():
-            block_thresholds = netdissect.unit_thresholds(
-                lambda: (acts for _, acts in iter_units(store, plan.manifest, u0, u1)),
-                params.top_quantile,
-            )
+            block_thresholds = block_unit_thresholds(store, plan, u0, u1, params.top_quantile)
         if params.spatial is not None:
             return spatial_rows(store, plan, params.spatial, u0, block_thresholds, *shared[:-1])
         dataset_sets: compositional.LabelSetTable = shared[1]

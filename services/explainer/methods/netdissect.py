@@ -202,10 +202,7 @@ class NetDissect(ExplainMethod):
         table, band_start = shared
         if params.iou_mode == "per_image":
             return per_image_rows(store, plan, params, u0, u1, table, band_start)
-        thresholds = netdissect.unit_thresholds(
-            lambda: (acts for _, acts in iter_units(store, plan.manifest, u0, u1)),
-            params.top_quantile,
-        )
+        thresholds = block_unit_thresholds(store, plan, u0, u1, params.top_quantile)
         tally = netdissect.IoUTally(
             thresholds,
             table.label_categories(),
@@ -238,6 +235,19 @@ class NetDissect(ExplainMethod):
         """tally.csv with its pixel counts, merged from the blocks' parts."""
         plan = stage.plan
         return {"tally": merge_tally_parts(stage.store, plan.job_id, plan.layer)}
+
+
+def block_unit_thresholds(
+    store: ObjectStore, plan: ExplainPlan, u0: int, u1: int, top_quantile: float
+) -> np.ndarray:
+    """(u1-u0,) float32 exact NetDissect thresholds of units [u0, u1), from stored chunks.
+
+    The chunks are read in their stored dtype: float16 ones need one pass, not two.
+    """
+    return netdissect.unit_thresholds(
+        lambda: (acts for _, acts in iter_units(store, plan.manifest, u0, u1, as_stored=True)),
+        top_quantile,
+    )
 
 
 def result_message(

@@ -45,7 +45,7 @@ from services.common.store import ObjectStore
 from services.explainer import netdissect, occlusion
 from services.explainer.explain_plan import ExplainPlan, check_choice
 from services.explainer.method_contract import ExplainMethod, Shared
-from services.explainer.methods.netdissect import NetDissect
+from services.explainer.methods.netdissect import NetDissect, block_unit_thresholds
 from services.explainer.stage_runner import Stage
 
 BLACK_FILL_NOTE = (
@@ -167,10 +167,7 @@ class Occlusion(ExplainMethod):
         table, changes, (thresholds, labels) = shared
         block_thresholds = thresholds[u0:u1]
         if not params.stored_thresholds:
-            block_thresholds = netdissect.unit_thresholds(
-                lambda: (acts for _, acts in iter_units(store, plan.manifest, u0, u1)),
-                params.top_quantile,
-            )
+            block_thresholds = block_unit_thresholds(store, plan, u0, u1, params.top_quantile)
         tally = netdissect.IoUTally(
             block_thresholds, table.label_categories(), len(table.categories), first_unit=u0,
             top_k=1,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -223,6 +224,43 @@ def test_thresholds_equal_np_quantile() -> None:
     for top_quantile in rng.uniform(0, 1, 200).tolist():
         got = unit_thresholds(lambda: iter([few]), top_quantile)
         np.testing.assert_array_equal(got, [np.quantile(few.ravel(), 1 - top_quantile)])
+
+
+def test_float16_thresholds_in_one_pass_equal_np_quantile_of_their_float32_values() -> None:
+    rng = np.random.default_rng(5)
+    acts = (rng.standard_normal((45, 6, 5, 4)) * rng.uniform(0.1, 500, (1, 6, 1, 1)))
+    acts = acts.astype(np.float16)
+    acts[:, 1] = np.maximum(acts[:, 1], 0)  # many ties at +0
+    acts[:, 2] = -0.0  # a dead unit, signed zeros
+    acts[:, 3] = np.round(acts[:, 3])  # few distinct values
+    acts[:, 4, 0, 0] = [65504, -65504, 6e-8] * 15  # the extremes, a subnormal
+    chunks = [acts[i : i + 8] for i in range(0, 45, 8)]
+    calls = 0
+
+    def once() -> Iterator[np.ndarray]:
+        nonlocal calls
+        calls += 1
+        return iter(chunks)
+
+    wide = acts.astype(np.float32)
+    for top_quantile in (0.005, 0.1, 0.5, 0.97, 1e-6, *rng.uniform(0, 1, 100).tolist()):
+        calls = 0
+        got = unit_thresholds(once, top_quantile)
+        assert calls == 1 and got.dtype == np.float32
+        expected = np.array(
+            [np.quantile(wide[:, u].ravel(), 1 - top_quantile) for u in range(6)]
+        )
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_float16_nan_is_refused() -> None:
+    acts = np.zeros((3, 2, 2, 2), dtype=np.float16)
+    acts[1, 1, 0, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        unit_thresholds(lambda: iter([acts]), 0.1)
+    acts[1, 1, 0, 1] = -np.float16(np.nan)
+    with pytest.raises(ValueError, match="NaN"):
+        unit_thresholds(lambda: iter([acts]), 0.1)
 
 
 def test_thresholds_need_the_same_chunks_twice() -> None:
