@@ -41,12 +41,14 @@ def run(ctx: StageContext) -> None:
         compute=spec.compute,
         clip_models=clip_models(spec),
     )
-    clock = StageClock(NAME, "images")
     replicas = ctx.peers.extractors
     if len(replicas) > 1:
-        indexed = _call(ctx, replicas[0], "extractor", _part(request, index_only=True), clock)
+        # Each phase has its own clock: the rate and ETA are those of the phase's work.
+        index = _part(request, index_only=True)
+        indexed = _call(ctx, replicas[0], "extractor", index, StageClock(NAME, "images"))
         # On a cached job every shard answers at once, without loading the model.
-        _shards(ctx, request, clock, indexed.images_total)
+        _shards(ctx, request, StageClock(NAME, "images"), indexed.images_total)
+    clock = StageClock(NAME, "images")
     final = _call(ctx, replicas[0], "extractor", request, clock)
     job.dataset_key = final.dataset_key
     job.acts_keys.clear()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from neurodissect.v1 import common_pb2
+from neurodissect.v1 import common_pb2, extractor_pb2
 from torch import nn
 
 from services.common import keys
@@ -25,7 +25,7 @@ from services.extractor.extraction import ComputeConfig, Extraction, ExtractionR
 from services.extractor.models import ModelSource, resolve_model
 from services.extractor.preprocessing import preprocessing
 from services.extractor.probe_dataset import ProbeDataset
-from services.extractor.servicer import compute_config
+from services.extractor.servicer import compute_config, shard_of
 from services.toyworld.planted import planted_units
 
 N_IMAGES = 64  # the `toy_root` fixture: 64 images at 32 px
@@ -241,6 +241,18 @@ def test_shard_owns_every_count_th_range() -> None:
     with pytest.raises(InvalidArgument) as info:
         Shard(0, 0)
     assert info.value.field == "shard_count"
+
+
+def test_a_request_names_its_shard_or_the_field_it_gets_wrong() -> None:
+    request = extractor_pb2.ExtractRequest
+    assert shard_of(request()) is None
+    assert shard_of(request(shard_index=1, shard_count=3)) == Shard(1, 3)
+    for wrong, field in (({"shard_index": 1}, "shard_count"),
+                         ({"shard_index": -1, "shard_count": 2}, "shard_index"),
+                         ({"shard_count": -2}, "shard_count")):
+        with pytest.raises(InvalidArgument) as info:
+            shard_of(request(**wrong))
+        assert info.value.field == field, wrong
 
 
 def test_index_then_shards_then_finish_equal_one_pass(tmp_path: Path, toy_root: Path) -> None:
