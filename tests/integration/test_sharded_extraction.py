@@ -2,11 +2,14 @@
 
 Each run is a real local stack (gateway, extractor replicas, explainer) on its own store.
 Both fix one torch thread per extractor, so the same kernels run and the stored arrays
-are equal bit for bit (same shapes, same batches, same kernels).
+are equal bit for bit (same shapes, same batches, same kernels). In the sharded run the
+second replica is down when the job starts: the gateway retries its shard call until the
+replica is back.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,15 @@ from services.gateway.client import NeurodissectClient
 
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES, SIZE, CHUNK = 200, 32, 48  # five image ranges: shard 0 gets three, shard 1 two
+RETRIED = "extractor 1 unavailable"  # the gateway's log line when it retries shard 1
+
+
+def wait_for_line(path: Path, text: str, timeout: float = 300.0) -> None:
+    """Wait until a log file holds `text`; fail naming it after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and text in path.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"{path} never said {text!r}"
+        time.sleep(0.2)
 
 
 def dissect(root: Path, extractors: int) -> tuple[LocalStore, common_pb2.Job, dict[str, Any]]:
@@ -39,7 +51,14 @@ def dissect(root: Path, extractors: int) -> tuple[LocalStore, common_pb2.Job, di
             spec = demo_spec(demo_layers(client.describe_model(toynet)), ["netdissect"],
                              N_IMAGES, SIZE)
             spec.compute.image_chunk_size = CHUNK
-            job = client.wait(client.submit(spec).id)
+            if extractors > 1:
+                stack.kill("extractor-1")
+            job_id = client.submit(spec).id
+            if extractors > 1:
+                wait_for_line(root / "logs" / "gateway.log", RETRIED)
+                stack.start_service("extractor-1")
+                stack.wait_healthy("extractor-1")
+            job = client.wait(job_id)
             assert job.state == common_pb2.SUCCEEDED, job.error
             results = {layer: client.results(job.id, layer) for layer in job.spec.layers}
     finally:
