@@ -83,7 +83,19 @@ def _lerp(low: np.ndarray, high: np.ndarray, gamma: float) -> np.ndarray:
     return low + diff * gamma
 
 
-class HalfQuantile:
+class _CountedQuantile:
+    """What both quantile selectors keep: the quantile and per-unit counts of key bins."""
+
+    def __init__(self, n_units: int, top_quantile: float, bins: int) -> None:
+        if not 0.0 < top_quantile < 1.0:
+            raise ValueError(f"top_quantile must lie in (0, 1), got {top_quantile}")
+        self.n_units = n_units
+        self.q = 1.0 - float(top_quantile)
+        self._hist = np.zeros((n_units, bins), dtype=np.int64)
+        self._n = 0
+
+
+class HalfQuantile(_CountedQuantile):
     """Exact per-unit quantile of float16 activations in one pass over the chunks.
 
     A float16 value has 2**16 bit patterns, so a histogram of every unit's values by
@@ -94,12 +106,7 @@ class HalfQuantile:
     """
 
     def __init__(self, n_units: int, top_quantile: float = TOP_QUANTILE.default) -> None:
-        if not 0.0 < top_quantile < 1.0:
-            raise ValueError(f"top_quantile must lie in (0, 1), got {top_quantile}")
-        self.n_units = n_units
-        self.q = 1.0 - float(top_quantile)
-        self._hist = np.zeros((n_units, _HALF_VALUES), dtype=np.int64)
-        self._n = 0
+        super().__init__(n_units, top_quantile, _HALF_VALUES)
 
     def count(self, acts: np.ndarray) -> None:
         """Add a chunk, (n, U, h, w) float16 activations."""
@@ -126,7 +133,7 @@ class HalfQuantile:
         return _lerp(low, high, gamma)
 
 
-class UnitQuantile:
+class UnitQuantile(_CountedQuantile):
     """Exact per-unit quantile of activations streamed in two passes over the chunks.
 
     Pass 1 (`count`) histograms every value of each unit by the top 16 bits of an
@@ -143,12 +150,7 @@ class UnitQuantile:
     """
 
     def __init__(self, n_units: int, top_quantile: float = TOP_QUANTILE.default) -> None:
-        if not 0.0 < top_quantile < 1.0:
-            raise ValueError(f"top_quantile must lie in (0, 1), got {top_quantile}")
-        self.n_units = n_units
-        self.q = 1.0 - float(top_quantile)
-        self._hist = np.zeros((n_units, _PREFIX_BINS), dtype=np.int64)
-        self._n = 0
+        super().__init__(n_units, top_quantile, _PREFIX_BINS)
         # Per unit: first and last prefix bin of the bracket, values below it, values in it.
         self._bracket: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._found: list[tuple[np.ndarray, np.ndarray]] = []

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-import torch
 from neurodissect.v1 import common_pb2, explainer_pb2
 
 from services.common import result_store
@@ -41,11 +40,11 @@ from services.explainer.spatial_formulas import (
 )
 from services.explainer.spatial_masks import Grid, expand, label_grid_masks
 from services.toyworld.generator import label_planes
-from services.toyworld.planted import NEAR, planted_model
-from services.toyworld.preprocessing import imagenet_normalize
+from services.toyworld.planted import NEAR
 from services.toyworld.raster import render_images
 from services.toyworld.world import WORLD
 from tests.fixtures.planted_layer import OBJECTS, TOP_QUANTILE, PlantedLayer, write_planted
+from tests.fixtures.planted_outputs import planted_output
 
 
 def _spec(**fields: object) -> common_pb2.DissectionSpec:
@@ -182,12 +181,7 @@ def test_every_spatial_enum_value_runs_to_completion(
 def test_the_planted_near_unit_is_a_close_formula_naming_the_shape_and_the_colour() -> None:
     # The planted model's `near` unit fires on rings only within 2 positions of blue.
     images, specs = render_images(seed=11, n_images=400, size=32)
-    model = planted_model()
-    captured: list[torch.Tensor] = []
-    model.near.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    with torch.no_grad():
-        model(imagenet_normalize(images))
-    acts = captured[0][:, 0].numpy()  # (400, 16, 16)
+    acts = planted_output(images, "near")[:, 0].numpy()  # (400, 16, 16)
     # Every firing position is ≥ 0.25 (half a 2×2 block of ring at gain ≥ 0.5); elsewhere 0.
     grid = Grid(*acts.shape[1:])
     unit = UnitMask(grid.pack(acts > 0.1), grid.cells)

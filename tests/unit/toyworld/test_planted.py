@@ -8,16 +8,12 @@ from services.toyworld.planted import DEAD_UNIT, planted_model, planted_units
 from services.toyworld.preprocessing import imagenet_normalize
 from services.toyworld.raster import PALETTE, render_images
 from services.toyworld.world import WORLD
+from tests.fixtures.planted_outputs import planted_output
 
 
 def colors_layer(images: np.ndarray) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> the `colors` layer output (N, 9, S/2, S/2)."""
-    model = planted_model()
-    captured: list[torch.Tensor] = []
-    model.colors.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    with torch.no_grad():
-        model(imagenet_normalize(images))
-    return captured[0]
+    return planted_output(images, "colors")
 
 
 def test_planted_units_name_every_colour_once() -> None:
@@ -89,12 +85,7 @@ def test_iou_at_the_default_quantile_names_every_planted_unit() -> None:
 
 def test_region_units_keep_each_colours_whole_region_at_one_gain_per_image() -> None:
     images, _ = render_images(seed=7, n_images=6, size=48)
-    model = planted_model()
-    captured: list[torch.Tensor] = []
-    model.regions.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    with torch.no_grad():
-        model(imagenet_normalize(images))
-    acts = captured[0].numpy()  # (6, 8, 48, 48)
+    acts = planted_output(images, "regions").numpy()  # (6, 8, 48, 48)
     assert acts.shape == (6, len(WORLD.colors), 48, 48)
     for unit, name in planted_units().items():
         region = (images == PALETTE[WORLD.color_names.index(name)]).all(axis=-1)
