@@ -4,9 +4,10 @@ Cluster mode is what the Helm chart deploys, on loopback: SeaweedFS as the S3 st
 (tests/fixtures/seaweedfs.py), a multi-process Ray cluster (a head and a worker node,
 tests/fixtures/ray_cluster.py) that the explainer joins as a Ray client, and the four
 services as separate processes (`python -m services.cli.main serve NAME`), each
-configured only through the environment the chart renders for its Deployment
-(ConfigMap, per-service variables and Secrets, as test_chart reads them). The one
-stand-in is cluster DNS: the Service names in the peer addresses become 127.0.0.1.
+configured only through the environment the chart renders for its Deployment (the
+extractor's StatefulSet) (ConfigMap, per-service variables and Secrets, as test_chart
+reads them). The one stand-in is cluster DNS: the Service names in the peer addresses
+become 127.0.0.1.
 
 Local mode is the session's stack (a local directory store, Ray inside the explainer)
 and its reference job. Both run the same toy spec; ListUnits must give equal results
@@ -43,7 +44,7 @@ from services.gateway.validation import requested_methods
 from tests.fixtures.ports import free_port
 from tests.fixtures.ray_cluster import Cluster, ray_cluster
 from tests.fixtures.seaweedfs import S3Server, seaweedfs
-from tests.integration.test_chart import FULLNAME, container_env, named, render_values
+from tests.integration.test_chart import FULLNAME, container_env, render_values, workload
 
 # Jobs of the toy world end to end on real processes (the toy models ship: nothing trains).
 pytestmark = pytest.mark.timeout(1800)
@@ -70,7 +71,7 @@ def chart_environments(
     _, objects = render_values(values)
     environments = {}
     for name in SERVICES:
-        deployment = named(objects, "Deployment", f"{FULLNAME}-{name}")
+        deployment = workload(objects, name)
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         assert container["args"] == ["serve", name]
         env = container_env(objects, container)

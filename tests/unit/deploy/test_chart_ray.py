@@ -22,6 +22,7 @@ from tests.integration.test_chart import (
     render,
     render_values,
     secret_data,
+    workload,
 )
 
 RAY_SECRET = f"{FULLNAME}-ray-auth"
@@ -56,8 +57,8 @@ def test_the_ray_cluster_and_only_the_explainer_hold_the_ray_token() -> None:
     assert auth_env(explainer_container(objects)) == {
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN_REF}
     for other in ("gateway", "extractor", "captioner"):
-        deployment = named(objects, "Deployment", f"{FULLNAME}-{other}")
-        assert not auth_env(deployment["spec"]["template"]["spec"]["containers"][0]), other
+        pods = workload(objects, other)["spec"]["template"]["spec"]
+        assert not auth_env(pods["containers"][0]), other
 
 
 def test_a_named_secret_is_used_and_none_is_made() -> None:
