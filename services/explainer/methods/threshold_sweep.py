@@ -125,7 +125,9 @@ class ThresholdSweep(ExplainMethod):
             )
         else:
             found = threshold_sweep.quantile_sweep(
-                lambda: (acts for _, acts in iter_units(store, plan.manifest, u0, u1, True)),
+                lambda: (
+                    acts for _, acts in iter_units(store, plan.manifest, u0, u1, as_stored=True)
+                ),
                 labelled, params.thresholds, table, params.iou_mode, params.detector_iou,
             )
         names = table.label_names()
